@@ -1,0 +1,1 @@
+"""``zoome-shards``: ISIC CSV + images → fold-partitioned WebDataset shards."""

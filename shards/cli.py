@@ -1,0 +1,100 @@
+"""``zoome-shards build | verify | synth``.
+
+    zoome-shards synth  --out data/synth --n 600 --seed 0
+    zoome-shards build  --csv data/synth/train.csv --images data/synth/jpeg/train --out data/shards
+    zoome-shards verify data/shards
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from zoome_dist.data.isic import ISIC2019_META_NAME
+from zoome_dist.data.writer import BuildOptions, StrictError, build, summary_lines
+
+DEFAULTS = BuildOptions()
+
+
+def _build(a: argparse.Namespace) -> int:
+    opts = BuildOptions(folds=a.folds, seed=a.seed, max_side=a.max_side,
+                        samples_per_shard=a.samples_per_shard, jpeg_quality=a.jpeg_quality,
+                        strict=a.strict)
+    manifest = build(a.csv, a.images, a.out, opts, metadata_csv=a.metadata_csv, workers=a.workers,
+                     resume=a.resume, progress=not a.quiet)
+    print("\n".join(summary_lines(manifest)))
+    print(f"wrote {a.out}/manifest.json")
+    return 0
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from zoome_dist.data.manifest import verify
+
+    problems = verify(a.shards, progress=not a.quiet)
+    for p in problems:
+        print(f"FAIL {p}", file=sys.stderr)
+    if problems:
+        print(f"{a.shards}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{a.shards}: OK")
+    return 0
+
+
+def _synth(a: argparse.Namespace) -> int:
+    from zoome_dist.data.synth import synthesize
+
+    csv = synthesize(a.out, a.n, seed=a.seed, prevalence=a.prevalence, size=a.size,
+                     workers=a.workers, progress=not a.quiet)
+    print(f"wrote {csv} and {a.n} images under {os.path.join(a.out, 'jpeg', 'train')}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoome-shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="CSV + images → fold-partitioned WebDataset shards")
+    b.add_argument("--csv", required=True, help="ISIC 2020 train.csv or ISIC 2019 ground-truth CSV")
+    b.add_argument("--metadata-csv", help=f"ISIC 2019 metadata CSV (default: {ISIC2019_META_NAME} beside --csv)")
+    b.add_argument("--images", required=True, help="folder holding <image_name>.jpg")
+    b.add_argument("--out", required=True)
+    b.add_argument("--folds", type=int, default=DEFAULTS.folds)
+    b.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    b.add_argument("--max-side", type=int, default=DEFAULTS.max_side,
+                   help="bound the longer side in px, 0 keeps originals (default %(default)s)")
+    b.add_argument("--samples-per-shard", type=int, default=DEFAULTS.samples_per_shard)
+    b.add_argument("--jpeg-quality", type=int, default=DEFAULTS.jpeg_quality,
+                   help="quality of re-encoded JPEGs (default %(default)s)")
+    b.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    b.add_argument("--strict", action="store_true",
+                   help="fail on the first row or image that would be skipped or converted")
+    b.add_argument("--resume", action="store_true", help="finish an interrupted build in --out")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build)
+    v = sub.add_parser("verify", help="re-hash and re-check a shard build against its manifest")
+    v.add_argument("shards")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_verify)
+    s = sub.add_parser("synth", help="write a synthetic ISIC-2020-layout dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, required=True, help="number of images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prevalence", type=float, default=0.1, help="expected melanoma fraction")
+    s.add_argument("--size", type=int, default=256, help="image side in px")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return a.func(a)
+    except (StrictError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"zoome-shards {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
