@@ -1,0 +1,149 @@
+"""ZooME model family on CPU with small inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from zoome_dist.losses import make_loss
+from zoome_dist.models import MODELS, ZoomSE, create_model
+from zoome_dist.models.pretrained import load_pretrained
+
+torch.manual_seed(0)
+IMG = torch.randn(2, 3, 64, 64)
+META = torch.rand(2, 12)
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_output_shape_every_model(name):
+    model = create_model(name).eval()
+    with torch.no_grad():
+        out = model(IMG, META)
+    assert out.shape == (2,) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name,opts", [("zoome", {}), ("alexnet_meta", {}),
+                                       ("zoome", {"backbone": "resnet18", "pool_size": 2})])
+def test_every_parameter_gets_a_gradient(name, opts):
+    model = create_model(name, **opts).train()
+    loss = make_loss("focal")(model(IMG, META), torch.tensor([0, 1]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} received no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        # A narrow Zoom-SE (4 hidden units in resnet18's first stage) can have an all-dead ReLU
+        # for 2 samples, which zeroes fc1 and fc2.weight; the gate's fc2.bias and every other
+        # layer must still see a non-zero gradient.
+        if ".attn.fc1." not in pname and ".attn.fc2.weight" not in pname:
+            assert p.grad.abs().sum() > 0, f"{pname} received a zero gradient"
+
+
+@pytest.mark.parametrize("pool", [1, 2, 4, 8])
+def test_pool_sizes(pool):
+    model = create_model("zoome", backbone="resnet18", pool_size=pool).eval()
+    assert model(IMG, META).shape == (2,)
+    assert all(m.pool_size == pool for m in model.modules() if isinstance(m, ZoomSE))
+
+
+@pytest.mark.parametrize("hw,pool", [(4, 4), (3, 6), (5, 5)])
+def test_pool_covering_the_map_is_average_pool_se(hw, pool):
+    se = ZoomSE(32, pool_size=pool).eval()
+    x = torch.randn(3, 32, hw, hw)
+    ref = x * torch.sigmoid(se.fc2(F.relu(se.fc1(x.mean((2, 3), keepdim=True)))))
+    torch.testing.assert_close(se(x), ref)
+    # and a small pool is not average pooling: it zooms in on maxima
+    assert not torch.allclose(ZoomSE(32, pool_size=1).squeeze(x), x.mean((2, 3), keepdim=True))
+
+
+def test_without_zoomse_and_meta_reproduces_torchvision():
+    tv = torchvision.models.resnext50_32x4d(weights=None, num_classes=1).eval()
+    model = create_model("resnext50").eval()
+    model.backbone.load_state_dict(tv.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IMG, META), tv(IMG).squeeze(1))
+
+
+def test_parameter_count_matches_formulas():
+    tv = torchvision.models.resnext50_32x4d(weights=None, num_classes=1)
+    channels = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
+    zoom_se = sum(2 * c * (c // 16) + c // 16 + c for c in channels)
+    meta = (12 * 256 + 256) + (256 * 2048 + 2048)
+    model = create_model("zoome")
+    assert n_params(model) == n_params(tv) + zoom_se + meta
+    assert sum(isinstance(m, ZoomSE) for m in model.modules()) == 16
+
+
+def test_metadata_changes_the_output():
+    model = create_model("zoome", backbone="resnet18").eval()
+    with torch.no_grad():
+        a = model(IMG, META)
+        b = model(IMG, torch.flip(META, [1]))
+    assert not torch.allclose(a, b)
+    no_meta = create_model("zoome_no_meta", backbone="resnet18").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(no_meta(IMG, META), no_meta(IMG, torch.flip(META, [1])))
+
+
+def test_pretrained_round_trip(tmp_path):
+    tv = torchvision.models.resnext50_32x4d(weights=None)  # 1000-class ImageNet head
+    path = tmp_path / "resnext50_imagenet.pth"
+    torch.save(tv.state_dict(), path)
+    model = create_model("zoome", pretrained=str(path))
+    sd, tvsd = model.state_dict(), tv.state_dict()
+    torch.testing.assert_close(sd["backbone.layer3.2.block.conv2.weight"], tvsd["layer3.2.conv2.weight"])
+    torch.testing.assert_close(sd["backbone.bn1.running_var"], tvsd["bn1.running_var"])
+    report = load_pretrained(model, path)
+    assert len(report.loaded) == len(tvsd) - 2
+    assert report.ignored == ["fc.bias", "fc.weight"]
+    assert all(".attn." in k or k.startswith(("meta.", "backbone.fc.")) for k in report.fresh)
+    assert any(".attn." in k for k in report.fresh) and "meta.fc1.weight" in report.fresh
+    # the plain wrapped backbone then computes exactly torchvision's features
+    plain = create_model("resnext50", pretrained=str(path)).eval()
+    tv_feat = torch.nn.Sequential(*list(tv.children())[:-2]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.features(IMG), tv_feat(IMG))
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="r18.pth"):
+        create_model("zoome", pretrained=str(tmp_path / "r18.pth"))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        create_model("zoome", pretrained=str(tmp_path / "absent.pth"))
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match=r"Unknown model 'zoom'.*'zoome'"):
+        create_model("zoom")
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['poolsize'\].*'pool_size'"):
+        create_model("zoome", poolsize=2)
+    with pytest.raises(ValueError, match=r"Invalid backbone 'vgg16'.*resnet18"):
+        create_model("zoome", backbone="vgg16")
+    with pytest.raises(ValueError, match="backbone"):
+        create_model("alexnet", backbone="resnet18")
+
+
+def test_channels_last_and_bf16_autocast():
+    model = create_model("zoome", backbone="resnet18").eval()
+    with torch.no_grad():
+        ref = model(IMG, META)
+        cl = model.to(memory_format=torch.channels_last)(IMG.to(memory_format=torch.channels_last), META)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf = model(IMG, META)
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+    assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), ref, atol=0.1)
+
+
+def test_focal_loss():
+    logits, target = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1, 0, 0])
+    p = torch.sigmoid(logits)
+    pt = torch.where(target == 1, p, 1 - p)
+    at = torch.where(target == 1, 0.25, 0.75)
+    expect = (-at * (1 - pt) ** 2 * torch.log(pt)).mean()
+    torch.testing.assert_close(make_loss("focal")(logits, target), expect)
+    torch.testing.assert_close(make_loss("bce")(logits, target),
+                               F.binary_cross_entropy_with_logits(logits, target.float()))
+    with pytest.raises(ValueError, match="Invalid loss 'mse'"):
+        make_loss("mse")
