@@ -147,3 +147,30 @@ def test_focal_loss():
                                F.binary_cross_entropy_with_logits(logits, target.float()))
     with pytest.raises(ValueError, match="Invalid loss 'mse'"):
         make_loss("mse")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("c,hw,pool", [(64, 8, 4), (32, 7, 4), (48, 5, 3), (32, 6, 1)])
+def test_fused_zoomse_matches_reference(channels_last, c, hw, pool):
+    ref, fused = ZoomSE(c, pool, fused=False), ZoomSE(c, pool)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, c, hw, hw)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    results = []
+    for m in (ref, fused):
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        y.backward(dy)
+        results.append((y, xx.grad, {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    for name, grad in results[0][2].items():
+        torch.testing.assert_close(results[1][2][name], grad, rtol=1e-3, atol=1e-4, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.bfloat16().requires_grad_()
+        yb = fused(xb)
+    yb.float().sum().backward()
+    assert yb.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), results[0][0], rtol=0.05, atol=0.05)

@@ -1,0 +1,68 @@
+"""Benchmarks, each measuring its alternatives side by side in one run.
+
+    python launchers/benchmark.py shards   [--json]   # shard build 1 vs 2 workers vs decode ceiling
+    python launchers/benchmark.py model    [--json]   # zoome vs plain resnext50, fp32 and bf16
+
+Record the figures, with the machine line this prints, in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from zoome_dist.bench import machine
+
+
+def _print(result: dict, as_json: bool) -> None:
+    result = {**result, "machine": machine()}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("shards", help="shard build throughput and peak memory")
+    s.add_argument("--n", type=int, default=1536, help="images per size (the memory check also builds 2N)")
+    s.add_argument("--sizes", default="600,1024", help="source image sides, comma separated")
+    s.add_argument("--max-side", type=int, default=512)
+    s.add_argument("--workers", type=int, default=2)
+    m = sub.add_parser("model", help="forward+backward img/s, zoome vs its backbone")
+    m.add_argument("--image-size", type=int, default=224)
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--iters", type=int, default=3)
+    m.add_argument("--rounds", type=int, default=3)
+    m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    m.add_argument("--precisions", default="fp32,bf16")
+    m.add_argument("--backbone", default="resnext50_32x4d")
+    for q in (s, m):
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    if a.what == "shards":
+        from zoome_dist.bench.shards import bench_shards
+
+        r = bench_shards(a.n, tuple(int(x) for x in a.sizes.split(",")), a.max_side, a.workers)
+    else:
+        from zoome_dist.bench.model import bench_model
+
+        r = bench_model(a.image_size, a.batch_size, a.iters, a.rounds, a.threads, a.device,
+                        tuple(a.precisions.split(",")), a.backbone)
+    _print(r, a.json)
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
