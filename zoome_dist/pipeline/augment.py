@@ -1,0 +1,30 @@
+"""Augmentation settings shared by the DALI pipeline and the torch fallback (paper, Sec. IV)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Centred crop of ``zoom`` × side (uniform), rotation in ±``rotate`` degrees, flip with ``flip``.
+
+    Order: crop → resize to ``image_size`` → rotate (zero fill, size kept) → flip → normalise.
+    Resizing before rotating keeps the rotation cheap (STACK.md). Eval uses no augmentation:
+    the whole image resized to ``image_size`` × ``image_size``.
+    """
+
+    zoom: tuple[float, float] = (0.8, 1.0)
+    rotate: float = 30.0
+    flip: float = 0.5
+
+    def validate(self) -> None:
+        lo, hi = self.zoom
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"augment zoom range must satisfy 0 < lo <= hi <= 1, got {self.zoom}")
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"augment rotate must lie in [0, 180] degrees, got {self.rotate}")
+        if not 0 <= self.flip <= 1:
+            raise ValueError(f"augment flip probability must lie in [0, 1], got {self.flip}")

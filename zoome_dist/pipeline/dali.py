@@ -1,0 +1,94 @@
+"""NVIDIA DALI pipelines over the shards: decode + augment on the GPU (``mixed``) or the CPU.
+
+Processing functions are kept apart from the ``@pipeline_def``; ``dali_loader`` returns
+``(iterator, steps_per_epoch)`` where the iterator yields ``(image, meta, label, sample_id)``.
+Sharding: DALI splits the global sample index into contiguous per-rank ranges; with
+``pad_last_batch`` and a PARTIAL last batch each eval sample is seen exactly once over all ranks,
+and with DROP every rank runs the same number of training steps.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from zoome_dist.pipeline.selection import Selection
+
+OUTPUTS = ["image", "meta", "label", "sid"]
+_MEAN = [255 * m for m in IMAGENET_MEAN]
+_STD = [255 * s for s in IMAGENET_STD]
+
+
+def normalize(images, mirror=0):
+    """uint8 HWC → float CHW, ImageNet mean/std, optional horizontal flip."""
+    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=_MEAN, std=_STD)
+
+
+def train_images(jpegs, image_size: int, aug: Augment, device: str):
+    """Centred zoom crop fused into the decode, resize, rotate, flip, normalise."""
+    lo, hi = aug.zoom
+    z = fn.random.uniform(range=[lo, hi]) if hi > lo else fn.random.uniform(values=[lo])
+    start = (1.0 - z) * 0.5
+    images = fn.decoders.image_slice(jpegs, rel_start=fn.stack(start, start), rel_shape=fn.stack(z, z),
+                                     device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+    if aug.rotate > 0:
+        images = fn.rotate(images, angle=fn.random.uniform(range=[-aug.rotate, aug.rotate]),
+                           keep_size=True, fill_value=0)
+    return normalize(images, mirror=fn.random.coin_flip(probability=aug.flip))
+
+
+def eval_images(jpegs, image_size: int, device: str):
+    """Whole image resized to ``image_size`` × ``image_size``, normalised; deterministic."""
+    images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    return normalize(fn.resize(images, resize_x=image_size, resize_y=image_size))
+
+
+@pipeline_def
+def shard_pipeline(tars: list[str], indexes: list[str], shard_id: int, num_shards: int, train: bool,
+                   image_size: int, aug: Augment, device: str, shuffle_seed: int):
+    # Training: shard order reshuffled every epoch (same seed on all ranks) + a shuffle buffer.
+    shuffle = dict(random_shuffle=True, initial_fill=256, shuffle_after_epoch=True,
+                   shuffle_after_epoch_seed=shuffle_seed) if train else {}
+    jpegs, meta, label, sid = fn.readers.webdataset(
+        paths=tars, index_paths=indexes, ext=["jpg", "meta", "label", "sid"],
+        dtypes=[types.UINT8, types.FLOAT, types.INT32, types.INT64],
+        missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
+        pad_last_batch=True, name="Reader", **shuffle)
+    images = train_images(jpegs, image_size, aug, device) if train else eval_images(jpegs, image_size, device)
+    if device == "gpu":
+        meta, label, sid = meta.gpu(), label.gpu(), sid.gpu()
+    return images, meta, label, sid
+
+
+class DaliLoader:
+    """Yields ``(image, meta, label, sample_id)`` torch tensors on the pipeline's device."""
+
+    def __init__(self, it: DALIGenericIterator) -> None:
+        self.it = it
+
+    def __len__(self) -> int:
+        return len(self.it)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in self.it:
+            d = batch[0]
+            yield d["image"], d["meta"], d["label"].view(-1).long(), d["sid"].view(-1)
+
+
+def dali_loader(sel: Selection, *, train: bool, batch_size: int, image_size: int, rank: int,
+                world_size: int, device: str, device_id: int | None, aug: Augment, seed: int,
+                num_threads: int) -> tuple[DaliLoader, int]:
+    pipe = shard_pipeline(tars=sel.tars, indexes=sel.indexes, shard_id=rank, num_shards=world_size,
+                          train=train, image_size=image_size, aug=aug, device=device, shuffle_seed=seed,
+                          batch_size=batch_size, num_threads=num_threads,
+                          device_id=device_id if device == "gpu" else None, seed=seed + 7919 * rank)
+    pipe.build()
+    it = DALIGenericIterator(pipe, OUTPUTS, reader_name="Reader", auto_reset=True,
+                             last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+    loader = DaliLoader(it)
+    return loader, len(loader)

@@ -1,0 +1,126 @@
+"""PyTorch fallback loader: same shards, batch format, sharding and augmentations as the DALI one.
+
+Random access through the DALI index files (byte offsets of every field), decoding with
+``torchvision.io.decode_jpeg`` and augmenting with ``torchvision.transforms.v2``. Eval ranks take the
+same contiguous ranges of the global sample index as DALI (each sample exactly once); training
+uses ``DistributedSampler(drop_last=True)``, so every rank runs the same number of steps.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from zoome_dist.pipeline.selection import Selection
+
+FIELDS = ("jpg", "meta", "label", "sid")
+
+
+def read_index(path: str) -> list[dict[str, tuple[int, int]]]:
+    """A DALI ``.idx`` file → per sample, ``{ext: (offset, size)}``."""
+    with open(path) as f:
+        header = f.readline().split()
+        if not header or header[0] != "v1.2":
+            raise ValueError(f"{path}: not a DALI v1.2 WebDataset index")
+        samples = []
+        for line in f:
+            tok = line.split()
+            samples.append({tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), 4)})
+    return samples
+
+
+class CenterZoom(torch.nn.Module):
+    """Centred crop of a uniformly drawn fraction ``z`` of each side."""
+
+    def __init__(self, zoom: tuple[float, float]) -> None:
+        super().__init__()
+        self.lo, self.hi = zoom
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        z = float(torch.empty(()).uniform_(self.lo, self.hi))
+        h, w = img.shape[-2:]
+        return TF.center_crop(img, [max(1, round(z * h)), max(1, round(z * w))])
+
+
+def make_transform(train: bool, image_size: int, aug: Augment) -> v2.Compose:
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if not train:
+        return v2.Compose([v2.Resize((image_size, image_size), antialias=True)] + tail)
+    return v2.Compose([CenterZoom(aug.zoom), v2.Resize((image_size, image_size), antialias=True),
+                       v2.RandomRotation(aug.rotate, interpolation=v2.InterpolationMode.BILINEAR, fill=0),
+                       v2.RandomHorizontalFlip(aug.flip)] + tail)
+
+
+class ShardDataset(Dataset):
+    """Map-style view of the selected shards, in DALI's global sample order."""
+
+    def __init__(self, sel: Selection, transform: v2.Compose) -> None:
+        self.items = [(tar, rec) for tar, idx in zip(sel.tars, sel.indexes) for rec in read_index(idx)]
+        for tar, rec in self.items:
+            missing = [f for f in FIELDS if f not in rec]
+            if missing:
+                raise ValueError(f"{tar}: a sample lacks field(s) {missing}")
+        self.transform = transform
+        self._fds: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, tar: str, span: tuple[int, int]) -> bytes:
+        fd = self._fds.get(tar)
+        if fd is None:
+            fd = self._fds[tar] = os.open(tar, os.O_RDONLY)
+        return os.pread(fd, span[1], span[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        tar, rec = self.items[i]
+        raw = torch.frombuffer(bytearray(self._read(tar, rec["jpg"])), dtype=torch.uint8)
+        image = self.transform(decode_jpeg(raw, mode=ImageReadMode.RGB))
+        meta = torch.from_numpy(np.frombuffer(self._read(tar, rec["meta"]), "<f4").copy())
+        label = int(np.frombuffer(self._read(tar, rec["label"]), "<i4")[0])
+        sid = int(np.frombuffer(self._read(tar, rec["sid"]), "<i8")[0])
+        return image, meta, torch.tensor(label), torch.tensor(sid)
+
+
+class TorchLoader:
+    """Yields ``(image, meta, label, sample_id)``; reshuffles every epoch (``DistributedSampler``)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader, self.device, self.epoch = loader, device, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        for batch in self.loader:
+            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+
+def torch_loader(sel: Selection, *, train: bool, batch_size: int, image_size: int, rank: int,
+                 world_size: int, device: str, device_id: int | None, aug: Augment, seed: int,
+                 num_threads: int) -> tuple[TorchLoader, int]:
+    ds = ShardDataset(sel, make_transform(train, image_size, aug))
+    if train:
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
+                            num_workers=num_threads, persistent_workers=num_threads > 0,
+                            pin_memory=device == "gpu")
+    else:
+        n = len(ds)
+        part = Subset(ds, range(n * rank // world_size, n * (rank + 1) // world_size))
+        loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_threads,
+                            persistent_workers=num_threads > 0, pin_memory=device == "gpu")
+    target = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
+    wrapped = TorchLoader(loader, target)
+    return wrapped, len(wrapped)
