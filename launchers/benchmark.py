@@ -2,6 +2,7 @@
 
     python launchers/benchmark.py shards   [--json]   # shard build 1 vs 2 workers vs decode ceiling
     python launchers/benchmark.py model    [--json]   # zoome vs plain resnext50, fp32 and bf16
+    python launchers/benchmark.py pipeline [--shards DIR] [--json]  # DALI-CPU vs torch vs decode-only
 
 Record the figures, with the machine line this prints, in BENCHMARKS.md.
 """
@@ -39,13 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     m.add_argument("--precisions", default="fp32,bf16")
     m.add_argument("--backbone", default="resnext50_32x4d")
-    for q in (s, m):
+    d = sub.add_parser("pipeline", help="input pipeline img/s: DALI vs torch fallback vs decode-only")
+    d.add_argument("--shards", help="existing shard folder (default: synthesize 600 and 1024 px sources)")
+    d.add_argument("--sizes", default="600,1024")
+    d.add_argument("--n", type=int, default=384, help="images per synthesized source size")
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--image-size", type=int, default=224)
+    d.add_argument("--threads", type=int, default=2, help="DALI threads = torch DataLoader workers")
+    d.add_argument("--rounds", type=int, default=2)
+    for q in (s, m, d):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if a.what == "shards":
         from zoome_dist.bench.shards import bench_shards
 
         r = bench_shards(a.n, tuple(int(x) for x in a.sizes.split(",")), a.max_side, a.workers)
+    elif a.what == "pipeline":
+        from zoome_dist.bench.pipeline import bench_pipeline
+
+        r = bench_pipeline(a.shards, tuple(int(x) for x in a.sizes.split(",")), a.n, a.batch_size,
+                           a.image_size, a.threads, a.rounds)
     else:
         from zoome_dist.bench.model import bench_model
 

@@ -1,0 +1,91 @@
+"""Input pipeline throughput: DALI-CPU (full training graph) vs the torch fallback vs decode-only.
+
+Same shards, same batch size and the same number of CPU threads/workers for every contender;
+repeated alternately, best epoch kept. With a GPU, DALI ``mixed`` (decode + augment on the GPU) too.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from zoome_dist.bench.shards import _dataset
+from zoome_dist.data.manifest import load_manifest
+from zoome_dist.data.writer import BuildOptions, build
+from zoome_dist.pipeline import make_loader, resolve_device
+from zoome_dist.pipeline.selection import select_folds
+
+
+@pipeline_def
+def _decode_only(tars, indexes, device):
+    jpegs = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg"], name="Reader",
+                                  missing_component_behavior="error")
+    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+
+
+def _epoch_rate(it) -> float:
+    n, t = 0, time.perf_counter()
+    for batch in it:
+        n += batch[0].shape[0] if isinstance(batch, tuple) else batch[0]["data"].shape[0]
+    return n / (time.perf_counter() - t)
+
+
+def _rates(shards: Path, batch_size: int, image_size: int, threads: int, rounds: int) -> dict:
+    folds = [f["fold"] for f in load_manifest(shards)["folds"]]
+    sel = select_folds(shards, folds)
+    contenders = {}
+    for loader in ("dali", "torch"):
+        it, _ = make_loader(shards, folds, train=True, batch_size=batch_size, image_size=image_size,
+                            device="cpu", loader=loader, num_threads=threads)
+        contenders[f"{loader}_cpu_img_s"] = it
+    pipe = _decode_only(tars=sel.tars, indexes=sel.indexes, device="cpu", batch_size=batch_size,
+                        num_threads=threads, device_id=None)
+    pipe.build()
+    contenders["decode_img_s"] = DALIGenericIterator(pipe, ["data"], reader_name="Reader", auto_reset=True,
+                                                     last_batch_policy=LastBatchPolicy.PARTIAL)
+    if resolve_device("auto") == "gpu":
+        it, _ = make_loader(shards, folds, train=True, batch_size=batch_size, image_size=image_size,
+                            device="gpu", loader="dali", num_threads=threads)
+        contenders["dali_gpu_img_s"] = it
+        gpipe = _decode_only(tars=sel.tars, indexes=sel.indexes, device="gpu", batch_size=batch_size,
+                             num_threads=threads, device_id=0)
+        gpipe.build()
+        contenders["decode_gpu_img_s"] = DALIGenericIterator(gpipe, ["data"], reader_name="Reader",
+                                                             auto_reset=True,
+                                                             last_batch_policy=LastBatchPolicy.PARTIAL)
+    for it in contenders.values():  # warm-up epoch (worker start, page cache)
+        _epoch_rate(it)
+    best = {k: 0.0 for k in contenders}
+    for _ in range(rounds):
+        for k, it in contenders.items():
+            best[k] = max(best[k], _epoch_rate(it))
+    out = {k: round(v, 1) for k, v in best.items()}
+    out["dali_vs_torch"] = round(best["dali_cpu_img_s"] / best["torch_cpu_img_s"], 3)
+    if "dali_gpu_img_s" in best:
+        out["dali_gpu_vs_decode"] = round(best["dali_gpu_img_s"] / best["decode_gpu_img_s"], 3)
+    out["samples"] = sel.samples
+    return out
+
+
+def bench_pipeline(shards: str | None = None, sizes: tuple[int, ...] = (600, 1024), n: int = 384,
+                   batch_size: int = 32, image_size: int = 224, threads: int = 2, rounds: int = 2) -> dict:
+    """Per source size (or for ``shards`` as given): img/s of each contender and the ratios."""
+    results: dict = {"batch_size": batch_size, "image_size": image_size, "threads": threads, "sizes": {}}
+    if shards:
+        results["sizes"]["given"] = _rates(Path(shards), batch_size, image_size, threads, rounds)
+        results.update(results["sizes"]["given"])
+        return results
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            root = Path(tmp) / f"src{size}"
+            imgs = _dataset(root, n, size, threads)
+            build(root / "train.csv", imgs, root / "shards", BuildOptions(folds=2, max_side=0,
+                  samples_per_shard=128), workers=threads, progress=False)
+            results["sizes"][str(size)] = _rates(root / "shards", batch_size, image_size, threads, rounds)
+            shutil.rmtree(root)
+    results.update(results["sizes"][str(max(sizes))])
+    return results
