@@ -1,0 +1,193 @@
+"""The one configuration source of truth: dataclasses → YAML/JSON file → ``--set a.b=value`` overrides.
+
+Defaults are the paper's recipe (Adam 1e-4, global batch 64, 224 px, focal α 0.25 γ 2) plus our
+explicit choices where it is silent (20 epochs, 1 warm-up epoch + cosine, no weight decay, gradient
+clipping at 1.0, bf16 autocast). Unknown keys are errors listing the valid ones. The DeepSpeed
+config is derived from this in ``zoome_dist.train.engine.deepspeed_config``; Ray search spaces
+name keys of this tree (``optim.lr``) and are checked with ``check_keys``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "zoome"
+    backbone: str = "resnext50_32x4d"   # ResNet-family models only
+    pool_size: int = 4                  # Zoom-SE adaptive max-pool size P
+    rd_ratio: float = 0.0625            # Zoom-SE reduction 1/r
+    meta_hidden: int = 256
+    meta_gate: str = "sigmoid"
+    dropout: float = 0.0
+    pretrained: str | None = None       # local torchvision ImageNet state dict
+    channels_last: bool = True
+    compile: bool = False               # torch.compile the model
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 224
+    loader: str = "auto"                # auto (dali where it imports) | dali | torch
+    device: str = "auto"                # auto | gpu | cpu: where decoding/augmentation run
+    num_threads: int = 4                # DALI threads / DataLoader workers per rank
+    zoom: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    rotate: float = 30.0
+    flip: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"                  # adam | adamw | sgd
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9               # sgd only
+    schedule: str = "cosine"            # cosine | constant (after warm-up)
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    clip_grad: float = 1.0              # 0 disables
+
+
+@dataclass
+class LossConfig:
+    name: str = "focal"                 # focal | bce
+    alpha: float = 0.25
+    gamma: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    global_batch_size: int = 64
+    micro_batch_size: int = 32          # per rank and step; accumulation = global / (micro × world)
+    eval_batch_size: int = 0            # 0: same as micro_batch_size
+    precision: str = "bf16"             # fp32 | bf16 | fp16 (fp16 on CUDA, ZeRO 0)
+    zero_stage: int = 0                 # 0, 1 or 2
+    seed: int = 0
+    checkpoint_every_steps: int = 0     # optimizer steps between mid-epoch checkpoints; 0: epochs only
+    keep_checkpoints: int = 2           # newest checkpoints kept (the best epoch's is always kept)
+    log_every: int = 10
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_types(section: str) -> dict[str, Any]:
+    cls = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig,
+           "train": TrainConfig}[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys() -> list[str]:
+    """Every ``section.key`` of the config tree."""
+    return [f"{s}.{k}" for s in SECTIONS for k in _section_types(s)]
+
+
+def check_keys(keys: list[str]) -> None:
+    """Raise naming any key that is not in the config tree."""
+    bad = [k for k in keys if k not in valid_keys()]
+    if bad:
+        raise ValueError(f"Unknown config key(s) {bad}. Valid keys: {valid_keys()}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(typ)
+        return [_coerce(key, v, inner) for v in value]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key {key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key {key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key {key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Set ``section.key`` values (flat dict), type-checked; unknown keys are errors."""
+    check_keys(list(overrides))
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, _coerce(key, value, _section_types(section)[name]))
+    return cfg
+
+
+def flatten(tree: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """A nested config dict → ``{"section.key": value}``; unknown sections are reported as keys."""
+    flat = {}
+    for section, body in tree.items():
+        if not isinstance(body, dict):
+            raise ValueError(f"{where}config section {section!r} must be a mapping; valid sections: "
+                             f"{list(SECTIONS)}")
+        for k, v in body.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=3e-4", "model.name=zoome_no_meta"]`` → typed values (YAML scalars)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults ← YAML/JSON file ← overrides."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        apply_overrides(cfg, flatten(tree or {}, f"{path}: "))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg

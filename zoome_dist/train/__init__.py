@@ -1,0 +1,1 @@
+"""DeepSpeed training: ``run(cfg, shards, fold, out)`` is what the launcher, Ray and the tests call."""

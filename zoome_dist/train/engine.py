@@ -1,0 +1,145 @@
+"""Distributed setup, the DeepSpeed config derived from ``Config``, model/optimizer/scheduler."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zoome_dist.config import Config
+from zoome_dist.losses import LOSSES
+from zoome_dist.models import MODELS, create_model, model_options
+from zoome_dist.pipeline import DEVICES, LOADERS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> DistInfo:
+    """Join the process group the launcher set up (deepspeed/torchrun), or make a 1-process one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python launchers/train.py`: no MPI discovery (STACK.md)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    deepspeed.init_distributed()
+    import torch.distributed as dist
+
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that name the bad value and the valid choices."""
+    def choose(key: str, value: Any, choices: tuple | list) -> None:
+        if value not in choices:
+            raise ValueError(f"Invalid {key} {value!r}. Valid choices: {list(choices)}")
+
+    choose("model.name", cfg.model.name, sorted(MODELS))
+    choose("train.precision", cfg.train.precision, PRECISIONS)
+    choose("train.zero_stage", cfg.train.zero_stage, (0, 1, 2))
+    choose("optim.name", cfg.optim.name, OPTIMIZERS)
+    choose("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    choose("loss.name", cfg.loss.name, LOSSES)
+    choose("data.loader", cfg.data.loader, ("auto",) + LOADERS)
+    choose("data.device", cfg.data.device, DEVICES)
+    for key in ("train.epochs", "train.global_batch_size", "train.micro_batch_size", "data.image_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ValueError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
+    if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
+        raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+
+
+def deepspeed_config(cfg: Config, world_size: int, tensorboard_dir: str | Path | None = None) -> dict:
+    """The DeepSpeed config dict, derived from ``cfg`` for ``world_size`` ranks (its only source)."""
+    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if g % (m * world_size):
+        raise ValueError(f"train.global_batch_size {g} does not divide over train.micro_batch_size {m} × "
+                         f"{world_size} rank(s) = {m * world_size}; choose a global batch that is a "
+                         "multiple of it")
+    ds: dict[str, Any] = {
+        "train_batch_size": g,
+        "train_micro_batch_size_per_gpu": m,
+        "gradient_accumulation_steps": g // (m * world_size),
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # a client torch optimizer: nothing JIT-compiled
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.clip_grad > 0:
+        ds["gradient_clipping"] = cfg.optim.clip_grad
+    if cfg.train.precision != "fp32":
+        # torch autocast keeps fp32 master weights and BatchNorm in fp32; DeepSpeed's own "bf16"
+        # mode breaks BatchNorm models (STACK.md). fp16 adds a GradScaler at ZeRO 0.
+        ds["torch_autocast"] = {"enabled": True,
+                                "dtype": {"bf16": "bfloat16", "fp16": "float16"}[cfg.train.precision]}
+    if tensorboard_dir is not None:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir), "job_name": "train"}
+    return ds
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The registered model with the options of ``cfg.model`` that it takes."""
+    from zoome_dist.config import ModelConfig
+
+    takes = set(model_options(cfg.model.name))
+    defaults = ModelConfig()
+    opts = {}
+    for key in ("backbone", "pool_size", "rd_ratio", "meta_hidden", "meta_gate", "dropout"):
+        value = getattr(cfg.model, key)
+        if key in takes:
+            opts[key] = value
+        elif value != getattr(defaults, key):
+            raise ValueError(f"model.{key} does not apply to model {cfg.model.name!r} "
+                             f"(its options: {sorted(takes)})")
+    return create_model(cfg.model.name, pretrained=cfg.model.pretrained, **opts)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine down to ``min_lr_ratio`` × lr (or constant); per optimizer step."""
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    floor = cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        t = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,96 @@
+"""``train_one_epoch`` and ``evaluate`` over a DeepSpeed engine, as plain functions."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+def gather(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Concatenate each array over all ranks (rank order); every rank gets the result."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [np.asarray(a) for a in arrays])
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(arrays))]
+
+
+def _to_device(batch: tuple[torch.Tensor, ...], device: torch.device, channels_last: bool):
+    image, meta, label, sid = (t.to(device, non_blocking=True) for t in batch)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, meta, label, sid
+
+
+def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, steps: int, skip: int = 0,
+                    channels_last: bool = True, on_step: Callable[[int], None] | None = None,
+                    progress: bool = True, log_every: int = 10) -> dict:
+    """Run micro-steps ``skip..steps`` of one epoch; returns loss, speed, data wait and the
+    training predictions of every rank (for the Youden threshold)."""
+    engine.train()
+    it = iter(loader)
+    for _ in range(skip):  # resumed mid-epoch: batches consumed before the checkpoint
+        next(it)
+    bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    loss_sum, n_images, wait = 0.0, 0, 0.0
+    probs, labels = [], []
+    start = time.perf_counter()
+    for i in range(skip, steps):
+        t = time.perf_counter()
+        image, meta, label, _ = _to_device(next(it), engine.device, channels_last)
+        wait += time.perf_counter() - t
+        logits = engine(image, meta)
+        loss = loss_fn(logits, label)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += float(loss.detach()) * len(label)
+        n_images += len(label)
+        probs.append(torch.sigmoid(logits.detach().float()).cpu().numpy())
+        labels.append(label.cpu().numpy())
+        if on_step is not None:
+            on_step(i + 1)
+        bar.update()
+        if progress and ((i + 1) % log_every == 0 or i + 1 == steps):
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_sum / n_images:.4f}",
+                            img_s=f"{n_images * dist.get_world_size() / elapsed:.1f}",
+                            wait=f"{100 * wait / elapsed:.1f}%", lr=f"{engine.get_lr()[0]:.2e}")
+    bar.close()
+    for _ in it:  # leftover batches (steps was cut to whole optimizer steps): end the loader's epoch
+        pass
+    elapsed = time.perf_counter() - start
+    p, y = gather(np.concatenate(probs) if probs else np.zeros(0), np.concatenate(labels) if labels else
+                  np.zeros(0, int))
+    totals = gather(np.array([loss_sum]), np.array([n_images]))
+    images = int(totals[1].sum())
+    return {"train_loss": float(totals[0].sum() / max(1, images)), "train_images": images,
+            "train_seconds": elapsed, "train_img_s_per_rank": n_images / elapsed if elapsed else 0.0,
+            "data_wait": wait / elapsed if elapsed else 0.0, "train_probs": p, "train_labels": y}
+
+
+@torch.no_grad()
+def evaluate(engine, loader: Iterable, *, expected: int, channels_last: bool = True,
+             progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sample_id, prob, label)`` of every validation sample, exactly once, on every rank.
+
+    BatchNorm running statistics are per rank (no SyncBN); rank 0's are broadcast first, as DDP
+    does, so every rank evaluates (and later saves) the same model.
+    """
+    for buf in engine.module.buffers():
+        dist.broadcast(buf.data, src=0)
+    engine.eval()
+    sids, probs, labels = [], [], []
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+        image, meta, label, sid = _to_device(batch, engine.device, channels_last)
+        probs.append(torch.sigmoid(engine(image, meta).float()).cpu().numpy())
+        labels.append(label.cpu().numpy())
+        sids.append(sid.cpu().numpy())
+    s, p, y = gather(np.concatenate(sids), np.concatenate(probs), np.concatenate(labels))
+    if len(s) != expected or len(np.unique(s)) != expected:
+        raise RuntimeError(f"evaluation saw {len(s)} predictions for {len(np.unique(s))} distinct samples; "
+                           f"the fold has {expected}: the loader is not an exact partition")
+    order = np.argsort(s)
+    return s[order], p[order], y[order]

@@ -1,0 +1,219 @@
+"""``run(cfg, shards, fold, out)``: train on every fold but ``fold``, evaluate on ``fold`` each epoch.
+
+Writes into ``out``: ``config.yaml`` and ``deepspeed.json`` (resolved), ``metrics.jsonl`` (one line per
+epoch), ``tensorboard/``, ``checkpoints/`` (DeepSpeed, every epoch and every
+``train.checkpoint_every_steps`` optimizer steps), and for the best epoch by AUC ``predictions.csv``
+(out-of-fold), ``model_best.pt`` and ``best.json``; ``summary.json`` at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from zoome_dist.config import Config
+from zoome_dist.data.manifest import load_manifest
+from zoome_dist.losses import make_loss
+from zoome_dist.metrics import binary_metrics, youden_threshold
+from zoome_dist.pipeline import LOADERS, Augment, make_loader
+from zoome_dist.train.engine import (DistInfo, build_model, build_optimizer, build_scheduler,
+                                     deepspeed_config, setup_distributed, validate)
+from zoome_dist.train.loop import evaluate, train_one_epoch
+
+log = logging.getLogger("zoome_dist.train")
+CKPT = "checkpoints"
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _params_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.state_dict().values():
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_run_folder(out: Path, resume: bool) -> bool:
+    """True when there is a checkpoint to resume from."""
+    has_ckpt = (out / CKPT / "latest").is_file()
+    if has_ckpt and not resume:
+        raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or "
+                              "choose another --out")
+    return has_ckpt and resume
+
+
+def _prune(ckpt_dir: Path, keep: int, protect: str | None) -> None:
+    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")),
+                  key=lambda p: p.name)
+    for p in tags[:-keep] if keep > 0 else tags:
+        if p.name != protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _save(engine, ckpt_dir: Path, state: dict, keep: int) -> str:
+    tag = f"step{engine.global_steps:07d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"zoome": state})
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _prune(ckpt_dir, keep, (state.get("best") or {}).get("tag"))
+    return tag
+
+
+def _write_best(out: Path, cfg: Config, engine, manifest: dict, folds: pd.DataFrame, best: dict,
+                sids: np.ndarray, probs: np.ndarray) -> None:
+    rows = folds.set_index("sample_id").loc[sids]
+    pd.DataFrame({"image_name": rows["image_name"].to_numpy(), "patient_id": rows["patient_id"].to_numpy(),
+                  "target": rows["target"].to_numpy(), "prob": probs}).to_csv(out / "predictions.csv.tmp",
+                                                                               index=False)
+    (out / "predictions.csv.tmp").replace(out / "predictions.csv")
+    torch.save({"config": cfg.to_dict(), "metadata_encoding": manifest["metadata_encoding"],
+                "state_dict": {k: v.detach().cpu() for k, v in engine.module.state_dict().items()},
+                "epoch": best["epoch"], "metrics": best["metrics"]}, out / "model_best.pt.tmp")
+    (out / "model_best.pt.tmp").replace(out / "model_best.pt")
+    (out / "best.json").write_text(json.dumps(best, indent=1))
+
+
+def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Train one fold; returns the summary (best and last metrics, optimizer steps) on every rank."""
+    validate(cfg)
+    shards, out = Path(shards), Path(out)
+    manifest = load_manifest(shards)
+    fold_ids = [f["fold"] for f in manifest["folds"]]
+    if fold not in fold_ids:
+        raise ValueError(f"fold {fold} does not exist in {shards}; valid folds: {fold_ids}")
+    resuming = _check_run_folder(out, resume)
+    info = setup_distributed()
+    try:
+        return _run(cfg, shards, fold, out, manifest, [k for k in fold_ids if k != fold], info, resuming,
+                    progress)
+    finally:
+        if dist.is_initialized():  # gloo can abort at exit without this (STACK.md)
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_folds: list[int],
+         info: DistInfo, resuming: bool, progress: bool) -> dict[str, Any]:
+    import deepspeed
+
+    rank0 = info.rank == 0
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    ds_cfg = deepspeed_config(cfg, info.world_size, out / "tensorboard")
+    gas = ds_cfg["gradient_accumulation_steps"]
+    loader = LOADERS[0] if cfg.data.loader == "auto" else cfg.data.loader
+    common = dict(image_size=cfg.data.image_size, rank=info.rank, world_size=info.world_size,
+                  local_rank=info.local_rank, device=cfg.data.device, loader=loader,
+                  num_threads=cfg.data.num_threads)
+    train_it, micro_steps = make_loader(
+        shards, train_folds, train=True, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+        aug=Augment(tuple(cfg.data.zoom), cfg.data.rotate, cfg.data.flip), **common)
+    val_it, _ = make_loader(shards, [fold], train=False,
+                            batch_size=cfg.train.eval_batch_size or cfg.train.micro_batch_size, **common)
+    steps_per_epoch = micro_steps // gas
+    if steps_per_epoch == 0:
+        raise ValueError(f"training folds {train_folds} give {micro_steps} micro-batches per rank, fewer than "
+                         f"one global batch ({gas} accumulation steps); lower train.global_batch_size")
+    steps = steps_per_epoch * gas
+    expected_val = next(f["samples"] for f in manifest["folds"] if f["fold"] == fold)
+
+    # channels_last applies to the inputs only: conv picks the NHWC kernels from a channels_last
+    # input, and DeepSpeed's parameter broadcast needs contiguous weights.
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_cfg)
+    if cfg.model.compile:
+        engine.compile()
+    loss_fn = make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma)
+    ckpt_dir = out / CKPT
+
+    state: dict[str, Any] = {"epoch": 0, "micro_step": 0, "best": None}
+    if resuming:
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        state.update(client["zoome"])
+        log0(f"resumed from {ckpt_dir} at epoch {state['epoch']}, micro-step {state['micro_step']} "
+             f"(optimizer step {engine.global_steps})")
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.dump(out / "config.yaml")
+        (out / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=1))
+        (out / "run.json").write_text(json.dumps({"shards": str(shards.resolve()), "fold": fold,
+                                                  "train_folds": train_folds, "world_size": info.world_size,
+                                                  "loader": loader, "steps_per_epoch": steps_per_epoch}, indent=1))
+        metrics_path = out / "metrics.jsonl"
+        if metrics_path.exists():  # drop epochs the resumed run will redo
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln and json.loads(ln)["epoch"] < state["epoch"]]
+            metrics_path.write_text("".join(k + "\n" for k in kept))
+        folds_table = pd.read_csv(shards / "folds.csv")
+    log0(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
+         f"steps/epoch ({gas} accumulation), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
+
+    every = cfg.train.checkpoint_every_steps
+    last: dict[str, Any] = {}
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        skip = state["micro_step"] if epoch == state["epoch"] else 0
+
+        def on_step(micro: int, epoch: int = epoch) -> None:
+            if every and micro % gas == 0 and micro < steps and engine.global_steps % every == 0:
+                _save(engine, ckpt_dir, {"epoch": epoch, "micro_step": micro, "best": state["best"]},
+                      cfg.train.keep_checkpoints)
+
+        t0 = time.perf_counter()
+        tr = train_one_epoch(engine, train_it, loss_fn, epoch=epoch, steps=steps, skip=skip,
+                             channels_last=cfg.model.channels_last, on_step=on_step,
+                             progress=progress and rank0, log_every=cfg.train.log_every)
+        sids, probs, labels = evaluate(engine, val_it, expected=expected_val,
+                                       channels_last=cfg.model.channels_last, progress=progress and rank0)
+        threshold = youden_threshold(tr["train_labels"], tr["train_probs"]) if len(tr["train_labels"]) else 0.5
+        val = binary_metrics(labels, probs, threshold)
+        record = {"epoch": epoch, "global_step": engine.global_steps, "lr": engine.get_lr()[0],
+                  **{k: v for k, v in tr.items() if not k.startswith("train_probs")
+                     and k != "train_labels"}, "epoch_seconds": time.perf_counter() - t0,
+                  **{f"val_{k}": v for k, v in val.items()}}
+        is_best = state["best"] is None or val["auc"] > state["best"]["metrics"]["auc"]
+        tag = f"step{engine.global_steps:07d}"
+        if is_best:
+            state["best"] = {"epoch": epoch, "tag": tag, "metrics": val}
+        state.update(epoch=epoch + 1, micro_step=0)
+        _save(engine, ckpt_dir, dict(state), cfg.train.keep_checkpoints)
+        if rank0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if engine.monitor.enabled:
+                engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
+                                             for k, v in val.items() if isinstance(v, float)])
+            if is_best:
+                _write_best(out, cfg, engine, manifest, folds_table, state["best"], sids, probs)
+            log0(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
+                 f"acc/sens/spec@0.5 {val['acc']:.3f}/{val['sens']:.3f}/{val['spec']:.3f} "
+                 f"@t={threshold:.3f} {val['acc_t']:.3f}/{val['sens_t']:.3f}/{val['spec_t']:.3f} | "
+                 f"{tr['train_img_s_per_rank']:.1f} img/s/rank, data wait {100 * tr['data_wait']:.1f}%"
+                 + (" *best*" if is_best else ""))
+        last = record
+
+    digests: list = [None] * info.world_size
+    dist.all_gather_object(digests, _params_digest(engine.module))
+    summary = {"fold": fold, "epochs": cfg.train.epochs, "global_steps": int(engine.global_steps),
+               "world_size": info.world_size, "best": state["best"],
+               "last": {k: v for k, v in last.items()}, "ranks_identical": len(set(digests)) == 1}
+    if rank0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not summary["ranks_identical"]:
+        raise RuntimeError(f"parameters differ between ranks after training: {digests}")
+    return summary
