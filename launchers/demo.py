@@ -1,4 +1,6 @@
-"""The whole job on the embedded default: synthetic ISIC data → shards → verify.
+"""The whole job on the embedded default: synthetic ISIC data → shards → verify → a 2-rank DeepSpeed
+training of ``launchers/configs/demo-cpu.yaml`` on fold 0 (CPU ranks over gloo, or the GPUs where
+present) → evaluation → the metrics table and a pooled ROC PNG.
 
     bash launchers/env.sh python launchers/demo.py [--out runs/demo]
 
@@ -7,10 +9,13 @@ Steps whose output already exists are reused, so a second run is quick.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from shards.cli import main as shards_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=192, help="synthetic image side (px)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--train-folds", default="0", help="folds to cross-validate (cv.py --folds)")
+    p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (GPUs, or CPU processes)")
     a = p.parse_args(argv)
     out = Path(a.out)
     data, shards = out / "data", out / "shards"
@@ -35,7 +42,19 @@ def main(argv: list[str] | None = None) -> int:
                         "--workers", str(a.workers), "--resume"]):
             return 1
     print(f"== 3. verify {shards}")
-    return shards_main(["verify", str(shards)])
+    if shards_main(["verify", str(shards), "--quiet"]):
+        return 1
+    print(f"== 4. DeepSpeed training, {a.ranks} ranks, fold(s) {a.train_folds} → {out / 'cv'}", flush=True)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.path.insert(0, str(ROOT / "launchers"))
+    from cv import main as cv_main
+
+    return cv_main(["--config", str(ROOT / "launchers" / "configs" / "demo-cpu.yaml"), "--shards", str(shards),
+                    "--folds", a.train_folds, "--out", str(out / "cv"), "--num-gpus", str(a.ranks)])
 
 
 if __name__ == "__main__":

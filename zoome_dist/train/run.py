@@ -3,7 +3,8 @@
 Writes into ``out``: ``config.yaml`` and ``deepspeed.json`` (resolved), ``metrics.jsonl`` (one line per
 epoch), ``tensorboard/``, ``checkpoints/`` (DeepSpeed, every epoch and every
 ``train.checkpoint_every_steps`` optimizer steps), and for the best epoch by AUC ``predictions.csv``
-(out-of-fold), ``model_best.pt`` and ``best.json``; ``summary.json`` at the end.
+(out-of-fold), ``model_best.pt`` and ``best.json``; ``predictions_last.csv`` for the latest epoch;
+``summary.json`` at the end.
 """
 from __future__ import annotations
 
@@ -71,13 +72,18 @@ def _save(engine, ckpt_dir: Path, state: dict, keep: int) -> str:
     return tag
 
 
+def _write_predictions(path: Path, folds: pd.DataFrame, sids: np.ndarray, probs: np.ndarray) -> None:
+    """``image_name, patient_id, target, prob``: one row per validation image."""
+    rows = folds.set_index("sample_id").loc[sids]
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame({"image_name": rows["image_name"].to_numpy(), "patient_id": rows["patient_id"].to_numpy(),
+                  "target": rows["target"].to_numpy(), "prob": probs}).to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
 def _write_best(out: Path, cfg: Config, engine, manifest: dict, folds: pd.DataFrame, best: dict,
                 sids: np.ndarray, probs: np.ndarray) -> None:
-    rows = folds.set_index("sample_id").loc[sids]
-    pd.DataFrame({"image_name": rows["image_name"].to_numpy(), "patient_id": rows["patient_id"].to_numpy(),
-                  "target": rows["target"].to_numpy(), "prob": probs}).to_csv(out / "predictions.csv.tmp",
-                                                                               index=False)
-    (out / "predictions.csv.tmp").replace(out / "predictions.csv")
+    _write_predictions(out / "predictions.csv", folds, sids, probs)
     torch.save({"config": cfg.to_dict(), "metadata_encoding": manifest["metadata_encoding"],
                 "state_dict": {k: v.detach().cpu() for k, v in engine.module.state_dict().items()},
                 "epoch": best["epoch"], "metrics": best["metrics"]}, out / "model_best.pt.tmp")
@@ -198,6 +204,7 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
             if engine.monitor.enabled:
                 engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
                                              for k, v in val.items() if isinstance(v, float)])
+            _write_predictions(out / "predictions_last.csv", folds_table, sids, probs)
             if is_best:
                 _write_best(out, cfg, engine, manifest, folds_table, state["best"], sids, probs)
             log0(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
