@@ -29,3 +29,12 @@ def shards_dir(synth_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "shards"
     build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def deepspeed_shm_op() -> None:
+    """Build DeepSpeed's CPU shm-comm op once (a hidden 20–45 s JIT compile, STACK.md), cached in
+    $TORCH_EXTENSIONS_DIR, so the training tests' ranks do not all compile it at start-up."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()

@@ -38,8 +38,13 @@ def resolve_device(device: str) -> str:
 def make_loader(shards: str | Path, folds: list[int], *, train: bool, batch_size: int,
                 image_size: int = 224, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                 device: str = "auto", loader: str = LOADERS[0], aug: Augment = Augment(), seed: int = 0,
-                num_threads: int = 2) -> tuple[Iterable, int]:
-    """Batches of ``(image, meta, label, sample_id)`` for this rank; returns ``(iterator, steps)``."""
+                num_threads: int = 2, epoch: int = 0) -> tuple[Iterable, int]:
+    """Batches of ``(image, meta, label, sample_id)`` for this rank; returns ``(iterator, steps)``.
+
+    Training order and augmentation are a function of ``(seed, epoch, rank)``: build one training
+    loader per epoch (the shard order is reshuffled per epoch, the same way on every rank), so a run
+    resumed mid-epoch sees exactly the batches the interrupted one would have.
+    """
     if loader not in LOADERS:
         raise ValueError(f"Invalid loader {loader!r}. Only {list(LOADERS)} are available here.")
     if batch_size < 1:
@@ -48,10 +53,12 @@ def make_loader(shards: str | Path, folds: list[int], *, train: bool, batch_size
         raise ValueError(f"rank {rank} outside world size {world_size}")
     aug.validate()
     sel = select_folds(shards, folds)
+    if train:
+        sel = sel.shuffled(seed, epoch)
     dev = resolve_device(device)
     kwargs = dict(train=train, batch_size=batch_size, image_size=image_size, rank=rank,
                   world_size=world_size, device=dev, device_id=local_rank, aug=aug, seed=seed,
-                  num_threads=num_threads)
+                  num_threads=num_threads, epoch=epoch)
     if train and sel.samples // world_size < batch_size:
         raise ValueError(f"folds {folds} hold {sel.samples} samples: fewer than one batch of {batch_size} "
                          f"per rank over {world_size} rank(s)")

@@ -4,7 +4,9 @@ Processing functions are kept apart from the ``@pipeline_def``; ``dali_loader`` 
 ``(iterator, steps_per_epoch)`` where the iterator yields ``(image, meta, label, sample_id)``.
 Sharding: DALI splits the global sample index into contiguous per-rank ranges; with
 ``pad_last_batch`` and a PARTIAL last batch each eval sample is seen exactly once over all ranks,
-and with DROP every rank runs the same number of training steps.
+and with DROP every rank runs the same number of training steps. A training loader covers one
+epoch: its shard order and seeds derive from ``(seed, epoch)`` only, so a resumed run replays the
+same batches (the caller builds one loader per epoch).
 """
 from __future__ import annotations
 
@@ -50,15 +52,12 @@ def eval_images(jpegs, image_size: int, device: str):
 
 @pipeline_def
 def shard_pipeline(tars: list[str], indexes: list[str], shard_id: int, num_shards: int, train: bool,
-                   image_size: int, aug: Augment, device: str, shuffle_seed: int):
-    # Training: shard order reshuffled every epoch (same seed on all ranks) + a shuffle buffer.
-    shuffle = dict(random_shuffle=True, initial_fill=256, shuffle_after_epoch=True,
-                   shuffle_after_epoch_seed=shuffle_seed) if train else {}
+                   image_size: int, aug: Augment, device: str):
     jpegs, meta, label, sid = fn.readers.webdataset(
         paths=tars, index_paths=indexes, ext=["jpg", "meta", "label", "sid"],
         dtypes=[types.UINT8, types.FLOAT, types.INT32, types.INT64],
         missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=True, name="Reader", **shuffle)
+        pad_last_batch=True, name="Reader", random_shuffle=train, initial_fill=256)
     images = train_images(jpegs, image_size, aug, device) if train else eval_images(jpegs, image_size, device)
     if device == "gpu":
         meta, label, sid = meta.gpu(), label.gpu(), sid.gpu()
@@ -82,11 +81,12 @@ class DaliLoader:
 
 def dali_loader(sel: Selection, *, train: bool, batch_size: int, image_size: int, rank: int,
                 world_size: int, device: str, device_id: int | None, aug: Augment, seed: int,
-                num_threads: int) -> tuple[DaliLoader, int]:
+                num_threads: int, epoch: int = 0) -> tuple[DaliLoader, int]:
     pipe = shard_pipeline(tars=sel.tars, indexes=sel.indexes, shard_id=rank, num_shards=world_size,
-                          train=train, image_size=image_size, aug=aug, device=device, shuffle_seed=seed,
+                          train=train, image_size=image_size, aug=aug, device=device,
                           batch_size=batch_size, num_threads=num_threads,
-                          device_id=device_id if device == "gpu" else None, seed=seed + 7919 * rank)
+                          device_id=device_id if device == "gpu" else None,
+                          seed=(seed * 1_000_003 + epoch * 7919 + rank) % 2**31)
     pipe.build()
     it = DALIGenericIterator(pipe, OUTPUTS, reader_name="Reader", auto_reset=True,
                              last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)

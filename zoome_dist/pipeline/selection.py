@@ -1,8 +1,10 @@
 """Which shard files make up a split (a list of folds), checked against the manifest."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from zoome_dist.data.manifest import load_manifest
 from zoome_dist.data.metadata import MetadataEncoding
@@ -15,6 +17,11 @@ class Selection:
     samples: int
     folds: list[int]
     encoding: MetadataEncoding
+
+    def shuffled(self, seed: int, epoch: int) -> "Selection":
+        """The same shards in an order drawn from ``(seed, epoch)``: identical on every rank."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.tars))
+        return replace(self, tars=[self.tars[i] for i in order], indexes=[self.indexes[i] for i in order])
 
 
 def select_folds(shards: str | Path, folds: list[int]) -> Selection:

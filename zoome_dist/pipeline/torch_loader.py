@@ -92,8 +92,8 @@ class ShardDataset(Dataset):
 class TorchLoader:
     """Yields ``(image, meta, label, sample_id)``; reshuffles every epoch (``DistributedSampler``)."""
 
-    def __init__(self, loader: DataLoader, device: torch.device) -> None:
-        self.loader, self.device, self.epoch = loader, device, 0
+    def __init__(self, loader: DataLoader, device: torch.device, epoch: int = 0) -> None:
+        self.loader, self.device, self.epoch = loader, device, epoch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -108,7 +108,7 @@ class TorchLoader:
 
 def torch_loader(sel: Selection, *, train: bool, batch_size: int, image_size: int, rank: int,
                  world_size: int, device: str, device_id: int | None, aug: Augment, seed: int,
-                 num_threads: int) -> tuple[TorchLoader, int]:
+                 num_threads: int, epoch: int = 0) -> tuple[TorchLoader, int]:
     ds = ShardDataset(sel, make_transform(train, image_size, aug))
     if train:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
@@ -122,5 +122,5 @@ def torch_loader(sel: Selection, *, train: bool, batch_size: int, image_size: in
         loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_threads,
                             persistent_workers=num_threads > 0, pin_memory=device == "gpu")
     target = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
-    wrapped = TorchLoader(loader, target)
+    wrapped = TorchLoader(loader, target, epoch)
     return wrapped, len(wrapped)

@@ -124,9 +124,13 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     common = dict(image_size=cfg.data.image_size, rank=info.rank, world_size=info.world_size,
                   local_rank=info.local_rank, device=cfg.data.device, loader=loader,
                   num_threads=cfg.data.num_threads)
-    train_it, micro_steps = make_loader(
-        shards, train_folds, train=True, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-        aug=Augment(tuple(cfg.data.zoom), cfg.data.rotate, cfg.data.flip), **common)
+    aug = Augment(tuple(cfg.data.zoom), cfg.data.rotate, cfg.data.flip)
+
+    def train_loader(epoch: int):  # one per epoch: its batches depend on (seed, epoch, rank) only
+        return make_loader(shards, train_folds, train=True, batch_size=cfg.train.micro_batch_size,
+                           seed=cfg.train.seed, aug=aug, epoch=epoch, **common)
+
+    train_it, micro_steps = train_loader(0)
     val_it, _ = make_loader(shards, [fold], train=False,
                             batch_size=cfg.train.eval_batch_size or cfg.train.micro_batch_size, **common)
     steps_per_epoch = micro_steps // gas
@@ -174,6 +178,9 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     last: dict[str, Any] = {}
     for epoch in range(state["epoch"], cfg.train.epochs):
         skip = state["micro_step"] if epoch == state["epoch"] else 0
+        if epoch > 0:
+            del train_it
+            train_it, _ = train_loader(epoch)
 
         def on_step(micro: int, epoch: int = epoch) -> None:
             if every and micro % gas == 0 and micro < steps and engine.global_steps % every == 0:

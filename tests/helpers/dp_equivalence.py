@@ -1,0 +1,39 @@
+"""Run 3 SGD steps of a BatchNorm-free model on one fixed global batch, split over the ranks.
+
+Launched by tests/test_train.py with 1 rank (global batch on one rank) and with 2 ranks (half each);
+rank 0 saves the final parameters to the last argument (the launcher prepends --local_rank). Uses the project's engine setup (config → DeepSpeed dict,
+optimizer, model registry), so it checks our data-parallel path, not a toy.
+"""
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from zoome_dist.config import load_config
+from zoome_dist.losses import make_loss
+from zoome_dist.train.engine import build_model, build_optimizer, deepspeed_config, setup_distributed
+
+GLOBAL = 8
+info = setup_distributed()
+cfg = load_config(overrides={"model.name": "alexnet_meta", "model.dropout": 0.0, "optim.name": "sgd",
+                             "optim.lr": 0.05, "optim.clip_grad": 0.0, "train.precision": "fp32",
+                             "train.global_batch_size": GLOBAL,
+                             "train.micro_batch_size": GLOBAL // info.world_size})
+torch.manual_seed(0)
+model = build_model(cfg)
+engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model),
+                                  config=deepspeed_config(cfg, info.world_size))
+gen = torch.Generator().manual_seed(1)
+loss_fn = make_loss("focal")
+for _ in range(3):
+    image, meta = torch.randn(GLOBAL, 3, 64, 64, generator=gen), torch.rand(GLOBAL, 12, generator=gen)
+    label = (torch.rand(GLOBAL, generator=gen) > 0.5).long()
+    part = slice(info.rank * GLOBAL // info.world_size, (info.rank + 1) * GLOBAL // info.world_size)
+    loss = loss_fn(engine(image[part], meta[part]), label[part])
+    engine.backward(loss)
+    engine.step()
+if info.rank == 0:
+    torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()}, sys.argv[-1])
+dist.barrier()
+dist.destroy_process_group()
