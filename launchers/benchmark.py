@@ -3,6 +3,7 @@
     python launchers/benchmark.py shards   [--json]   # shard build 1 vs 2 workers vs decode ceiling
     python launchers/benchmark.py model    [--json]   # zoome vs plain resnext50, fp32 and bf16
     python launchers/benchmark.py pipeline [--shards DIR] [--json]  # DALI-CPU vs torch vs decode-only
+    python launchers/benchmark.py train    [--json]   # training img/s per rank + data wait, fp32 vs bf16
 
 Record the figures, with the machine line this prints, in BENCHMARKS.md.
 """
@@ -48,13 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--image-size", type=int, default=224)
     d.add_argument("--threads", type=int, default=2, help="DALI threads = torch DataLoader workers")
     d.add_argument("--rounds", type=int, default=2)
-    for q in (s, m, d):
+    t = sub.add_parser("train", help="training img/s per rank and data-wait fraction per precision")
+    t.add_argument("--model", default="zoome")
+    t.add_argument("--image-size", type=int, default=224)
+    t.add_argument("--n", type=int, default=192, help="synthetic images (half train, half validation)")
+    t.add_argument("--micro-batch", type=int, default=8)
+    t.add_argument("--precisions", default="fp32,bf16")
+    t.add_argument("--threads", type=int, default=2, help="DALI threads")
+    for q in (s, m, d, t):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if a.what == "shards":
         from zoome_dist.bench.shards import bench_shards
 
         r = bench_shards(a.n, tuple(int(x) for x in a.sizes.split(",")), a.max_side, a.workers)
+    elif a.what == "train":
+        from zoome_dist.bench.train import bench_train
+
+        r = bench_train(a.model, a.image_size, a.n, micro_batch=a.micro_batch,
+                        precisions=tuple(a.precisions.split(",")), threads=a.threads)
     elif a.what == "pipeline":
         from zoome_dist.bench.pipeline import bench_pipeline
 
