@@ -1,0 +1,1 @@
+"""ISIC reading, metadata encoding, folds, synthetic data and WebDataset shards."""

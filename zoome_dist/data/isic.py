@@ -1,0 +1,190 @@
+"""ISIC 2020 / 2019 CSVs → one canonical table.
+
+Canonical columns: ``image_name, patient_id, sex, age_approx, anatom_site, site, target,
+diagnosis, source`` (``site`` is the raw site mapped onto the ISIC 2020 vocabulary). Rows that cannot
+be used are returned as ``Skipped`` records with a reason, never dropped silently.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from zoome_dist.data.metadata import MetadataEncoding
+
+ISIC2020_REQUIRED = ("image_name", "patient_id", "sex", "age_approx",
+                     "anatom_site_general_challenge", "target")
+ISIC2019_GT_REQUIRED = ("image", "MEL")
+ISIC2019_META_REQUIRED = ("image", "age_approx", "anatom_site_general", "sex")
+ISIC2019_META_NAME = "ISIC_2019_Training_Metadata.csv"
+CANONICAL_COLUMNS = ["image_name", "patient_id", "sex", "age_approx", "anatom_site", "site",
+                     "target", "diagnosis", "source"]
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class Skipped:
+    """A row or sample left out of the shards, and why."""
+
+    image_name: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"image_name": self.image_name, "reason": self.reason}
+
+
+@dataclass
+class ReadResult:
+    table: pd.DataFrame
+    skipped: list[Skipped] = field(default_factory=list)
+    unknown_sites: Counter = field(default_factory=Counter)
+    source: str = ""
+
+
+def _read_csv(path: Path, required: tuple[str, ...], bad_lines: list[list[str]]) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file not found: {path}")
+
+    def on_bad(fields: list[str]) -> None:
+        bad_lines.append(fields)
+        return None
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines=on_bad, engine="python")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing required column(s) {missing}; found {list(df.columns)}")
+    return df
+
+
+def check_image_name(name: str) -> str | None:
+    """Reason why ``name`` cannot be an image key (path escapes, WebDataset separators), or None."""
+    if not name:
+        return "empty image name"
+    if "/" in name or "\\" in name or ".." in name:
+        return f"unsafe image name {name!r} (could escape the images folder)"
+    if not _SAFE_NAME.match(name):
+        return (f"image name {name!r} has characters other than letters, digits, '_' and '-' "
+                "('.' would split the WebDataset key)")
+    return None
+
+
+def _parse_age(raw: str) -> float | None:
+    raw = raw.strip()
+    if raw == "":
+        return math.nan
+    try:
+        age = float(raw)
+    except ValueError:
+        return None
+    if not (0 <= age <= 120):
+        return None
+    return age
+
+
+def _finish(rows: list[dict], skipped: list[Skipped], path: Path, enc: MetadataEncoding,
+            source: str) -> ReadResult:
+    unknown = Counter()
+    for r in rows:
+        site, ok = enc.canonical_site(r["anatom_site"])
+        if not ok:
+            unknown[str(r["anatom_site"])] += 1
+        r["site"] = site
+    table = pd.DataFrame(rows, columns=CANONICAL_COLUMNS)
+    dup = table["image_name"][table["image_name"].duplicated()].unique().tolist()
+    if dup:
+        shown = ", ".join(dup[:10]) + (" ..." if len(dup) > 10 else "")
+        raise ValueError(f"{path}: {len(dup)} duplicate image name(s): {shown}")
+    table = table.sort_values("image_name", kind="stable").reset_index(drop=True)
+    return ReadResult(table=table, skipped=skipped, unknown_sites=unknown, source=source)
+
+
+def _row(name: str, patient: str, sex: str, age_raw: str, site: str, target: int, diagnosis: str,
+         source: str, skipped: list[Skipped]) -> dict | None:
+    name = re.sub(r"\.jpe?g$", "", name.strip(), flags=re.IGNORECASE)
+    why = check_image_name(name)
+    if why:
+        skipped.append(Skipped(name, why))
+        return None
+    age = _parse_age(age_raw)
+    if age is None:
+        skipped.append(Skipped(name, f"malformed age_approx {age_raw!r}"))
+        return None
+    return {"image_name": name, "patient_id": patient.strip() or name, "sex": sex.strip(),
+            "age_approx": age, "anatom_site": site.strip(), "target": target,
+            "diagnosis": diagnosis.strip(), "source": source}
+
+
+def _bad_line_records(bad: list[list[str]], path: Path) -> list[Skipped]:
+    return [Skipped(f[0] if f else "", f"malformed CSV row in {path.name}: {len(f)} fields "
+                    f"{','.join(f)[:120]!r}") for f in bad]
+
+
+def read_isic2020(path: str | Path, enc: MetadataEncoding | None = None) -> ReadResult:
+    """Kaggle SIIM-ISIC 2020 ``train.csv``."""
+    path, enc = Path(path), enc or MetadataEncoding()
+    bad: list[list[str]] = []
+    df = _read_csv(path, ISIC2020_REQUIRED, bad)
+    skipped = _bad_line_records(bad, path)
+    rows = []
+    has_diag = "diagnosis" in df.columns
+    for rec in df.to_dict("records"):
+        tgt = rec["target"].strip()
+        if tgt not in ("0", "1"):
+            skipped.append(Skipped(rec["image_name"].strip(), f"invalid target {tgt!r} (expected 0 or 1)"))
+            continue
+        row = _row(rec["image_name"], rec["patient_id"], rec["sex"], rec["age_approx"],
+                   rec["anatom_site_general_challenge"], int(tgt),
+                   rec["diagnosis"] if has_diag else "", "isic2020", skipped)
+        if row:
+            rows.append(row)
+    return _finish(rows, skipped, path, enc, "isic2020")
+
+
+def read_isic2019(gt_path: str | Path, meta_path: str | Path | None = None,
+                  enc: MetadataEncoding | None = None) -> ReadResult:
+    """ISIC 2019 ground truth (one-hot, MEL → target 1) + metadata; lesion_id stands in for patient."""
+    gt_path, enc = Path(gt_path), enc or MetadataEncoding()
+    meta_path = Path(meta_path) if meta_path else gt_path.parent / ISIC2019_META_NAME
+    bad: list[list[str]] = []
+    gt = _read_csv(gt_path, ISIC2019_GT_REQUIRED, bad)
+    skipped = _bad_line_records(bad, gt_path)
+    bad = []
+    meta = _read_csv(meta_path, ISIC2019_META_REQUIRED, bad)
+    skipped += _bad_line_records(bad, meta_path)
+    meta_by_image = {r["image"].strip(): r for r in meta.to_dict("records")}
+    classes = [c for c in gt.columns if c != "image"]
+    rows = []
+    for rec in gt.to_dict("records"):
+        name = rec["image"].strip()
+        try:
+            onehot = {c: float(rec[c]) for c in classes}
+        except ValueError:
+            skipped.append(Skipped(name, "malformed ground-truth values"))
+            continue
+        diagnosis = max(onehot, key=onehot.get)
+        m = meta_by_image.get(name, {})
+        row = _row(name, m.get("lesion_id", ""), m.get("sex", ""), m.get("age_approx", ""),
+                   m.get("anatom_site_general", ""), int(onehot["MEL"] >= 0.5), diagnosis,
+                   "isic2019", skipped)
+        if row:
+            rows.append(row)
+    return _finish(rows, skipped, gt_path, enc, "isic2019")
+
+
+def read_isic(csv: str | Path, metadata_csv: str | Path | None = None,
+              enc: MetadataEncoding | None = None) -> ReadResult:
+    """Detect the layout from the header and read it."""
+    csv = Path(csv)
+    if not csv.is_file():
+        raise FileNotFoundError(f"CSV file not found: {csv}")
+    header = pd.read_csv(csv, nrows=0).columns
+    if "image_name" in header:
+        return read_isic2020(csv, enc)
+    if "image" in header and "MEL" in header:
+        return read_isic2019(csv, metadata_csv, enc)
+    raise ValueError(f"{csv}: not an ISIC 2020 train.csv (needs {list(ISIC2020_REQUIRED)}) nor an "
+                     f"ISIC 2019 ground truth (needs {list(ISIC2019_GT_REQUIRED)}); found {list(header)}")

@@ -1,0 +1,107 @@
+"""Read a shard manifest and verify the shards against it."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+from wds2idx import IndexCreator
+
+from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.writer import FIELDS, FORMAT_VERSION, sha256_file
+
+
+def load_manifest(shards: str | Path) -> dict:
+    """``shards/manifest.json``, with a clear error when the folder is not a shard build."""
+    path = Path(shards) / "manifest.json"
+    if not Path(shards).is_dir():
+        raise FileNotFoundError(f"shard folder not found: {shards}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{shards} has no manifest.json: not a finished zoome-shards build "
+                                "(run `zoome-shards build`, or `--resume` an interrupted one)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "zoome-shards" or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')!r}; "
+                         f"this zoome_dist reads zoome-shards v{FORMAT_VERSION}")
+    return manifest
+
+
+def _check_tar(tar_path: Path, expected: int, meta_dim: int) -> list[str]:
+    problems = []
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    try:
+        with tarfile.open(tar_path) as tf:
+            for m in tf:
+                key, _, ext = m.name.partition(".")
+                samples[key][ext] = tf.extractfile(m).read() if ext in ("jpg", "meta", "label") else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return [f"{tar_path}: unreadable tar ({e})"]
+    if len(samples) != expected:
+        problems.append(f"{tar_path}: {len(samples)} samples, manifest says {expected}")
+    for key, fields in samples.items():
+        missing = sorted(set(FIELDS) - set(fields))
+        if missing:
+            problems.append(f"{tar_path}: sample {key} lacks field(s) {missing}")
+            return problems
+        if len(fields["meta"]) != 4 * meta_dim or len(fields["label"]) != 4:
+            problems.append(f"{tar_path}: sample {key} has a meta/label field of the wrong size")
+            return problems
+    if samples:
+        key, fields = next(iter(samples.items()))
+        try:
+            Image.open(io.BytesIO(fields["jpg"])).convert("RGB").load()
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a finding, not a crash
+            problems.append(f"{tar_path}: sample {key} does not decode ({e})")
+        if int(np.frombuffer(fields["label"], "<i4")[0]) not in (0, 1):
+            problems.append(f"{tar_path}: sample {key} has a label outside {{0, 1}}")
+    return problems
+
+
+def _check_index(tar_path: Path, idx_path: Path) -> list[str]:
+    if not idx_path.is_file():
+        return [f"{idx_path}: index file missing (rebuild with wds2idx)"]
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "fresh.idx"
+        try:
+            with IndexCreator(str(tar_path), str(fresh), verbose=False) as ic:
+                ic.create_index()
+        except ValueError as e:
+            return [f"{tar_path}: cannot index ({e})"]
+        if fresh.read_bytes() != idx_path.read_bytes():
+            return [f"{idx_path}: does not match its tar (stale or altered index)"]
+    return []
+
+
+def verify(shards: str | Path, progress: bool = True) -> list[str]:
+    """Re-hash every shard, count samples, check the index files, decode a sample per shard.
+
+    Returns the problems found, each naming its file; an empty list means the build is intact.
+    """
+    shards = Path(shards)
+    manifest = load_manifest(shards)
+    meta_dim = MetadataEncoding.from_dict(manifest["metadata_encoding"]).dim
+    entries = [(f, s) for f in manifest["folds"] for s in f["shards"]]
+    problems: list[str] = []
+    for fold, s in tqdm(entries, desc="verify", unit="shard", disable=not progress):
+        tar_path = shards / s["path"]
+        if not tar_path.is_file():
+            problems.append(f"{tar_path}: missing")
+            continue
+        size = tar_path.stat().st_size
+        if size != s["bytes"]:
+            problems.append(f"{tar_path}: {size} bytes, manifest says {s['bytes']} (truncated or altered)")
+        elif sha256_file(tar_path) != s["sha256"]:
+            problems.append(f"{tar_path}: sha256 differs from the manifest (altered)")
+        problems += _check_tar(tar_path, s["samples"], meta_dim)
+        problems += _check_index(tar_path, shards / s["index"])
+    for fold in manifest["folds"]:
+        counted = sum(s["samples"] for s in fold["shards"])
+        if counted != fold["samples"]:
+            problems.append(f"fold {fold['fold']}: shards hold {counted} samples, manifest says {fold['samples']}")
+    return problems
