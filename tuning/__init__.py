@@ -1,0 +1,1 @@
+"""Ray Tune entry points (``tuning/tune.py``, ``tuning/cluster.yaml``)."""

@@ -1,0 +1,216 @@
+"""Ray Tune search over the training config, cross-validated inside each trial.
+
+Design (see README "Tuning"):
+- **Folds inside a trial**: one sampled configuration trains every chosen fold in turn, and reports
+  after every epoch the running mean validation AUC (finished folds' final AUC and the current fold's
+  latest). Every fold of a configuration therefore uses the same hyperparameters (a ``grid_search``
+  over the fold would redraw them), and ASHA can stop a poor configuration after its first fold.
+- **A process group per trial**: the trial spawns its ``workers`` ranks as plain
+  ``launchers/train.py`` processes (RANK/WORLD_SIZE env, gloo or NCCL), the exact path a user runs,
+  instead of a Ray Train ``TorchTrainer``; the ranks get a parent-death signal so they die with the
+  trial when ASHA stops it or it fails, and nothing (placement groups, actors) outlives a trial.
+- **Checkpoints**: every epoch the ranks write DeepSpeed checkpoints into the trial's run folder
+  (``OUT/trials/<trial_id>/fold-XX``, on storage all nodes share); the Tune checkpoint holds the
+  small trial state (finished folds and their AUC), so a restarted trial skips finished folds and
+  resumes the current one with ``--resume``.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from zoome_dist.config import Config, apply_overrides, check_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "launchers" / "train.py"
+
+
+def search_space(pool_sizes: tuple[int, ...] = (1, 2, 4, 8), base_model: str = "zoome",
+                 batch_sizes: tuple[int, ...] = (32, 64, 128)) -> dict[str, Any]:
+    """The search space, defined once; its keys are config keys (checked against the config tree)."""
+    from ray import tune
+
+    if base_model not in ("zoome", "zoome_no_meta"):
+        raise ValueError(f"the search toggles metadata on the zoome family; model.name {base_model!r} "
+                         "is not zoome or zoome_no_meta")
+    space = {
+        "optim.lr": tune.loguniform(1e-5, 1e-3),
+        "optim.weight_decay": tune.choice([0.0, 1e-5, 1e-4, 1e-3]),
+        "loss.alpha": tune.uniform(0.1, 0.9),
+        "loss.gamma": tune.uniform(0.0, 3.0),
+        "train.global_batch_size": tune.choice(list(batch_sizes)),
+        "model.pool_size": tune.choice(list(pool_sizes)),
+        "model.name": tune.choice(["zoome", "zoome_no_meta"]),  # metadata embedding on/off
+    }
+    check_keys(list(space))
+    return space
+
+
+def trial_config(base: dict, overrides: dict[str, Any]) -> Config:
+    """Base config (nested dict) + a trial's flat overrides, type-checked."""
+    from zoome_dist.config import flatten
+
+    cfg = apply_overrides(Config(), flatten(base))
+    return apply_overrides(cfg, overrides)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the process that started it dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: int, gpus: int,
+               threads: int) -> Iterator[dict]:
+    """Run one fold as ``workers`` ranks; yield each new ``metrics.jsonl`` record as it appears."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, str(LAUNCHER), "--config", str(cfg_path), "--shards", shards, "--fold", str(fold),
+            "--out", str(fold_dir), "--no-progress"]
+    if (fold_dir / "checkpoints" / "latest").is_file():
+        args.append("--resume")
+    port = _free_port()
+    procs = []
+    for rank in range(workers):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(workers),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads),
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        if gpus == 0:
+            env["DS_ACCELERATOR"] = "cpu"
+        log = open(fold_dir / f"rank{rank}.log", "a")
+        procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      preexec_fn=_die_with_parent))
+        log.close()
+    metrics, seen = fold_dir / "metrics.jsonl", 0
+    try:
+        while True:
+            lines = metrics.read_text().splitlines() if metrics.is_file() else []
+            for line in lines[seen:]:
+                yield json.loads(line)
+            seen = len(lines)
+            codes = [p.poll() for p in procs]
+            if any(c not in (None, 0) for c in codes):
+                bad = next(i for i, c in enumerate(codes) if c not in (None, 0))
+                raise RuntimeError(f"fold {fold}: rank {bad} exited with {codes[bad]}; see {fold_dir}/rank{bad}.log")
+            if all(c == 0 for c in codes):
+                lines = metrics.read_text().splitlines() if metrics.is_file() else []
+                for line in lines[seen:]:
+                    yield json.loads(line)
+                return
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_root: str, workers: int,
+              gpus: int, threads: int) -> None:
+    """The Tune function: every fold with one configuration, a report (and checkpoint) per epoch."""
+    import ray
+    from ray import tune
+
+    state = {"done": {}, "reported": {}}
+    ckpt = tune.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / "state.json").read_text())
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(run_root) / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    cfg = trial_config(base, config)
+    cfg_path = trial_dir / "config.yaml"
+    cfg.dump(cfg_path)
+    node = ray.get_runtime_context().get_node_id()
+    for fold in folds:
+        if str(fold) in state["done"]:
+            continue
+        for rec in train_fold(cfg_path, shards, fold, trial_dir / f"fold-{fold:02d}", workers, gpus, threads):
+            if rec["epoch"] <= state["reported"].get(str(fold), -1):
+                continue  # reported before a restart
+            state["reported"][str(fold)] = rec["epoch"]
+            if rec["epoch"] == cfg.train.epochs - 1:
+                state["done"][str(fold)] = rec["val_auc"]
+            aucs = {**{k: v for k, v in state["done"].items()}, str(fold): rec["val_auc"]}
+            metrics = {"mean_auc": sum(aucs.values()) / len(aucs), "fold": fold, "epoch": rec["epoch"],
+                       "val_auc": rec["val_auc"], "folds_done": len(state["done"]), "node_id": node,
+                       "run_dir": str(trial_dir), **{f"auc_fold_{k}": v for k, v in aucs.items()}}
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "state.json").write_text(json.dumps(state))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
+    """``trials.csv``, ``trials.md``, ``best.yaml`` (a full train.py config) and ``auc_vs_pool_size.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"trial_id": m.get("trial_id", r.path.rsplit("/", 1)[-1] if r.path else ""),
+               **{k: v for k, v in (r.config or {}).items()},
+               **{f"auc_fold_{k}": m.get(f"auc_fold_{k}") for k in folds},
+               "folds_done": m.get("folds_done", 0), "mean_auc": m.get("mean_auc"),
+               "complete": m.get("folds_done", 0) == len(folds), "node_id": m.get("node_id"),
+               "error": str(r.error).splitlines()[0][:200] if r.error else ""}
+        rows.append(row)
+    df = pd.DataFrame(rows).sort_values("mean_auc", ascending=False, na_position="last")
+    df.to_csv(out / "trials.csv", index=False)
+    shown = df.drop(columns=["node_id"]).copy()
+    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    for _, r in shown.iterrows():
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    (out / "trials.md").write_text("\n".join(lines) + "\n")
+    complete = df[df["complete"]]
+    if complete.empty:
+        raise RuntimeError(f"no trial finished all folds {folds}; see {out / 'trials.csv'}")
+    best = complete.iloc[0]
+    overrides = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items() if k in search_keys(df)}
+    cfg = trial_config(base, overrides)
+    cfg.dump(out / "best.yaml")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    done = complete.dropna(subset=["mean_auc"])
+    ax.scatter(done["model.pool_size"], done["mean_auc"], alpha=0.7, label="trial (all folds)")
+    means = done.groupby("model.pool_size")["mean_auc"].mean()
+    ax.plot(means.index, means.values, "k-o", label="mean per pool size")
+    ax.set(xscale="log", xticks=sorted(done["model.pool_size"].unique()), xlabel="Zoom-SE pool size P",
+           ylabel=f"mean val AUC ({len(folds)} folds)", title="AUC vs Zoom-SE pool size")
+    ax.set_xticklabels([str(int(p)) for p in sorted(done["model.pool_size"].unique())])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "auc_vs_pool_size.png")
+    plt.close(fig)
+    return {"best": overrides, "best_mean_auc": float(best["mean_auc"]), "trials": len(df),
+            "complete": int(len(complete))}
+
+
+def search_keys(df) -> list[str]:
+    return [c for c in df.columns if "." in c]
+
+
+def base_tree(cfg: Config) -> dict:
+    return yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
