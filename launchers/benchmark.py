@@ -4,6 +4,7 @@
     python launchers/benchmark.py model    [--json]   # zoome vs plain resnext50, fp32 and bf16
     python launchers/benchmark.py pipeline [--shards DIR] [--json]  # DALI-CPU vs torch vs decode-only
     python launchers/benchmark.py train    [--json]   # training img/s per rank + data wait, fp32 vs bf16
+    python launchers/benchmark.py predict  [--json]   # zoome predict img/s, TTA 1 vs 8
 
 Record the figures, with the machine line this prints, in BENCHMARKS.md.
 """
@@ -56,13 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--micro-batch", type=int, default=8)
     t.add_argument("--precisions", default="fp32,bf16")
     t.add_argument("--threads", type=int, default=2, help="DALI threads")
-    for q in (s, m, d, t):
+    pr = sub.add_parser("predict", help="zoome predict img/s with and without TTA")
+    pr.add_argument("--model", default="zoome")
+    pr.add_argument("--image-size", type=int, default=224)
+    pr.add_argument("--n", type=int, default=64)
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--ttas", default="1,2,8")
+    for q in (s, m, d, t, pr):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if a.what == "shards":
         from zoome_dist.bench.shards import bench_shards
 
         r = bench_shards(a.n, tuple(int(x) for x in a.sizes.split(",")), a.max_side, a.workers)
+    elif a.what == "predict":
+        from zoome_dist.bench.predict import bench_predict
+
+        r = bench_predict(a.model, a.image_size, a.n, batch_size=a.batch_size,
+                          ttas=tuple(int(x) for x in a.ttas.split(",")))
     elif a.what == "train":
         from zoome_dist.bench.train import bench_train
 

@@ -1,4 +1,9 @@
-"""``zoome score`` (and later ``predict``/``explain``): what a user runs after training."""
+"""``zoome predict | explain | score``: what a user runs after training.
+
+    zoome predict --checkpoint runs/cv/zoome --csv test.csv --images jpeg/test --out pred.csv --tta 8
+    zoome explain --checkpoint runs/cv/zoome/fold-00 --image lesion.jpg --meta age=55,sex=male,site=torso --out why.png
+    zoome score   --truth truth.csv --pred pred.csv
+"""
 from __future__ import annotations
 
 import argparse
@@ -41,15 +46,127 @@ def score(truth_csv: str, pred_csv: str) -> dict:
     return m
 
 
+def _predict(a: argparse.Namespace) -> int:
+    import torch
+
+    from zoome_dist.pipeline import resolve_device
+    from zoome_dist.predict import find_checkpoints, load_member, predict
+
+    dev = torch.device("cuda") if resolve_device(a.device) == "gpu" else torch.device("cpu")
+    members = [load_member(p, dev) for p in find_checkpoints(a.checkpoint)]
+    print(f"ensemble of {len(members)} checkpoint(s), TTA {a.tta} view(s)", file=sys.stderr)
+    pred, problems = predict(members, a.csv, a.images, tta=a.tta, batch_size=a.batch_size, device=a.device,
+                             loader=a.loader, threads=a.threads)
+    if a.format == "isic":
+        pred = pred.rename(columns={"image_name": "image", "prob": "MEL"})
+    else:
+        pred = pred.rename(columns={"prob": "target"})
+    out = Path(a.out)
+    pred.to_csv(out, index=False)
+    side = out.with_name(out.stem + ".errors.csv")
+    if problems:
+        pd.DataFrame(problems).to_csv(side, index=False)
+        for pr in problems:
+            print(f"not scored: {pr['image_name']}: {pr['reason']}", file=sys.stderr)
+        print(f"{len(problems)} image(s) could not be scored; listed in {side}", file=sys.stderr)
+    elif side.exists():
+        side.unlink()
+    print(f"wrote {len(pred)} prediction(s) to {out}", file=sys.stderr)
+    return 1 if problems and pred.empty else 0
+
+
+def _parse_meta(spec: str) -> dict:
+    out = {"age": None, "sex": None, "site": None}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in out:
+            raise ValueError(f"--meta key {key!r}; valid keys: {list(out)}")
+        out[key] = float(value) if key == "age" else value
+    return out
+
+
+def _explain(a: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    from zoome_dist.explain import explain, render
+    from zoome_dist.pipeline.augment import Augment
+    from zoome_dist.pipeline.torch_loader import make_transform
+    from zoome_dist.predict import find_checkpoints, load_member, read_test_csv
+
+    paths = find_checkpoints([a.checkpoint])
+    if len(paths) != 1:
+        raise ValueError(f"explain takes one checkpoint; {a.checkpoint} holds {len(paths)}")
+    member = load_member(paths[0], torch.device("cpu"))
+    threshold = torch.load(paths[0], map_location="cpu", weights_only=True)["metrics"].get("threshold", 0.5)
+    enc, size = member.encoding, member.cfg.data.image_size
+    if a.csv:
+        df, metas = read_test_csv(a.csv, enc)
+        jobs = [(n, Path(a.images) / f"{n}.jpg", m) for n, m in zip(df["image_name"], metas)][: a.limit]
+    else:
+        m = _parse_meta(a.meta)
+        vec = enc.encode(m["age"], m["sex"], m["site"])
+        jobs = [(Path(p).stem, Path(p), vec) for p in a.image]
+    if not jobs:
+        raise ValueError("nothing to explain: give --image PATH (repeatable) or --csv CSV --images DIR")
+    tf = make_transform(False, size, Augment())
+    items = []
+    for name, path, meta in jobs:
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        raw = decode_image(str(path), mode=ImageReadMode.RGB)
+        e = explain(member.model, tf(raw)[None], torch.from_numpy(np.asarray(meta))[None], enc, a.zoom_blocks,
+                    threshold)
+        rgb = torch.nn.functional.interpolate(raw[None].float(), size=(size, size), mode="bilinear",
+                                              antialias=True)[0].permute(1, 2, 0).clamp(0, 255).byte().numpy()
+        items.append((name, rgb, e))
+        delta = "" if e.meta_logit_delta is None else f", metadata logit {e.meta_logit_delta:+.3f}"
+        print(f"{name}: P(melanoma) {e.prob:.4f}{delta}", file=sys.stderr)
+    render(items, a.out)
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zoome", description=__doc__)
+    from zoome_dist.pipeline import DEVICES, LOADERS
+
+    p = argparse.ArgumentParser(prog="zoome", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("predict", help="score images with one or more checkpoints (ensemble), with TTA")
+    pr.add_argument("--checkpoint", action="append", required=True,
+                    help="model_best.pt, a run folder, or a folder of runs (all are averaged); repeatable")
+    pr.add_argument("--csv", required=True, help="ISIC test CSV: image_name, sex, age_approx, "
+                    "anatom_site_general_challenge (labels not needed)")
+    pr.add_argument("--images", required=True, help="folder with <image_name>.jpg")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--tta", type=int, default=1, help="views averaged: 1, 2 (flip) or 8 (flips × transpose)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--device", default="auto", choices=DEVICES)
+    pr.add_argument("--loader", default=LOADERS[0], choices=LOADERS, help="image decoding")
+    pr.add_argument("--threads", type=int, default=2)
+    pr.add_argument("--format", choices=["kaggle", "isic"], default="kaggle",
+                    help="kaggle: image_name,target (zoome score); isic: image,MEL (isic-challenge-scoring)")
+    ex = sub.add_parser("explain", help="Grad-CAM, Zoom-SE cells and metadata effect as a PNG report")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--image", action="append", default=[], help="image file; repeatable")
+    ex.add_argument("--meta", default="", help="for --image: age=55,sex=male,site=torso (missing = unknown)")
+    ex.add_argument("--csv", help="a batch: ISIC test CSV (with --images)")
+    ex.add_argument("--images", help="folder with <image_name>.jpg, for --csv")
+    ex.add_argument("--limit", type=int, default=8, help="at most this many CSV rows")
+    ex.add_argument("--zoom-blocks", type=int, default=2, help="last Zoom-SE blocks to show")
+    ex.add_argument("--out", required=True, help="PNG report")
     s = sub.add_parser("score", help="score predictions against ground truth")
     s.add_argument("--truth", required=True, help="CSV with image_name,target (or image,MEL)")
     s.add_argument("--pred", required=True, help="CSV with image_name,target probabilities (or image,MEL)")
     s.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     try:
+        if a.cmd == "predict":
+            return _predict(a)
+        if a.cmd == "explain":
+            return _explain(a)
         m = score(a.truth, a.pred)
     except (ValueError, FileNotFoundError) as e:
         print(f"zoome {a.cmd}: error: {e}", file=sys.stderr)

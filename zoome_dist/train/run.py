@@ -81,13 +81,22 @@ def _write_predictions(path: Path, folds: pd.DataFrame, sids: np.ndarray, probs:
     tmp.replace(path)
 
 
+def save_model(path: Path, cfg: Config, model: torch.nn.Module, metadata_encoding: dict, epoch: int,
+               metrics: dict) -> None:
+    """``model_best.pt``: weights, the config that builds them and the metadata encoding (what
+    ``zoome predict`` needs); plain tensors and dicts, loadable with ``weights_only=True``."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"config": cfg.to_dict(), "metadata_encoding": metadata_encoding,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "epoch": epoch, "metrics": metrics}, tmp)
+    tmp.replace(path)
+
+
 def _write_best(out: Path, cfg: Config, engine, manifest: dict, folds: pd.DataFrame, best: dict,
                 sids: np.ndarray, probs: np.ndarray) -> None:
     _write_predictions(out / "predictions.csv", folds, sids, probs)
-    torch.save({"config": cfg.to_dict(), "metadata_encoding": manifest["metadata_encoding"],
-                "state_dict": {k: v.detach().cpu() for k, v in engine.module.state_dict().items()},
-                "epoch": best["epoch"], "metrics": best["metrics"]}, out / "model_best.pt.tmp")
-    (out / "model_best.pt.tmp").replace(out / "model_best.pt")
+    save_model(out / "model_best.pt", cfg, engine.module, manifest["metadata_encoding"], best["epoch"],
+               best["metrics"])
     (out / "best.json").write_text(json.dumps(best, indent=1))
 
 

@@ -1,0 +1,135 @@
+"""``zoome predict`` / ``zoome explain`` on synthetic images with real checkpoints files."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from zoome_dist.cli import main as zoome_main
+from zoome_dist.config import load_config
+from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.synth import render, sample_features
+from zoome_dist.explain import explain
+from zoome_dist.predict import find_checkpoints, load_member, predict
+from zoome_dist.train.engine import build_model
+from zoome_dist.train.run import save_model
+
+ENC = MetadataEncoding()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A model_best.pt as training writes it (resnet18 ZooME, 48 px, fixed random weights)."""
+    torch.manual_seed(0)
+    cfg = load_config(overrides={"model.backbone": "resnet18", "model.pool_size": 2, "data.image_size": 48})
+    run = tmp_path_factory.mktemp("run")
+    save_model(run / "model_best.pt", cfg, build_model(cfg), ENC.to_dict(), 0, {"auc": 0.5, "threshold": 0.5})
+    return run
+
+
+def write_images(root: Path, n: int, size: int = 64) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        rng = np.random.default_rng([11, i])
+        Image.fromarray(render(rng, sample_features(rng, i % 2), size)).save(root / f"T_{i:03d}.jpg", quality=90)
+        rows.append({"image_name": f"T_{i:03d}", "patient_id": f"P{i}", "sex": ["male", "female", ""][i % 3],
+                     "age_approx": ["", "45", "70"][i % 3], "anatom_site_general_challenge": "torso"})
+    pd.DataFrame(rows).to_csv(root / "test.csv", index=False)
+    return root
+
+
+def test_one_row_per_input_in_order_and_bad_images(checkpoint, tmp_path, capsys):
+    root = write_images(tmp_path / "imgs", 10)
+    csv = pd.read_csv(root / "test.csv", dtype=str, keep_default_na=False).iloc[::-1]  # reversed order
+    csv.to_csv(root / "test.csv", index=False)
+    (root / "T_003.jpg").unlink()
+    (root / "T_005.jpg").write_bytes((root / "T_004.jpg").read_bytes()[:300])  # truncated
+    out = tmp_path / "pred.csv"
+    rc = zoome_main(["predict", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"),
+                     "--images", str(root), "--out", str(out), "--batch-size", "3"])
+    assert rc == 0
+    pred = pd.read_csv(out)
+    expect = [n for n in csv["image_name"] if n not in ("T_003", "T_005")]
+    assert list(pred.columns) == ["image_name", "target"] and list(pred["image_name"]) == expect
+    assert pred["target"].between(0, 1).all() and pred["target"].nunique() > 1
+    errors = pd.read_csv(tmp_path / "pred.errors.csv").set_index("image_name")["reason"]
+    assert errors["T_003"] == "missing image file" and "cannot decode" in errors["T_005"]
+    err = capsys.readouterr().err
+    assert "not scored: T_003" in err and "2 image(s) could not be scored" in err
+    # the same images scored one at a time give the same probabilities (batching/order independent)
+    member = load_member(checkpoint / "model_best.pt", torch.device("cpu"))
+    single, _ = predict([member], root / "test.csv", root, batch_size=1)
+    np.testing.assert_allclose(single["prob"], pred["target"], rtol=1e-5, atol=1e-6)
+
+
+def test_tta_of_symmetric_input_equals_no_tta(checkpoint, tmp_path):
+    root = tmp_path / "sym"
+    root.mkdir()
+    yy, xx = np.mgrid[0:64, 0:64] - 31.5
+    r = np.hypot(xx, yy)
+    img = np.stack([200 - 3 * r, 150 - 2 * r, 120 - np.abs(xx * yy) / 20], -1).clip(0, 255).astype(np.uint8)
+    assert (img == img[:, ::-1]).all() and (img == img[::-1]).all() and (img == img.transpose(1, 0, 2)).all()
+    Image.fromarray(img).save(root / "S_000.jpg", format="PNG")  # lossless: exactly symmetric pixels
+    pd.DataFrame([{"image_name": "S_000", "sex": "male", "age_approx": "60",
+                   "anatom_site_general_challenge": "torso"}]).to_csv(root / "test.csv", index=False)
+    member = load_member(checkpoint / "model_best.pt", torch.device("cpu"))
+    probs = {n: predict([member], root / "test.csv", root, tta=n)[0]["prob"].iloc[0] for n in (1, 2, 8)}
+    assert probs[2] == pytest.approx(probs[1], abs=1e-5) and probs[8] == pytest.approx(probs[1], abs=1e-5)
+    # and TTA does change an asymmetric image's score
+    write_images(tmp_path / "asym", 2)
+    plain = predict([member], tmp_path / "asym" / "test.csv", tmp_path / "asym", tta=1)[0]["prob"]
+    tta8 = predict([member], tmp_path / "asym" / "test.csv", tmp_path / "asym", tta=8)[0]["prob"]
+    assert not np.allclose(plain, tta8)
+
+
+def test_ensemble_of_identical_checkpoints_equals_one(checkpoint, tmp_path):
+    root = write_images(tmp_path / "imgs", 6)
+    twin = tmp_path / "twin"
+    shutil.copytree(checkpoint, twin)
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    base = ["--csv", str(root / "test.csv"), "--images", str(root), "--tta", "2"]
+    assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--out", str(one), *base]) == 0
+    assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--checkpoint", str(twin), "--out", str(two),
+                       *base]) == 0
+    np.testing.assert_allclose(pd.read_csv(two)["target"], pd.read_csv(one)["target"], rtol=1e-6)
+    shutil.copytree(checkpoint, tmp_path / "cv" / "fold-00")
+    shutil.copytree(checkpoint, tmp_path / "cv" / "fold-01")
+    assert len(find_checkpoints([str(tmp_path / "cv")])) == 2  # a folder of runs is the ensemble of all
+
+
+def test_isic_format_is_scorable(checkpoint, tmp_path):
+    root = write_images(tmp_path / "imgs", 6)
+    out = tmp_path / "isic.csv"
+    assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"), "--images",
+                       str(root), "--out", str(out), "--format", "isic"]) == 0
+    assert list(pd.read_csv(out).columns) == ["image", "MEL"]
+    truth = tmp_path / "truth.csv"
+    pd.DataFrame({"image_name": [f"T_{i:03d}" for i in range(6)], "target": [0, 1] * 3}).to_csv(truth, index=False)
+    assert zoome_main(["score", "--truth", str(truth), "--pred", str(out), "--json"]) == 0
+    with pytest.raises(ValueError, match="Invalid --tta 3"):
+        predict([load_member(checkpoint / "model_best.pt", torch.device("cpu"))], root / "test.csv", root, tta=3)
+
+
+def test_explanation_maps(checkpoint, tmp_path):
+    member = load_member(checkpoint / "model_best.pt", torch.device("cpu"))
+    rng = np.random.default_rng([2, 1])
+    lesion = render(rng, sample_features(rng, 1), 48)
+    image = ((torch.from_numpy(lesion).permute(2, 0, 1).float() / 255 - 0.45) / 0.225)[None]
+    meta = torch.from_numpy(ENC.encode(70, "male", "head/neck"))[None]
+    e = explain(member.model, image, meta, ENC, zoom_blocks=2)
+    assert e.gradcam.shape == (48, 48) and np.isfinite(e.gradcam).all() and e.gradcam.std() > 0
+    assert len(e.zoom_cells) == 2 and all(c.shape == (2, 2) and c.std() > 0 for c in e.zoom_cells)
+    assert e.meta_logit_delta is not None and e.meta_logit_delta != 0
+    assert all(getattr(m, "fused", True) for m in member.model.modules() if hasattr(m, "fused")), \
+        "explain must restore the fused Zoom-SE path"
+    Image.fromarray(lesion).save(tmp_path / "lesion.jpg")
+    out = tmp_path / "why.png"
+    assert zoome_main(["explain", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "lesion.jpg"),
+                       "--meta", "age=70,sex=male,site=head/neck", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"

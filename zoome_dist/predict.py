@@ -1,0 +1,175 @@
+"""Score new images with trained checkpoints: ensemble of fold models, test-time augmentation.
+
+Metadata is encoded with the encoding stored in the checkpoint (the training manifest's), never
+re-derived; images go through the same evaluation geometry as validation (``eval_images``: whole
+image resized to the training ``image_size``), decoded by DALI where it imports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from zoome_dist.config import Config, apply_overrides, flatten
+from zoome_dist.data.isic import check_image_name
+from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.pipeline import LOADERS, resolve_device
+from zoome_dist.train.engine import build_model
+
+TEST_COLUMNS = ("image_name", "sex", "age_approx", "anatom_site_general_challenge")
+TTA_VIEWS = (1, 2, 8)
+
+
+@dataclass
+class Member:
+    path: Path
+    model: torch.nn.Module
+    cfg: Config
+    encoding: MetadataEncoding
+
+
+def find_checkpoints(paths: list[str]) -> list[Path]:
+    """Each path: a ``model_best.pt``, a run folder holding one, or a folder of runs (e.g. a CV)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif (p / "model_best.pt").is_file():
+            found.append(p / "model_best.pt")
+        elif p.is_dir() and sorted(p.rglob("model_best.pt")):
+            found += sorted(p.rglob("model_best.pt"))
+        else:
+            raise FileNotFoundError(f"no checkpoint at {p}: expected model_best.pt, a run folder or a CV folder")
+    return found
+
+
+def load_member(path: Path, device: torch.device) -> Member:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("config", "state_dict", "metadata_encoding"):
+        if key not in state:
+            raise ValueError(f"{path}: not a zoome_dist model_best.pt (no {key!r})")
+    tree = state["config"]
+    tree["model"]["pretrained"] = None  # the weights below replace any initialisation
+    cfg = apply_overrides(Config(), flatten(tree))
+    model = build_model(cfg)
+    model.load_state_dict(state["state_dict"], strict=True)
+    return Member(path, model.to(device).eval(), cfg, MetadataEncoding.from_dict(state["metadata_encoding"]))
+
+
+def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame, np.ndarray]:
+    """ISIC test-CSV rows (labels optional) and their metadata vectors, in input order."""
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    missing = [c for c in TEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{csv}: missing required column(s) {missing}; found {list(df.columns)}")
+    dup = df["image_name"][df["image_name"].duplicated()].tolist()
+    if dup:
+        raise ValueError(f"{csv}: duplicate image name(s) {dup[:10]}")
+    meta = np.stack([enc.encode(float(a) if a.strip() else None, s, site) for a, s, site in
+                     zip(df["age_approx"], df["sex"], df["anatom_site_general_challenge"])]) if len(df) else \
+        np.zeros((0, enc.dim), np.float32)
+    return df, meta
+
+
+def check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be scored, or None. A reduced-scale decode catches truncation cheaply."""
+    if not path.is_file():
+        return "missing image file"
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure disqualifies the image
+        return f"cannot decode: {e}"
+    return None
+
+
+def tta_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """1: identity; 2: + horizontal flip; 8: {identity, h, v, hv} × {as is, transposed}."""
+    if n not in TTA_VIEWS:
+        raise ValueError(f"Invalid --tta {n}. Valid values: {list(TTA_VIEWS)}")
+    views = [x] if n == 1 else [x, x.flip(3)]
+    if n == 8:
+        views += [x.flip(2), x.flip(2).flip(3)]
+        views += [v.transpose(2, 3) for v in views]
+    return views
+
+
+def _dali_images(files: list[str], image_size: int, batch: int, device: str, device_id: int,
+                 threads: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    from zoome_dist.pipeline.dali import eval_images
+
+    @pipeline_def
+    def pipe():
+        jpegs, idx = fn.readers.file(files=files, labels=list(range(len(files))), name="Reader",
+                                     pad_last_batch=True)
+        return eval_images(jpegs, image_size, device), idx
+
+    p = pipe(batch_size=batch, num_threads=threads, device_id=device_id if device == "gpu" else None)
+    p.build()
+    for b in DALIGenericIterator(p, ["image", "idx"], reader_name="Reader",
+                                 last_batch_policy=LastBatchPolicy.PARTIAL):
+        yield b[0]["idx"].view(-1).cpu().numpy(), b[0]["image"]
+
+
+def _torch_images(files: list[str], image_size: int, batch: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    from torchvision.io import ImageReadMode, decode_image
+
+    from zoome_dist.pipeline.torch_loader import make_transform
+    from zoome_dist.pipeline.augment import Augment
+
+    tf = make_transform(False, image_size, Augment())
+    for start in range(0, len(files), batch):
+        part = files[start:start + batch]
+        imgs = [tf(decode_image(f, mode=ImageReadMode.RGB)) for f in part]
+        yield np.arange(start, start + len(part)), torch.stack(imgs)
+
+
+@torch.no_grad()
+def predict(members: list[Member], csv: str | Path, images: str | Path, tta: int = 1, batch_size: int = 32,
+            device: str = "auto", loader: str = LOADERS[0], threads: int = 2
+            ) -> tuple[pd.DataFrame, list[dict]]:
+    """``(predictions, problems)``: one row per scorable input image in input order (``image_name``,
+    ``prob`` = mean over members and views), and every image that could not be scored with why."""
+    if not members:
+        raise ValueError("no checkpoint given")
+    enc, size = members[0].encoding, members[0].cfg.data.image_size
+    for m in members[1:]:
+        if m.encoding != enc or m.cfg.data.image_size != size:
+            raise ValueError(f"{m.path}: ensemble members must share the metadata encoding and image size "
+                             f"({members[0].path} has image_size {size})")
+    tta_views(torch.zeros(1, 1, 1, 1), tta)  # validate early
+    df, meta = read_test_csv(csv, enc)
+    images, problems, keep = Path(images), [], []
+    for i, name in enumerate(df["image_name"]):
+        why = check_image_name(name) or check_image(images / f"{name}.jpg")
+        if why:
+            problems.append({"image_name": name, "reason": why})
+        else:
+            keep.append(i)
+    dev_kind = resolve_device(device)
+    dev = torch.device("cuda") if dev_kind == "gpu" else torch.device("cpu")
+    files = [str(images / f"{df['image_name'].iloc[i]}.jpg") for i in keep]
+    probs = np.zeros(len(keep))
+    if files:
+        batches = (_dali_images(files, size, batch_size, dev_kind, 0, threads) if loader == "dali"
+                   else _torch_images(files, size, batch_size))
+        meta_t = torch.from_numpy(meta[keep])
+        for idx, image in batches:
+            image = image.to(dev)
+            m = meta_t[idx].to(dev)
+            total = torch.zeros(len(idx), device=dev)
+            for member in members:
+                for view in tta_views(image, tta):
+                    total += torch.sigmoid(member.model(view.contiguous(), m).float())
+            probs[idx] = (total / (len(members) * tta)).cpu().numpy()
+    out = pd.DataFrame({"image_name": df["image_name"].iloc[keep].to_numpy(), "prob": probs})
+    return out, problems
