@@ -83,3 +83,14 @@ def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
     assert "resumed from" in (fold_dir / "rank0.log").read_text(), "the restarted trial started over"
     epochs = [json.loads(x)["epoch"] for x in (fold_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
+
+
+def test_cluster_yaml_passes_ray_schema():
+    """tuning/cluster.yaml against the JSON schema `ray up` validates with (Ray's own, private API)."""
+    import yaml
+    from ray.autoscaler._private.util import validate_config
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "tuning" / "cluster.yaml").read_text())
+    validate_config(cfg)
+    assert cfg["provider"]["type"] == "local" and "/opt/zoome_dist" in cfg["file_mounts"]
+    assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
