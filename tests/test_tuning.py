@@ -86,11 +86,12 @@ def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
 
 
 def test_cluster_yaml_passes_ray_schema():
-    """tuning/cluster.yaml against the JSON schema `ray up` validates with (Ray's own, private API)."""
+    """tuning/cluster.yaml through the steps `ray up` runs first: fill defaults, then validate against
+    Ray's cluster schema (Ray's own, private API)."""
     import yaml
-    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "tuning" / "cluster.yaml").read_text())
-    validate_config(cfg)
+    validate_config(prepare_config(cfg))
     assert cfg["provider"]["type"] == "local" and "/opt/zoome_dist" in cfg["file_mounts"]
     assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
