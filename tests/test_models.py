@@ -174,3 +174,18 @@ def test_fused_zoomse_matches_reference(channels_last, c, hw, pool):
     yb.float().sum().backward()
     assert yb.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), results[0][0], rtol=0.05, atol=0.05)
+
+
+def test_torch_compile_traces_fused_zoomse():
+    """Dynamo + AOT autograd (the ``aot_eager`` backend: the tracing inductor builds on, without its
+    C++ compile) through the fused Zoom-SE function: same outputs and gradients as eager."""
+    torch._dynamo.reset()
+    model = create_model("zoome", backbone="resnet18").eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    img = IMG.clone().requires_grad_()
+    ref_img = IMG.clone().requires_grad_()
+    out, ref = compiled(img, META), model(ref_img, META)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(img.grad, ref_img.grad, rtol=1e-4, atol=1e-5)
