@@ -84,7 +84,7 @@ def test_cv_report(shards_dir, tmp_path):
     table = (tmp_path / "cv" / "table.md").read_text()
     mean = 100 * folds[folds["variant"] == "zoome"]["auc"].mean()
     std = 100 * folds[folds["variant"] == "zoome"]["auc"].std(ddof=1)
-    assert f"| zoome | 2 |" in table and f"{mean:.2f}±{std:.2f}" in table
+    assert "| zoome | 2 |" in table and f"{mean:.2f}±{std:.2f}" in table
     png = (tmp_path / "cv" / "roc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # a finished CV is not retrained when re-run

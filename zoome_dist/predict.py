@@ -70,9 +70,15 @@ def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame,
     dup = df["image_name"][df["image_name"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{csv}: duplicate image name(s) {dup[:10]}")
-    meta = np.stack([enc.encode(float(a) if a.strip() else None, s, site) for a, s, site in
-                     zip(df["age_approx"], df["sex"], df["anatom_site_general_challenge"])]) if len(df) else \
-        np.zeros((0, enc.dim), np.float32)
+    vectors = []
+    for name, age, sex, site in zip(df["image_name"], df["age_approx"], df["sex"],
+                                    df["anatom_site_general_challenge"]):
+        try:
+            value = float(age) if age.strip() else None
+        except ValueError:
+            raise ValueError(f"{csv}: image {name}: malformed age_approx {age!r}") from None
+        vectors.append(enc.encode(value, sex, site))
+    meta = np.stack(vectors) if vectors else np.zeros((0, enc.dim), np.float32)
     return df, meta
 
 

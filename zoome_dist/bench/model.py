@@ -45,7 +45,7 @@ def bench_model(image_size: int = 224, batch_size: int = 8, iters: int = 3, roun
     for prec in precisions:
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         best = {k: float("inf") for k in models}
-        for name, m in models.items():  # warm-up
+        for m in models.values():  # warm-up
             _step_time(m, img, meta, target, dtype, 1)
         for _ in range(rounds):
             for name, m in models.items():

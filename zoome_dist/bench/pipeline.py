@@ -13,7 +13,7 @@ from pathlib import Path
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from zoome_dist.bench.shards import _dataset
+from zoome_dist.bench.shards import reused_dataset
 from zoome_dist.data.manifest import load_manifest
 from zoome_dist.data.writer import BuildOptions, build
 from zoome_dist.pipeline import make_loader, resolve_device
@@ -82,7 +82,7 @@ def bench_pipeline(shards: str | None = None, sizes: tuple[int, ...] = (600, 102
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             root = Path(tmp) / f"src{size}"
-            imgs = _dataset(root, n, size, threads)
+            imgs = reused_dataset(root, n, size, threads)
             build(root / "train.csv", imgs, root / "shards", BuildOptions(folds=2, max_side=0,
                   samples_per_shard=128), workers=threads, progress=False)
             results["sizes"][str(size)] = _rates(root / "shards", batch_size, image_size, threads, rounds)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from zoome_dist.bench.shards import _dataset
+from zoome_dist.bench.shards import reused_dataset
 from zoome_dist.config import load_config
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.predict import load_member, predict
@@ -22,7 +22,7 @@ def bench_predict(model: str = "zoome", image_size: int = 224, n: int = 64, sour
     out: dict = {"model": model, "image_size": image_size, "n": n, "batch_size": batch_size, "device": dev.type}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        imgs = _dataset(root / "src", n, source_size, 2)
+        imgs = reused_dataset(root / "src", n, source_size, 2)
         cfg = load_config(overrides={"model.name": model, "data.image_size": image_size})
         save_model(root / "model_best.pt", cfg, build_model(cfg), MetadataEncoding().to_dict(), 0, {})
         member = load_member(root / "model_best.pt", dev)

@@ -24,7 +24,8 @@ def _prepare(args: tuple[Path, int]) -> int:
     return len(prepare_image(args[0], args[1])[0])
 
 
-def _dataset(root: Path, n: int, size: int, workers: int) -> Path:
+def reused_dataset(root: Path, n: int, size: int, workers: int) -> Path:
+    """`n` rows of a synthetic table whose images reuse `DISTINCT` rendered JPEGs; returns the image folder."""
     synthesize(root / "distinct", DISTINCT, seed=0, size=size, workers=workers, progress=False)
     imgs = root / "jpeg"
     imgs.mkdir()
@@ -44,7 +45,7 @@ def bench_shards(n: int = 1536, sizes: tuple[int, ...] = (600, 1024), max_side: 
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             root = Path(tmp) / f"src{size}"
-            imgs = _dataset(root, 2 * n, size, workers)
+            imgs = reused_dataset(root, 2 * n, size, workers)
             pd.read_csv(root / "train.csv").iloc[:n].to_csv(root / "n.csv", index=False)
             jobs = [(imgs / f"{name}.jpg", max_side) for name in pd.read_csv(root / "n.csv")["image_name"]]
             row: dict = {}

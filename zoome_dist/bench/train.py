@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from zoome_dist.bench.shards import _dataset
+from zoome_dist.bench.shards import reused_dataset
 from zoome_dist.config import load_config
 from zoome_dist.data.writer import BuildOptions, build
 
@@ -24,7 +24,7 @@ def bench_train(model: str = "zoome", image_size: int = 224, n: int = 192, sourc
     out: dict = {"model": model, "image_size": image_size, "micro_batch": micro_batch, "source_size": source_size}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        imgs = _dataset(root / "src", n, source_size, 2)
+        imgs = reused_dataset(root / "src", n, source_size, 2)
         build(root / "src" / "train.csv", imgs, root / "shards", BuildOptions(folds=2, max_side=0,
               samples_per_shard=64), workers=2, progress=False)
         launcher = Path(__file__).resolve().parents[2] / "launchers" / "train.py"

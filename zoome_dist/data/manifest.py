@@ -86,9 +86,9 @@ def verify(shards: str | Path, progress: bool = True) -> list[str]:
     shards = Path(shards)
     manifest = load_manifest(shards)
     meta_dim = MetadataEncoding.from_dict(manifest["metadata_encoding"]).dim
-    entries = [(f, s) for f in manifest["folds"] for s in f["shards"]]
+    entries = [s for f in manifest["folds"] for s in f["shards"]]
     problems: list[str] = []
-    for fold, s in tqdm(entries, desc="verify", unit="shard", disable=not progress):
+    for s in tqdm(entries, desc="verify", unit="shard", disable=not progress):
         tar_path = shards / s["path"]
         if not tar_path.is_file():
             problems.append(f"{tar_path}: missing")

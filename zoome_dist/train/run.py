@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ from zoome_dist.train.engine import (DistInfo, build_model, build_optimizer, bui
                                      deepspeed_config, setup_distributed, validate)
 from zoome_dist.train.loop import evaluate, train_one_epoch
 
-log = logging.getLogger("zoome_dist.train")
 CKPT = "checkpoints"
 
 
