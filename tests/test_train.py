@@ -139,20 +139,23 @@ def test_kill_one_rank_and_resume(reference_run, tiny_cfg, shards_dir, tmp_path)
     assert (a - b.loc[a.index]).abs().max() <= 1e-3
 
 
-def test_two_nodes_on_loopback(tiny_cfg, shards_dir, tmp_path):
+def test_two_nodes_on_loopback_with_zero2(tiny_cfg, shards_dir, tmp_path):
+    """Two launcher invocations (node ranks 0 and 1) on 127.0.0.1, ZeRO stage 2 across them."""
     port = free_port()
     out = tmp_path / "two-node"
     procs = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node),
                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                                str(ROOT / "launchers" / "train.py"),
                                *train_args(tiny_cfg, shards_dir, out, "--set", "train.epochs=1",
-                                           "--set", "train.checkpoint_every_steps=0")],
+                                           "--set", "train.checkpoint_every_steps=0",
+                                           "--set", "train.zero_stage=2")],
                               env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_identical"] is True
+    assert json.loads((out / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
 
 
 def test_data_parallel_equals_single_process_bn_free(tmp_path):

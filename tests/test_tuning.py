@@ -29,14 +29,14 @@ def cluster():
     c.shutdown()
 
 
-def test_search_across_two_nodes(cluster, shards_dir, tmp_path):
+def test_search_across_two_nodes(cluster, shards_dir, tmp_path, capsys):
     from tuning.tune import main as tune_main
 
     out = tmp_path / "tune"
-    rc = tune_main(["--shards", str(shards_dir), "--folds", "0,1", "--num-samples", "4", "--out", str(out),
-                    "--pool-sizes", "2,4", "--ray-address", cluster.address, "--scheduler", "fifo", "--seed", "3",
-                    "--verbose", "0", "--set", "train.epochs=1", *TINY])
-    assert rc == 0
+    args = ["--shards", str(shards_dir), "--folds", "0,1", "--num-samples", "4", "--out", str(out),
+            "--pool-sizes", "2,4", "--ray-address", cluster.address, "--scheduler", "fifo", "--seed", "3",
+            "--verbose", "0", "--set", "train.epochs=1", *TINY]
+    assert tune_main(args) == 0
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 4 and trials["complete"].all()
     assert set(trials["model.pool_size"]) == {2, 4}, "the seeded search should sample both pool sizes"
@@ -49,6 +49,15 @@ def test_search_across_two_nodes(cluster, shards_dir, tmp_path):
     assert cfg.optim.lr == pytest.approx(best["optim.lr"]) and cfg.model.backbone == "resnet18"
     assert "| trial_id |" in (out / "trials.md").read_text()
     assert (out / "auc_vs_pool_size.png").read_bytes()[:4] == b"\x89PNG"
+    # re-running the same experiment resumes it: nothing is retrained, the same trials come back
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/fold-*/summary.json")}
+    assert len(finished) == 8
+    capsys.readouterr()
+    assert tune_main(args) == 0
+    assert "resuming experiment" in capsys.readouterr().out
+    again = pd.read_csv(out / "trials.csv")
+    assert sorted(again["trial_id"]) == sorted(trials["trial_id"])
+    assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/fold-*/summary.json")} == finished
 
 
 def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
