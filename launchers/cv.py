@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +38,6 @@ def parse_folds(spec: str) -> list[int]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_command(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> list[str]:
     args = [str(ROOT / "launchers" / "train.py"), "--shards", a.shards, "--fold", str(fold),
             "--out", str(run_dir), "--set", f"model.name={variant}", "--no-progress"]
@@ -56,7 +49,9 @@ def train_command(a: argparse.Namespace, variant: str, fold: int, run_dir: Path)
         args.append("--resume")
     if a.num_gpus <= 1 and not a.hostfile:
         return [sys.executable] + args
-    cmd = ["deepspeed", "--master_port", str(_free_port())]
+    from zoome_dist.train.engine import free_port
+
+    cmd = ["deepspeed", "--master_port", str(free_port())]
     if a.hostfile:
         cmd += ["--hostfile", a.hostfile]
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 import yaml
 
 from zoome_dist.config import load_config, parse_set, valid_keys
-from zoome_dist.train.engine import deepspeed_config
+from zoome_dist.train.engine import deepspeed_config, free_port
 
 pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +26,6 @@ TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
         "optim": {"lr": 0.002, "warmup_epochs": 0.5},
         "train": {"epochs": 3, "global_batch_size": 8, "micro_batch_size": 4, "precision": "fp32",
                   "checkpoint_every_steps": 1, "keep_checkpoints": 2, "log_every": 1}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -61,11 +54,9 @@ def tiny_cfg(tmp_path_factory) -> Path:
 def reference_run(tiny_cfg, shards_dir, tmp_path_factory) -> Path:
     """An uninterrupted 2-rank run, shared by several tests."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    t = time.time()
     r = subprocess.run(ds_cmd(2, str(ROOT / "launchers" / "train.py"), *train_args(tiny_cfg, shards_dir, out)),
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (out / "wall_seconds").write_text(str(time.time() - t))
     return out
 
 
@@ -74,7 +65,6 @@ def test_two_rank_run(reference_run, shards_dir):
     run = json.loads((reference_run / "run.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_identical"] is True
     assert summary["global_steps"] == TINY["train"]["epochs"] * run["steps_per_epoch"]
-    assert float((reference_run / "wall_seconds").read_text()) < 180
     lines = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1, 2]
     for key in ("val_auc", "val_acc", "val_sens", "val_spec", "val_acc_t", "val_sens_at_spec90", "data_wait"):

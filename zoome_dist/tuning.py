@@ -20,7 +20,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any, Iterator
 import yaml
 
 from zoome_dist.config import Config, apply_overrides, check_keys
+from zoome_dist.train.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launchers" / "train.py"
@@ -73,12 +73,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: int, gpus: int,
                threads: int) -> Iterator[dict]:
     """Run one fold as ``workers`` ranks; yield each new ``metrics.jsonl`` record as it appears."""
@@ -87,7 +81,7 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
             "--out", str(fold_dir), "--no-progress"]
     if (fold_dir / "checkpoints" / "latest").is_file():
         args.append("--resume")
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(workers):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(workers),

@@ -28,7 +28,8 @@ class DistInfo:
     local_rank: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for MASTER_PORT of a local process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,7 +41,7 @@ def setup_distributed() -> DistInfo:
 
     if "RANK" not in os.environ:  # plain `python launchers/train.py`: no MPI discovery (STACK.md)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     deepspeed.init_distributed()
     import torch.distributed as dist
 
