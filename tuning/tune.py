@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 from ray.tune.search.optuna import OptunaSearch
             except ImportError as e:
-                raise ValueError(f"--search optuna needs the optuna package (pip install optuna): {e}") from None
+                raise ValueError("--search optuna needs the optuna package "
+                                 f"(pip install -e '.[optuna]'): {e}") from None
     except (ValueError, FileNotFoundError) as e:
         print(f"tune.py: error: {e}", file=sys.stderr)
         return 2
