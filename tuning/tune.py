@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                              tuple(int(x) for x in a.batch_sizes.split(",")))
         if a.search == "optuna":
             try:
+                import optuna  # noqa: F401 - Ray's OptunaSearch imports without it, then asserts
                 from ray.tune.search.optuna import OptunaSearch
             except ImportError as e:
                 raise ValueError("--search optuna needs the optuna package "
