@@ -34,31 +34,34 @@ def load_manifest(shards: str | Path) -> dict:
 
 def _check_tar(tar_path: Path, expected: int, meta_dim: int) -> list[str]:
     problems = []
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    sizes: dict[str, dict[str, int]] = defaultdict(dict)  # key → ext → bytes (from the tar headers)
+    first: dict[str, bytes] = {}  # jpg and label bytes of the first sample: decoded below
     try:
         with tarfile.open(tar_path) as tf:
             for m in tf:
                 key, _, ext = m.name.partition(".")
-                samples[key][ext] = tf.extractfile(m).read() if ext in ("jpg", "meta", "label") else b""
+                sizes[key][ext] = m.size
+                if len(sizes) == 1 and ext in ("jpg", "label"):
+                    first[ext] = tf.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         return [f"{tar_path}: unreadable tar ({e})"]
-    if len(samples) != expected:
-        problems.append(f"{tar_path}: {len(samples)} samples, manifest says {expected}")
-    for key, fields in samples.items():
+    if len(sizes) != expected:
+        problems.append(f"{tar_path}: {len(sizes)} samples, manifest says {expected}")
+    for key, fields in sizes.items():
         missing = sorted(set(FIELDS) - set(fields))
         if missing:
             problems.append(f"{tar_path}: sample {key} lacks field(s) {missing}")
             return problems
-        if len(fields["meta"]) != 4 * meta_dim or len(fields["label"]) != 4:
+        if fields["meta"] != 4 * meta_dim or fields["label"] != 4:
             problems.append(f"{tar_path}: sample {key} has a meta/label field of the wrong size")
             return problems
-    if samples:
-        key, fields = next(iter(samples.items()))
+    if sizes:
+        key = next(iter(sizes))
         try:
-            Image.open(io.BytesIO(fields["jpg"])).convert("RGB").load()
+            Image.open(io.BytesIO(first["jpg"])).convert("RGB").load()
         except Exception as e:  # noqa: BLE001 - any decoder failure is a finding, not a crash
             problems.append(f"{tar_path}: sample {key} does not decode ({e})")
-        if int(np.frombuffer(fields["label"], "<i4")[0]) not in (0, 1):
+        if int(np.frombuffer(first["label"], "<i4")[0]) not in (0, 1):
             problems.append(f"{tar_path}: sample {key} has a label outside {{0, 1}}")
     return problems
 

@@ -62,11 +62,11 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
     for _ in it:  # leftover batches (steps was cut to whole optimizer steps): end the loader's epoch
         pass
     elapsed = time.perf_counter() - start
-    p, y = gather(np.concatenate(probs) if probs else np.zeros(0), np.concatenate(labels) if labels else
-                  np.zeros(0, int))
-    totals = gather(np.array([loss_sum]), np.array([n_images]))
-    images = int(totals[1].sum())
-    return {"train_loss": float(totals[0].sum() / max(1, images)), "train_images": images,
+    p, y, losses, counts = gather(np.concatenate(probs) if probs else np.zeros(0),
+                                  np.concatenate(labels) if labels else np.zeros(0, int),
+                                  np.array([loss_sum]), np.array([n_images]))
+    images = int(counts.sum())
+    return {"train_loss": float(losses.sum() / max(1, images)), "train_images": images,
             "train_seconds": elapsed, "train_img_s_per_rank": n_images / elapsed if elapsed else 0.0,
             "data_wait": wait / elapsed if elapsed else 0.0, "train_probs": p, "train_labels": y}
 

@@ -203,8 +203,8 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
         threshold = youden_threshold(tr["train_labels"], tr["train_probs"]) if len(tr["train_labels"]) else 0.5
         val = binary_metrics(labels, probs, threshold)
         record = {"epoch": epoch, "global_step": engine.global_steps, "lr": engine.get_lr()[0],
-                  **{k: v for k, v in tr.items() if not k.startswith("train_probs")
-                     and k != "train_labels"}, "epoch_seconds": time.perf_counter() - t0,
+                  **{k: v for k, v in tr.items() if k not in ("train_probs", "train_labels")},
+                  "epoch_seconds": time.perf_counter() - t0,
                   **{f"val_{k}": v for k, v in val.items()}}
         is_best = state["best"] is None or val["auc"] > state["best"]["metrics"]["auc"]
         tag = f"step{engine.global_steps:07d}"
@@ -232,7 +232,7 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     dist.all_gather_object(digests, _params_digest(engine.module))
     summary = {"fold": fold, "epochs": cfg.train.epochs, "global_steps": int(engine.global_steps),
                "world_size": info.world_size, "best": state["best"],
-               "last": {k: v for k, v in last.items()}, "ranks_identical": len(set(digests)) == 1}
+               "last": last, "ranks_identical": len(set(digests)) == 1}
     if rank0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if not summary["ranks_identical"]:
