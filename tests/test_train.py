@@ -151,7 +151,7 @@ def test_two_nodes_on_loopback_with_zero2(tiny_cfg, shards_dir, tmp_path):
 def test_data_parallel_equals_single_process_bn_free(tmp_path):
     script = str(ROOT / "tests" / "helpers" / "dp_equivalence.py")
     for ranks in (1, 2):
-        r = subprocess.run(ds_cmd(ranks, script, str(tmp_path / f"params{ranks}.pt")), env=env(), cwd=ROOT,
+        r = subprocess.run(ds_cmd(ranks, script, "--out", str(tmp_path / f"params{ranks}.pt")), env=env(), cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     one = torch.load(tmp_path / "params1.pt", weights_only=True)

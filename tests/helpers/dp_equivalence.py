@@ -1,10 +1,10 @@
 """Run 3 SGD steps of a BatchNorm-free model on one fixed global batch, split over the ranks.
 
 Launched by tests/test_train.py with 1 rank (global batch on one rank) and with 2 ranks (half each);
-rank 0 saves the final parameters to the last argument (the launcher prepends --local_rank). Uses the project's engine setup (config → DeepSpeed dict,
-optimizer, model registry), so it checks our data-parallel path, not a toy.
+rank 0 saves the final parameters to `--out PATH`. Uses the project's engine setup (config → DeepSpeed
+dict, optimizer, model registry), so it checks our data-parallel path, not a toy.
 """
-import sys
+import argparse
 
 import deepspeed
 import torch
@@ -15,6 +15,10 @@ from zoome_dist.losses import make_loss
 from zoome_dist.train.engine import build_model, build_optimizer, deepspeed_config, setup_distributed
 
 GLOBAL = 8
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True, help="where rank 0 saves the final parameters")
+parser.add_argument("--local_rank", type=int, default=0)  # added by the deepspeed launcher
+args = parser.parse_args()
 info = setup_distributed()
 cfg = load_config(overrides={"model.name": "alexnet_meta", "model.dropout": 0.0, "optim.name": "sgd",
                              "optim.lr": 0.05, "optim.clip_grad": 0.0, "train.precision": "fp32",
@@ -34,6 +38,6 @@ for _ in range(3):
     engine.backward(loss)
     engine.step()
 if info.rank == 0:
-    torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()}, sys.argv[-1])
+    torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()}, args.out)
 dist.barrier()
 dist.destroy_process_group()
