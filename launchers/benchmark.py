@@ -5,6 +5,7 @@
     python launchers/benchmark.py pipeline [--shards DIR] [--json]  # DALI-CPU vs torch vs decode-only
     python launchers/benchmark.py train    [--json]   # training img/s per rank + data wait, fp32 vs bf16
     python launchers/benchmark.py predict  [--json]   # zoome predict img/s, TTA 1 vs 8
+    python launchers/benchmark.py gpu --out DIR       # the one-GPU check (launchers/gpu_check.sh)
 
 Record the figures, with the machine line this prints, in BENCHMARKS.md.
 """
@@ -63,10 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--n", type=int, default=64)
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--ttas", default="1,2,8")
-    for q in (s, m, d, t, pr):
+    g = sub.add_parser("gpu", help="the one-GPU check: gpu tests + every GPU figure, JSON + markdown")
+    g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
+    g.add_argument("--n", type=int, default=1536, help="synthetic 1024 px images")
+    g.add_argument("--no-tests", action="store_true", help="skip the gpu-marked tests")
+    for q in (s, m, d, t, pr, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
-    if a.what == "shards":
+    if a.what == "gpu":
+        if not _cuda():
+            print("benchmark.py gpu: error: no CUDA GPU visible; the GPU check needs one", file=sys.stderr)
+            return 2
+        from zoome_dist.bench.gpu import bench_gpu
+
+        r = bench_gpu(a.out, a.n, tests=not a.no_tests)
+    elif a.what == "shards":
         from zoome_dist.bench.shards import bench_shards
 
         r = bench_shards(a.n, tuple(int(x) for x in a.sizes.split(",")), a.max_side, a.workers)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(a.config, parse_set(a.set))
         run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2

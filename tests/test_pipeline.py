@@ -182,11 +182,3 @@ def test_clear_errors(shards_dir, tmp_path):
         make_loader(shards_dir, [0], train=False, batch_size=4, device="tpu")
     with pytest.raises(ValueError, match="fewer than one batch"):
         make_loader(shards_dir, [0], train=True, batch_size=1000)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_mixed_decode(shards_dir):
-    batches, _ = collect(shards_dir, [0], train=True, batch_size=4, image_size=32, device="gpu", loader="dali")
-    image, meta, label, sid = batches[0]
-    assert image.is_cuda and meta.is_cuda and label.is_cuda and image.shape == (4, 3, 32, 32)

@@ -126,17 +126,24 @@ def _dali_images(files: list[str], image_size: int, batch: int, device: str, dev
         yield b[0]["idx"].view(-1).cpu().numpy(), b[0]["image"]
 
 
-def _torch_images(files: list[str], image_size: int, batch: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    from torchvision.io import ImageReadMode, decode_image
+def _torch_images(files: list[str], image_size: int, batch: int, device: torch.device
+                  ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Per image on the CPU; on a GPU one nvJPEG decode + resize per batch (``BatchAugment``)."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
 
-    from zoome_dist.pipeline.torch_loader import make_transform
     from zoome_dist.pipeline.augment import Augment
+    from zoome_dist.pipeline.batch_augment import BatchAugment
+    from zoome_dist.pipeline.torch_loader import make_transform
 
     tf = make_transform(False, image_size, Augment())
+    gpu = BatchAugment(False, image_size, Augment(), device) if device.type == "cuda" else None
     for start in range(0, len(files), batch):
         part = files[start:start + batch]
-        imgs = [tf(decode_image(f, mode=ImageReadMode.RGB)) for f in part]
-        yield np.arange(start, start + len(part)), torch.stack(imgs)
+        if gpu is not None:
+            images = gpu([read_file(f) for f in part])
+        else:
+            images = torch.stack([tf(decode_image(f, mode=ImageReadMode.RGB)) for f in part])
+        yield np.arange(start, start + len(part)), images
 
 
 @torch.no_grad()
@@ -167,7 +174,7 @@ def predict(members: list[Member], csv: str | Path, images: str | Path, tta: int
     probs = np.zeros(len(keep))
     if files:
         batches = (_dali_images(files, size, batch_size, dev_kind, 0, threads) if loader == "dali"
-                   else _torch_images(files, size, batch_size))
+                   else _torch_images(files, size, batch_size, dev))
         meta_t = torch.from_numpy(meta[keep])
         for idx, image in batches:
             image = image.to(dev)

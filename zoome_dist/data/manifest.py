@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
-from wds2idx import IndexCreator
 
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.wds_index import create_index
 from zoome_dist.data.writer import FIELDS, FORMAT_VERSION, sha256_file
 
 
@@ -72,8 +72,7 @@ def _check_index(tar_path: Path, idx_path: Path) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp) / "fresh.idx"
         try:
-            with IndexCreator(str(tar_path), str(fresh), verbose=False) as ic:
-                ic.create_index()
+            create_index(tar_path, fresh)
         except ValueError as e:
             return [f"{tar_path}: cannot index ({e})"]
         if fresh.read_bytes() != idx_path.read_bytes():

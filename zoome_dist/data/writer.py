@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 import webdataset as wds
 from tqdm import tqdm
-from wds2idx import IndexCreator
 
 from zoome_dist.data.folds import assign_folds, fold_summary
 from zoome_dist.data.images import BadImage, prepare_image
 from zoome_dist.data.isic import Skipped, read_isic
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.wds_index import create_index
 
 FORMAT_VERSION = 1
 FIELDS = ("cls", "jpg", "json", "label", "meta", "sid")
@@ -143,8 +143,7 @@ def write_shard(plan: ShardPlan, images: Path, out: Path, enc: MetadataEncoding,
     record = {"name": plan.name, "fold": plan.fold, "samples": len(written), "written": written,
               "skipped": skipped, "converted": converted, "resized": resized}
     if written:
-        with IndexCreator(str(tmp_tar), str(tmp_idx), verbose=False) as ic:
-            ic.create_index()
+        create_index(tmp_tar, tmp_idx)
         os.replace(tmp_tar, tar_path)
         os.replace(tmp_idx, idx_path)
         record.update(path=f"{plan.name}.tar", index=f"{plan.name}.idx",

@@ -4,6 +4,10 @@ Random access through the DALI index files (byte offsets of every field), decodi
 ``torchvision.io.decode_jpeg`` and augmenting with ``torchvision.transforms.v2``. Eval ranks take the
 same contiguous ranges of the global sample index as DALI (each sample exactly once); training
 uses ``DistributedSampler(drop_last=True)``, so every rank runs the same number of steps.
+
+On a GPU (``data.loader=torch``, ``data.device=gpu``) the workers only read bytes and the batch is
+decoded with nvJPEG and augmented on the GPU (``batch_augment.BatchAugment``): same samplers, so
+the same batches and sharding as the CPU path.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from zoome_dist.pipeline.batch_augment import BatchAugment
 from zoome_dist.pipeline.selection import Selection
 
 FIELDS = ("jpg", "meta", "label", "sid")
@@ -61,7 +66,8 @@ def make_transform(train: bool, image_size: int, aug: Augment) -> v2.Compose:
 class ShardDataset(Dataset):
     """Map-style view of the selected shards, in DALI's global sample order."""
 
-    def __init__(self, sel: Selection, transform: v2.Compose) -> None:
+    def __init__(self, sel: Selection, transform: v2.Compose | None) -> None:
+        """``transform=None``: samples carry the raw JPEG bytes (decoded later, a batch at a time)."""
         self.items = [(tar, rec) for tar, idx in zip(sel.tars, sel.indexes) for rec in read_index(idx)]
         for tar, rec in self.items:
             missing = [f for f in FIELDS if f not in rec]
@@ -82,18 +88,28 @@ class ShardDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         tar, rec = self.items[i]
         raw = torch.frombuffer(bytearray(self._read(tar, rec["jpg"])), dtype=torch.uint8)
-        image = self.transform(decode_jpeg(raw, mode=ImageReadMode.RGB))
+        image = raw if self.transform is None else self.transform(decode_jpeg(raw, mode=ImageReadMode.RGB))
         meta = torch.from_numpy(np.frombuffer(self._read(tar, rec["meta"]), "<f4").copy())
         label = int(np.frombuffer(self._read(tar, rec["label"]), "<i4")[0])
         sid = int(np.frombuffer(self._read(tar, rec["sid"]), "<i8")[0])
         return image, meta, torch.tensor(label), torch.tensor(sid)
 
 
-class TorchLoader:
-    """Yields ``(image, meta, label, sample_id)``; reshuffles every epoch (``DistributedSampler``)."""
+def collate_raw(batch: list[tuple[torch.Tensor, ...]]) -> tuple:
+    """Raw JPEGs stay a list (their lengths differ); the fixed-size fields are stacked."""
+    raws, meta, label, sid = zip(*batch)
+    return list(raws), torch.stack(meta), torch.stack(label), torch.stack(sid)
 
-    def __init__(self, loader: DataLoader, device: torch.device, epoch: int = 0) -> None:
-        self.loader, self.device, self.epoch = loader, device, epoch
+
+class TorchLoader:
+    """Yields ``(image, meta, label, sample_id)``; reshuffles every epoch (``DistributedSampler``).
+
+    With ``decode`` set, batches arrive as raw JPEGs and ``decode`` turns them into images on
+    ``device`` (nvJPEG on a GPU)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, epoch: int = 0,
+                 decode: BatchAugment | None = None) -> None:
+        self.loader, self.device, self.epoch, self.decode = loader, device, epoch, decode
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -103,24 +119,34 @@ class TorchLoader:
             self.loader.sampler.set_epoch(self.epoch)
         self.epoch += 1
         for batch in self.loader:
-            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+            if self.decode is None:
+                yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+            else:
+                raws, *rest = batch
+                yield (self.decode(raws), *(t.to(self.device, non_blocking=True) for t in rest))
 
 
 def torch_loader(sel: Selection, *, train: bool, batch_size: int, image_size: int, rank: int,
                  world_size: int, device: str, device_id: int | None, aug: Augment, seed: int,
-                 num_threads: int, epoch: int = 0) -> tuple[TorchLoader, int]:
-    ds = ShardDataset(sel, make_transform(train, image_size, aug))
+                 num_threads: int, epoch: int = 0, batch_decode: bool | None = None) -> tuple[TorchLoader, int]:
+    """``batch_decode`` (default: on a GPU) decodes and augments whole batches in the main process
+    on the target device instead of per sample in the workers."""
+    target = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
+    batch_decode = device == "gpu" if batch_decode is None else batch_decode
+    decode = BatchAugment(train, image_size, aug, target, seed, epoch, rank) if batch_decode else None
+    ds = ShardDataset(sel, None if batch_decode else make_transform(train, image_size, aug))
+    collate = collate_raw if batch_decode else None
     if train:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                             num_workers=num_threads, persistent_workers=num_threads > 0,
-                            pin_memory=device == "gpu")
+                            pin_memory=device == "gpu", collate_fn=collate)
     else:
         n = len(ds)
         part = Subset(ds, range(n * rank // world_size, n * (rank + 1) // world_size))
         loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_threads,
-                            persistent_workers=num_threads > 0, pin_memory=device == "gpu")
-    target = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
-    wrapped = TorchLoader(loader, target, epoch)
+                            persistent_workers=num_threads > 0, pin_memory=device == "gpu",
+                            collate_fn=collate)
+    wrapped = TorchLoader(loader, target, epoch, decode)
     return wrapped, len(wrapped)

@@ -26,16 +26,23 @@ def _to_device(batch: tuple[torch.Tensor, ...], device: torch.device, channels_l
 
 def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, steps: int, skip: int = 0,
                     channels_last: bool = True, on_step: Callable[[int], None] | None = None,
-                    progress: bool = True, log_every: int = 10) -> dict:
+                    progress: bool = True, log_every: int = 10,
+                    before_step: Callable[[], None] | None = None) -> dict:
     """Run micro-steps ``skip..steps`` of one epoch; returns loss, speed, data wait and the
-    training predictions of every rank (for the Youden threshold)."""
+    training predictions of every rank (for the Youden threshold).
+
+    Nothing is copied to the host per step: the loss sum, predictions and labels stay on the
+    device and are copied once at the end (and the loss at each progress update), so the host
+    can queue work ahead of a GPU. ``data_wait`` is the host time spent waiting for batches.
+    """
     engine.train()
     it = iter(loader)
     for _ in range(skip):  # resumed mid-epoch: batches consumed before the checkpoint
         next(it)
     bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch}", unit="step", disable=not progress,
                dynamic_ncols=True)
-    loss_sum, n_images, wait = 0.0, 0, 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    n_images, wait = 0, 0.0
     probs, labels = [], []
     start = time.perf_counter()
     for i in range(skip, steps):
@@ -45,30 +52,50 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
         logits = engine(image, meta)
         loss = loss_fn(logits, label)
         engine.backward(loss)
+        if before_step is not None:
+            before_step()
         engine.step()
-        loss_sum += float(loss.detach()) * len(label)
+        loss_sum += loss.detach() * len(label)
         n_images += len(label)
-        probs.append(torch.sigmoid(logits.detach().float()).cpu().numpy())
-        labels.append(label.cpu().numpy())
+        probs.append(logits.detach().float())
+        labels.append(label)
         if on_step is not None:
             on_step(i + 1)
         bar.update()
         if progress and ((i + 1) % log_every == 0 or i + 1 == steps):
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_sum / n_images:.4f}",
+            bar.set_postfix(loss=f"{float(loss_sum) / n_images:.4f}",
                             img_s=f"{n_images * dist.get_world_size() / elapsed:.1f}",
                             wait=f"{100 * wait / elapsed:.1f}%", lr=f"{engine.get_lr()[0]:.2e}")
     bar.close()
     for _ in it:  # leftover batches (steps was cut to whole optimizer steps): end the loader's epoch
         pass
+    p = torch.sigmoid(torch.cat(probs)).cpu().numpy() if probs else np.zeros(0, np.float32)
+    y = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, int)
+    total_loss = float(loss_sum)  # the one device→host copy of the epoch (waits for the GPU)
     elapsed = time.perf_counter() - start
-    p, y, losses, counts = gather(np.concatenate(probs) if probs else np.zeros(0),
-                                  np.concatenate(labels) if labels else np.zeros(0, int),
-                                  np.array([loss_sum]), np.array([n_images]))
+    if not np.isfinite(total_loss) or not np.isfinite(p).all():
+        raise FloatingPointError(f"training diverged in epoch {epoch}: the loss or the predictions are not "
+                                 f"finite (loss sum {total_loss}); lower optim.lr, raise optim.warmup_epochs "
+                                 "or use train.precision fp32, then --resume from the last good checkpoint")
+    p, y, losses, counts = gather(p, y, np.array([total_loss]), np.array([n_images]))
     images = int(counts.sum())
     return {"train_loss": float(losses.sum() / max(1, images)), "train_images": images,
             "train_seconds": elapsed, "train_img_s_per_rank": n_images / elapsed if elapsed else 0.0,
             "data_wait": wait / elapsed if elapsed else 0.0, "train_probs": p, "train_labels": y}
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running mean/var) over the ranks, in place; integer
+    buffers (``num_batches_tracked``, equal on every rank) come from rank 0. As timm's
+    ``distribute_bn(reduce=True)``: every rank then evaluates and saves the same model."""
+    world = dist.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf.data, op=dist.ReduceOp.SUM)
+            buf.data.div_(world)
+        else:
+            dist.broadcast(buf.data, src=0)
 
 
 @torch.no_grad()
@@ -76,19 +103,18 @@ def evaluate(engine, loader: Iterable, *, expected: int, channels_last: bool = T
              progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(sample_id, prob, label)`` of every validation sample, exactly once, on every rank.
 
-    BatchNorm running statistics are per rank (no SyncBN); rank 0's are broadcast first, as DDP
-    does, so every rank evaluates (and later saves) the same model.
+    BatchNorm running statistics are per rank (no SyncBN); they are averaged over the ranks first
+    (``average_buffers``), so every rank evaluates (and later saves) the same model.
     """
-    for buf in engine.module.buffers():
-        dist.broadcast(buf.data, src=0)
+    average_buffers(engine.module)
     engine.eval()
     sids, probs, labels = [], [], []
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         image, meta, label, sid = _to_device(batch, engine.device, channels_last)
-        probs.append(torch.sigmoid(engine(image, meta).float()).cpu().numpy())
-        labels.append(label.cpu().numpy())
-        sids.append(sid.cpu().numpy())
-    s, p, y = gather(np.concatenate(sids), np.concatenate(probs), np.concatenate(labels))
+        probs.append(torch.sigmoid(engine(image, meta).float()))
+        labels.append(label)
+        sids.append(sid)
+    s, p, y = gather(*(torch.cat(t).cpu().numpy() for t in (sids, probs, labels)))
     if len(s) != expected or len(np.unique(s)) != expected:
         raise RuntimeError(f"evaluation saw {len(s)} predictions for {len(np.unique(s))} distinct samples; "
                            f"the fold has {expected}: the loader is not an exact partition")

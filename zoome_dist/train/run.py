@@ -25,9 +25,10 @@ from zoome_dist.data.manifest import load_manifest
 from zoome_dist.losses import make_loss
 from zoome_dist.metrics import binary_metrics, youden_threshold
 from zoome_dist.pipeline import LOADERS, Augment, make_loader
+from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
 from zoome_dist.train.engine import (DistInfo, build_model, build_optimizer, build_scheduler,
                                      deepspeed_config, setup_distributed, validate)
-from zoome_dist.train.loop import evaluate, train_one_epoch
+from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
 
 CKPT = "checkpoints"
 
@@ -61,13 +62,28 @@ def _prune(ckpt_dir: Path, keep: int, protect: str | None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _save(engine, ckpt_dir: Path, state: dict, keep: int) -> str:
+def save(engine, ckpt_dir: Path, state: dict, keep: int) -> str:
+    """DeepSpeed checkpoint ``step{N}`` with our state (and the fp16 GradScaler's) as client state.
+
+    DeepSpeed saves rank 0's module, BatchNorm buffers included, and every rank resumes from it: the
+    buffers are averaged over the ranks first, so an uninterrupted run and a resumed one hold the same
+    buffers on every rank from here on (exact resume)."""
+    average_buffers(engine.module)
     tag = f"step{engine.global_steps:07d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"zoome": state})
+    engine.save_checkpoint(str(ckpt_dir), tag=tag,
+                           client_state={"zoome": {**state, "grad_scaler": scaler_state(engine)}})
     dist.barrier()
     if dist.get_rank() == 0:
         _prune(ckpt_dir, keep, (state.get("best") or {}).get("tag"))
     return tag
+
+
+def restore(engine, ckpt_dir: Path) -> dict:
+    """Load the newest checkpoint into ``engine``; returns our state from it."""
+    _, client = engine.load_checkpoint(str(ckpt_dir))
+    state = dict(client["zoome"])
+    restore_scaler(engine, state.pop("grad_scaler", None))
+    return state
 
 
 def _write_predictions(path: Path, folds: pd.DataFrame, sids: np.ndarray, probs: np.ndarray) -> None:
@@ -96,6 +112,15 @@ def _write_best(out: Path, cfg: Config, engine, manifest: dict, folds: pd.DataFr
     save_model(out / "model_best.pt", cfg, engine.module, manifest["metadata_encoding"], best["epoch"],
                best["metrics"])
     (out / "best.json").write_text(json.dumps(best, indent=1))
+
+
+def to_channels_last(engine, cfg: Config) -> None:
+    """The model's weights in channels_last (NHWC), as its inputs: without it cuDNN re-lays out every
+    conv weight every step. Done after ``deepspeed.initialize``, whose parameter broadcast needs
+    default-contiguous tensors; at ZeRO ≥ 1 the parameters are views into DeepSpeed's flat buffers
+    and stay as they are (the inputs are still channels_last)."""
+    if cfg.model.channels_last and cfg.train.zero_stage == 0:
+        engine.module.to(memory_format=torch.channels_last)
 
 
 def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: bool = False,
@@ -147,13 +172,15 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     steps = steps_per_epoch * gas
     expected_val = next(f["samples"] for f in manifest["folds"] if f["fold"] == fold)
 
-    # channels_last applies to the inputs only: conv picks the NHWC kernels from a channels_last
-    # input, and DeepSpeed's parameter broadcast needs contiguous weights.
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_cfg)
+    to_channels_last(engine, cfg)
+    if engine.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest kernels once
+    overflow = OverflowFlag(optimizer) if grad_scaler(engine) is not None else None
     if cfg.model.compile:
         engine.compile()
     loss_fn = make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma)
@@ -161,8 +188,7 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
 
     state: dict[str, Any] = {"epoch": 0, "micro_step": 0, "best": None}
     if resuming:
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        state.update(client["zoome"])
+        state.update(restore(engine, ckpt_dir))
         log0(f"resumed from {ckpt_dir} at epoch {state['epoch']}, micro-step {state['micro_step']} "
              f"(optimizer step {engine.global_steps})")
     if rank0:
@@ -191,13 +217,14 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
 
         def on_step(micro: int, epoch: int = epoch) -> None:
             if every and micro % gas == 0 and micro < steps and engine.global_steps % every == 0:
-                _save(engine, ckpt_dir, {"epoch": epoch, "micro_step": micro, "best": state["best"]},
+                save(engine, ckpt_dir, {"epoch": epoch, "micro_step": micro, "best": state["best"]},
                       cfg.train.keep_checkpoints)
 
         t0 = time.perf_counter()
         tr = train_one_epoch(engine, train_it, loss_fn, epoch=epoch, steps=steps, skip=skip,
                              channels_last=cfg.model.channels_last, on_step=on_step,
-                             progress=progress and rank0, log_every=cfg.train.log_every)
+                             progress=progress and rank0, log_every=cfg.train.log_every,
+                             before_step=overflow.arm if overflow else None)
         sids, probs, labels = evaluate(engine, val_it, expected=expected_val,
                                        channels_last=cfg.model.channels_last, progress=progress and rank0)
         threshold = youden_threshold(tr["train_labels"], tr["train_probs"]) if len(tr["train_labels"]) else 0.5
@@ -211,7 +238,7 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
         if is_best:
             state["best"] = {"epoch": epoch, "tag": tag, "metrics": val}
         state.update(epoch=epoch + 1, micro_step=0)
-        _save(engine, ckpt_dir, dict(state), cfg.train.keep_checkpoints)
+        save(engine, ckpt_dir, dict(state), cfg.train.keep_checkpoints)
         if rank0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -232,7 +259,8 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     dist.all_gather_object(digests, _params_digest(engine.module))
     summary = {"fold": fold, "epochs": cfg.train.epochs, "global_steps": int(engine.global_steps),
                "world_size": info.world_size, "best": state["best"],
-               "last": last, "ranks_identical": len(set(digests)) == 1}
+               "last": last, "ranks_identical": len(set(digests)) == 1,
+               "skipped_steps": int(engine.skipped_steps)}  # fp16 steps skipped on inf/NaN gradients
     if rank0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if not summary["ranks_identical"]:

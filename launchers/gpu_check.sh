@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The one-GPU check (issue 14): the `gpu`-marked tests, then side by side in one run ZooME vs
+# ResNeXt50 training img/s, the nvJPEG (and DALI, where it imports) input pipeline vs decode only,
+# a 2-epoch 1-GPU DeepSpeed training on 1024 px synthetic data, and `zoome predict` TTA 1 vs 8.
+# Writes gpu_check.json and gpu_check.md into OUT_DIR; ends well inside 8 minutes on one H100.
+#
+#   bash launchers/gpu_check.sh [OUT_DIR]        (default: runs/gpu_check)
+#
+# On a GPU host with its own torch and no network, bring DeepSpeed and WebDataset as wheels
+# (README "GPU check") and put them on PYTHONPATH first; DALI is optional.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-python3}"
+if ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA GPU visible to $python (torch.cuda.is_available() is False, or torch is missing); nothing to check" >&2
+  exit 2
+fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
+exec "$python" "$root/launchers/benchmark.py" gpu --out "${1:-$root/runs/gpu_check}"

@@ -1,0 +1,224 @@
+"""The one-GPU check (``launchers/gpu_check.sh`` → ``benchmark.py gpu``): side by side in one run,
+
+1. training img/s (fwd + bwd + Adam step, channels_last model and inputs): ZooME vs its plain
+   ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64;
+2. the input pipeline at 1024 px sources: the nvJPEG torch path (full training augmentation on the
+   GPU) against nvJPEG decode alone, DALI ``mixed`` against its decode alone where DALI imports;
+3. a 2-epoch, 1-GPU DeepSpeed training through ``launchers/train.py`` on synthetic 1024 px data:
+   img/s and its data-wait share;
+4. ``zoome predict`` img/s, TTA 1 vs 8.
+
+Writes ``gpu_check.json`` and ``gpu_check.md`` into the output folder. Pure torch + DeepSpeed +
+WebDataset: runs on a GPU host without DALI, Ray or network.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoome_dist.bench import machine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gpu_info() -> dict[str, Any]:
+    info = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "python": sys.version.split()[0]}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        info["driver"], info["memory"] = [x.strip() for x in out.split(",")][:2]
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    return info
+
+
+def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, iters: int) -> float:
+    """img/s of fwd + bwd + Adam step (GradScaler for fp16), synchronised at the end only."""
+    from zoome_dist.losses import make_loss
+
+    dev = torch.device("cuda")
+    img = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    meta, target = torch.rand(batch, 12, device=dev), (torch.rand(batch, device=dev) > 0.5).long()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    loss_fn = make_loss("focal")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=dtype):
+            loss = loss_fn(model(img, meta), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # cudnn.benchmark picks kernels; Adam state allocated
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return batch * iters / (time.perf_counter() - t)
+
+
+def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int = 30, rounds: int = 2) -> dict:
+    from zoome_dist.models import ZooME, create_model
+
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    models = {"zoome": create_model("zoome"), "resnext50": ZooME("resnext50_32x4d", zoom_se=False, meta=False)}
+    for m in models.values():
+        m.cuda().train().to(memory_format=torch.channels_last)
+    out: dict = {}
+    for prec, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        for micro in micros:
+            best = {k: 0.0 for k in models}
+            for _ in range(rounds):  # alternate the contenders; keep each one's best
+                for name, m in models.items():
+                    best[name] = max(best[name], _train_rate(m, micro, size, dtype, iters))
+            out[f"{prec}_micro{micro}"] = {"zoome_img_s": round(best["zoome"], 1),
+                                           "resnext50_img_s": round(best["resnext50"], 1),
+                                           "ratio": round(best["zoome"] / best["resnext50"], 3)}
+    return out
+
+
+def _loader_rate(it, limit: int) -> float:
+    n, t = 0, None
+    for i, batch in enumerate(it):
+        if i == 1:  # the first batch pays for worker start and cuDNN/nvJPEG set-up
+            torch.cuda.synchronize()
+            n, t = 0, time.perf_counter()
+        n += batch[0].shape[0]
+        if i + 1 >= limit:
+            break
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def _decode_rate(shards: Path, folds: list[int], batch: int, limit: int, threads: int) -> float:
+    """nvJPEG decode alone: the same byte-reading workers, no resize/augment."""
+    from zoome_dist.pipeline.augment import Augment
+    from zoome_dist.pipeline.batch_augment import BatchAugment
+    from zoome_dist.pipeline.selection import select_folds
+    from zoome_dist.pipeline.torch_loader import torch_loader
+
+    it, _ = torch_loader(select_folds(shards, folds), train=True, batch_size=batch, image_size=224, rank=0,
+                         world_size=1, device="gpu", device_id=0, aug=Augment(), seed=0, num_threads=threads)
+    dec = BatchAugment(True, 224, Augment(), torch.device("cuda"))
+    it.decode = lambda raws: torch.stack([x[:, :8, :8] for x in dec.decode(raws)])
+    return _loader_rate(it, limit)
+
+
+def bench_pipeline_gpu(shards: Path, batch: int = 64, limit: int = 30, threads: int = 8) -> dict:
+    from zoome_dist.pipeline import LOADERS, make_loader
+
+    folds = [0, 1]
+    out: dict = {"batch": batch, "threads": threads}
+    it, _ = make_loader(shards, folds, train=True, batch_size=batch, device="gpu", loader="torch",
+                        num_threads=threads)
+    out["torch_nvjpeg_img_s"] = round(_loader_rate(it, limit), 1)
+    out["nvjpeg_decode_only_img_s"] = round(_decode_rate(shards, folds, batch, limit, threads), 1)
+    out["torch_nvjpeg_vs_decode"] = round(out["torch_nvjpeg_img_s"] / out["nvjpeg_decode_only_img_s"], 3)
+    it, _ = make_loader(shards, folds, train=True, batch_size=batch, device="cpu", loader="torch",
+                        num_threads=threads)
+    out["torch_cpu_workers_img_s"] = round(_loader_rate(it, limit), 1)
+    if "dali" in LOADERS:
+        it, _ = make_loader(shards, folds, train=True, batch_size=batch, device="gpu", loader="dali",
+                            num_threads=threads)
+        out["dali_mixed_img_s"] = round(_loader_rate(it, limit), 1)
+    else:
+        out["dali_mixed_img_s"] = "DALI not installed on this host"
+    return out
+
+
+def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 2, threads: int = 8) -> dict:
+    """``launchers/train.py`` as a user runs it (1 GPU, DeepSpeed, bf16, nvJPEG torch loader)."""
+    out: dict = {"micro": micro, "epochs": epochs, "loader": "torch+nvjpeg", "precision": "bf16"}
+    cmd = [sys.executable, str(ROOT / "launchers" / "train.py"), "--shards", str(shards), "--fold", "0",
+           "--out", str(work / "train"), "--no-progress",
+           "--set", "data.loader=torch", "--set", "data.device=gpu", "--set", f"data.num_threads={threads}",
+           "--set", f"train.epochs={epochs}", "--set", f"train.micro_batch_size={micro}",
+           "--set", f"train.global_batch_size={micro}", "--set", "train.precision=bf16"]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cuda"})
+    out["wall_s"] = round(time.perf_counter() - t, 1)
+    if r.returncode:
+        out["error"] = (r.stdout + r.stderr)[-2000:]
+        return out
+    for line in (work / "train" / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        out[f"epoch{m['epoch']}"] = {"img_s": round(m["train_img_s_per_rank"], 1),
+                                     "data_wait": round(m["data_wait"], 4),
+                                     "val_auc": round(m["val_auc"], 4)}
+    return out
+
+
+def _pytest_gpu() -> dict:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                        str(ROOT / "tests")], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "DS_ACCELERATOR": "cuda"})
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    return {"rc": r.returncode, "summary": lines[-1] if lines else "", "seconds": round(time.perf_counter() - t, 1),
+            "tail": (r.stdout + r.stderr)[-3000:] if r.returncode else ""}
+
+
+def _markdown(res: dict) -> str:
+    g = res["gpu_info"]
+    rows = ["| what | figure |", "|---|---|",
+            f"| GPU | {g.get('gpu')} (driver {g.get('driver')}, CUDA {g.get('cuda')}, torch {g.get('torch')}) |"]
+    for section in ("tests", "models", "pipeline", "train", "predict"):
+        for k, v in res.get(section, {}).items():
+            if section == "models" and isinstance(v, dict):
+                v = f"zoome {v['zoome_img_s']} / resnext50 {v['resnext50_img_s']} img/s (ratio {v['ratio']})"
+            if k != "tail":
+                rows.append(f"| {section} {k} | {str(v).replace('|', '/')[:300]} |")
+    return "\n".join(rows) + "\n"
+
+
+def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, tests: bool = True) -> dict:
+    """Everything above; returns the result and writes ``gpu_check.{json,md}`` into ``out_dir``."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU visible (torch.cuda.is_available() is False): the GPU check needs one")
+    from zoome_dist.bench.predict import bench_predict
+    from zoome_dist.bench.shards import reused_dataset
+    from zoome_dist.data.writer import BuildOptions, build
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res: dict = {"machine": machine(), "gpu_info": gpu_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.perf_counter()
+
+    def step(name: str, fn) -> None:
+        t = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - one failed part must not lose the others' figures
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[gpu_check] {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1))
+
+    step("tests", _pytest_gpu if tests else lambda: {"summary": "not run"})
+    step("models", bench_models)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        imgs = reused_dataset(root / "src", n, source_size, os.cpu_count() or 2)
+        build(root / "src" / "train.csv", imgs, root / "shards",
+              BuildOptions(folds=3, max_side=0, samples_per_shard=128), workers=min(8, os.cpu_count() or 2),
+              progress=False)
+        step("pipeline", lambda: bench_pipeline_gpu(root / "shards"))
+        step("train", lambda: bench_train_gpu(root / "shards", root))
+    step("predict", lambda: bench_predict("zoome", 224, 256, batch_size=64, ttas=(1, 8), loader="torch"))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1))
+    (out_dir / "gpu_check.md").write_text(_markdown(res))
+    return res
