@@ -12,7 +12,8 @@ One process, no launcher:
     python launchers/train.py --config launchers/configs/demo-cpu.yaml --shards ... --fold 0 --out ...
 
 Overrides: --set optim.lr=3e-4 --set train.precision=fp32 (any key of zoome_dist/config.py).
-Resume after a crash: the same command with --resume (continues from the newest checkpoint).
+Resume after a crash: the same command with --resume (continues from the newest intact checkpoint;
+a changed config is refused unless --allow-config-change and only train.epochs and similar differ).
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fold", type=int, required=True, help="validation fold; the others train")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a changed train.epochs, train.log_every, train.keep_checkpoints, "
+                        "train.checkpoint_every_steps, train.eval_batch_size or data.num_threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(a.config, parse_set(a.set))
-        run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress)
+        run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress,
+            allow_changes=a.allow_config_change)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"train.py: error: {e}", file=sys.stderr)

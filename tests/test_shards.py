@@ -151,7 +151,15 @@ def _bad_dataset(root: Path) -> Path:
     csv.loc[8, "image_name"] = "../../etc/passwd"                             # escapes the folder
     csv.loc[9, "target"] = "maybe"                                            # bad target
     csv.loc[10, "age_approx"] = "old"                                         # malformed age
-    text = csv.to_csv(index=False) + "SYN_9999999,P,male,40,torso,nevus,benign,0,EXTRA,FIELDS\n"
+    raw = (img / "SYN_0000011.jpg").read_bytes()                              # truncated, re-terminated
+    (img / "SYN_0000011.jpg").write_bytes(raw[: int(len(raw) * 0.6)] + b"\xff\xd9")
+    raw = bytearray((img / "SYN_0000012.jpg").read_bytes())                   # header promises 4x the rows
+    sof = raw.find(b"\xff\xc0")
+    raw[sof + 5:sof + 7] = (int.from_bytes(raw[sof + 5:sof + 7], "big") * 4).to_bytes(2, "big")
+    (img / "SYN_0000012.jpg").write_bytes(bytes(raw))
+    lines = csv.to_csv(index=False).splitlines()
+    lines[14] = ",".join(lines[14].split(",")[:3])                            # too few fields (SYN_0000013)
+    text = "\n".join(lines) + "\nSYN_9999999,P,male,40,torso,nevus,benign,0,EXTRA,FIELDS\n"
     (root / "train.csv").write_text(text)
     return root
 
@@ -170,14 +178,22 @@ def test_bad_input_is_skipped_converted_and_recorded(tmp_path, capsys):
     assert "invalid target" in skipped["SYN_0000009"]
     assert "malformed age_approx" in skipped["SYN_0000010"]
     assert any("malformed CSV row" in r for r in skipped.values())
+    assert "damaged JPEG" in skipped["SYN_0000011"] and "premature end" in skipped["SYN_0000011"]
+    assert "damaged JPEG" in skipped["SYN_0000012"]
+    assert "malformed CSV row" in skipped["SYN_0000013"] and "3 fields" in skipped["SYN_0000013"]
+    assert not any(" at 0x" in r or "<" in r for r in skipped.values()), "object repr in a skip reason"
     converted = {c["image_name"]: c["reason"] for c in m["converted"]}
     assert "PNG file under .jpg" in converted["SYN_0000004"]
     assert "L image converted to RGB" in converted["SYN_0000005"]
     assert "CMYK image converted to RGB" in converted["SYN_0000006"]
     assert m["unknown_sites"] == {"left elbow": 1}
-    assert m["totals"]["samples"] == 24 - 6 and m["totals"]["skipped"] == len(skipped)
+    assert m["totals"]["samples"] == 24 - 9 and m["totals"]["skipped"] == len(skipped)
     samples = read_samples(tmp_path / "out")
-    assert set(samples) == {f"SYN_{i:07d}" for i in range(24)} - {f"SYN_{i:07d}" for i in (1, 2, 3, 8, 9, 10)}
+    bad = (1, 2, 3, 8, 9, 10, 11, 12, 13)
+    assert set(samples) == {f"SYN_{i:07d}" for i in range(24)} - {f"SYN_{i:07d}" for i in bad}
+    rc = shards_main(["build", "--csv", str(root / "train.csv"), "--images", str(root / "jpeg" / "train"),
+                      "--out", str(tmp_path / "again"), "--folds", "2", "--samples-per-shard", "5", "--quiet"])
+    assert rc == 0 and load_manifest(tmp_path / "again")["skipped"] == m["skipped"]
     for name in converted:
         im = Image.open(io.BytesIO(samples[name]["jpg"]))
         assert (im.format, im.mode) == ("JPEG", "RGB")

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoome_dist.config import load_config, parse_set
     from zoome_dist.data.manifest import load_manifest
     from zoome_dist.train.engine import validate
-    from zoome_dist.tuning import base_tree, search_space, trainable, write_results
+    from zoome_dist.tuning import base_tree, check_pickles_are_ours, search_space, trainable, write_results
 
     try:
         cfg = load_config(a.config, parse_set(a.set))
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError as e:
                 raise ValueError("--search optuna needs the optuna package "
                                  f"(pip install -e '.[optuna]'): {e}") from None
+        experiment = Path(a.out).resolve() / "ray" / a.name
+        if experiment.is_dir():
+            check_pickles_are_ours(experiment)  # Ray unpickles a resumed experiment's state
     except (ValueError, FileNotFoundError) as e:
         print(f"tune.py: error: {e}", file=sys.stderr)
         return 2

@@ -136,6 +136,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ValueError(f"config key {key}: expected an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key {key}: expected a number, got {value!r}")
         return float(value)
@@ -185,8 +190,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text()
-        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: not a readable {'JSON' if path.suffix == '.json' else 'YAML'} config "
+                             f"({str(e).splitlines()[0]})") from None
+        if tree is not None and not isinstance(tree, dict):
+            raise ValueError(f"{path}: a config must be a mapping of sections {list(SECTIONS)}, "
+                             f"got a {type(tree).__name__}")
         apply_overrides(cfg, flatten(tree or {}, f"{path}: "))
     if overrides:
         apply_overrides(cfg, overrides)

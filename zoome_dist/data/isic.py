@@ -53,11 +53,29 @@ def _read_csv(path: Path, required: tuple[str, ...], bad_lines: list[list[str]])
         bad_lines.append(fields)
         return None
 
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines=on_bad, engine="python")
+    df = read_csv_text(path, dtype=str, keep_default_na=False, on_bad_lines=on_bad, engine="python")
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; found {list(df.columns)}")
-    return df
+    short = df.isna().any(axis=1)  # a row with too few fields: pandas fills the rest with NaN
+    for rec in df[short].to_dict("records"):
+        fields = [v for v in rec.values() if isinstance(v, str)]
+        bad_lines.append(fields)
+    return df[~short].reset_index(drop=True)
+
+
+def read_csv_text(path: Path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose failures on an empty, non-UTF-8 or malformed file are one-line
+    ``ValueError``s naming the file."""
+    try:
+        return pd.read_csv(path, encoding="utf-8", **kwargs)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty CSV file (no header row)") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                         "save the CSV as UTF-8") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path}: malformed CSV ({str(e).strip().splitlines()[0]})") from None
 
 
 def check_image_name(name: str) -> str | None:
@@ -119,8 +137,8 @@ def _row(name: str, patient: str, sex: str, age_raw: str, site: str, target: int
 
 
 def _bad_line_records(bad: list[list[str]], path: Path) -> list[Skipped]:
-    return [Skipped(f[0] if f else "", f"malformed CSV row in {path.name}: {len(f)} fields "
-                    f"{','.join(f)[:120]!r}") for f in bad]
+    return [Skipped(str(f[0]) if f else "", f"malformed CSV row in {path.name}: {len(f)} fields "
+                    f"{','.join(map(str, f))[:120]!r}") for f in bad]
 
 
 def read_isic2020(path: str | Path, enc: MetadataEncoding | None = None) -> ReadResult:
@@ -181,7 +199,7 @@ def read_isic(csv: str | Path, metadata_csv: str | Path | None = None,
     csv = Path(csv)
     if not csv.is_file():
         raise FileNotFoundError(f"CSV file not found: {csv}")
-    header = pd.read_csv(csv, nrows=0).columns
+    header = read_csv_text(csv, nrows=0).columns
     if "image_name" in header:
         return read_isic2020(csv, enc)
     if "image" in header and "MEL" in header:

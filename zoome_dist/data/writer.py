@@ -161,13 +161,65 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a killed build leaves no workers behind)."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def images_fingerprint(images: Path, names: list[str]) -> str:
+    """Identity of the image source: per listed image its name, size and first 4 KiB, hashed."""
+    h = hashlib.sha256()
+    for name in names:
+        path = images / f"{name}.jpg"
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+            h.update(f"{name}\0{path.stat().st_size}\0".encode() + hashlib.sha256(head).digest())
+        except OSError:
+            h.update(f"{name}\0missing\0".encode())
+    return h.hexdigest()
+
+
+class BuildLock:
+    """An exclusive lock on an output folder for the length of a build (``flock``: released by the
+    kernel when the process dies, so a killed build never leaves a stale lock)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".build" / "lock"
+
+    def __enter__(self) -> "BuildLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise FileExistsError(f"{self.path.parent.parent} is being built by another process (pid {holder}, "
+                                  f"lock {self.path}); wait for it, or build into another folder") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
 def _run_plans(plans: list[ShardPlan], images: Path, out: Path, enc: MetadataEncoding,
                opts: BuildOptions, workers: int) -> Iterator[dict]:
     if workers <= 1:
         for p in plans:
             yield write_shard(p, images, out, enc, opts)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(write_shard, p, images, out, enc, opts) for p in plans]
         try:
             for f in as_completed(futures):
@@ -196,21 +248,38 @@ def build(csv: str | Path, images: str | Path, out: str | Path, opts: BuildOptio
     folds = assign_folds(table, opts.folds, opts.seed)
     plans = plan_shards(table, folds, opts)
 
-    sources = {"kind": read.source, "csv": str(csv.resolve()), "csv_sha256": sha256_file(csv)}
+    sources = {"kind": read.source, "csv": str(csv.resolve()), "csv_sha256": sha256_file(csv),
+               "images": str(images.resolve()),
+               "images_fingerprint": images_fingerprint(images, table["image_name"].tolist())}
     if metadata_csv or read.source == "isic2019":
         meta_path = Path(metadata_csv) if metadata_csv else csv.parent / "ISIC_2019_Training_Metadata.csv"
         sources.update(metadata_csv=str(meta_path.resolve()), metadata_csv_sha256=sha256_file(meta_path))
     plan_key = {"format_version": FORMAT_VERSION, "options": asdict(opts),
                 "csv_sha256": sources["csv_sha256"], "metadata_csv_sha256": sources.get("metadata_csv_sha256"),
+                "images": sources["images"], "images_fingerprint": sources["images_fingerprint"],
                 "shards": [[p.name, [r["image_name"] for r in p.rows]] for p in plans]}
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    was_empty = not out.exists() or all(p == out / ".build" / "lock" for p in out.rglob("*") if p.is_file())
+    with BuildLock(out):
+        return _build(out, plan_key, plans, read, table, folds, images, enc, opts, sources, workers,
+                      resume and not was_empty, was_empty, progress)
+
+
+def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read, table: pd.DataFrame, folds: np.ndarray,
+           images: Path, enc: MetadataEncoding, opts: BuildOptions, sources: dict, workers: int, resume: bool,
+           was_empty: bool, progress: bool) -> dict:
     plan_file = out / ".build" / "plan.json"
-    if out.exists() and any(out.iterdir()):
+    if not was_empty:
         if not resume:
             raise FileExistsError(f"output folder {out} is not empty; pass --resume to finish an "
                                   "interrupted build there, or choose a new folder")
-        if not plan_file.is_file() or json.loads(plan_file.read_text()) != json.loads(json.dumps(plan_key)):
-            raise ValueError(f"--resume: {out} was started with other inputs or options (or is not a "
-                             "zoome-shards build); use a new folder")
+        old = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+        new = json.loads(json.dumps(plan_key))
+        if old != new:
+            what = [k for k in new if old.get(k) != new[k]] if old else ["not a zoome-shards build"]
+            raise ValueError(f"--resume: {out} was started with other inputs or options (differs in: "
+                             f"{', '.join(what)}); use a new folder")
     _write_json_atomic(plan_file, plan_key)
 
     records, todo = {}, []

@@ -8,6 +8,7 @@ import numpy as np
 
 from zoome_dist.data.manifest import load_manifest
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.wds_index import read_index
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ def select_folds(shards: str | Path, folds: list[int]) -> Selection:
     bad = [k for k in folds if k not in by_fold]
     if bad:
         raise ValueError(f"fold(s) {bad} do not exist in {shards}; valid folds: {sorted(by_fold)}")
+    dim = MetadataEncoding.from_dict(manifest["metadata_encoding"]).dim
+    fixed = {"meta": 4 * dim, "label": 4, "sid": 8}
     tars, indexes, samples = [], [], 0
     for k in folds:
         entry = by_fold[k]
@@ -45,6 +48,10 @@ def select_folds(shards: str | Path, folds: list[int]) -> Selection:
                 raise FileNotFoundError(f"shard missing: {tar}")
             if not idx.is_file():
                 raise FileNotFoundError(f"DALI index missing: {idx} (recreate it with `wds2idx {tar} {idx}`)")
+            # every entry checked against its tar before DALI (or our reader) trusts it
+            listed = len(read_index(idx, tar.stat().st_size, fixed))
+            if listed != s["samples"]:
+                raise ValueError(f"{idx}: lists {listed} samples, the manifest says {s['samples']}")
             tars.append(str(tar))
             indexes.append(str(idx))
         samples += entry["samples"]

@@ -21,24 +21,12 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from zoome_dist.data.wds_index import read_index
 from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
 from zoome_dist.pipeline.batch_augment import BatchAugment
 from zoome_dist.pipeline.selection import Selection
 
 FIELDS = ("jpg", "meta", "label", "sid")
-
-
-def read_index(path: str) -> list[dict[str, tuple[int, int]]]:
-    """A DALI ``.idx`` file → per sample, ``{ext: (offset, size)}``."""
-    with open(path) as f:
-        header = f.readline().split()
-        if not header or header[0] != "v1.2":
-            raise ValueError(f"{path}: not a DALI v1.2 WebDataset index")
-        samples = []
-        for line in f:
-            tok = line.split()
-            samples.append({tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), 4)})
-    return samples
 
 
 class CenterZoom(torch.nn.Module):

@@ -65,10 +65,19 @@ def validate(cfg: Config) -> None:
     choose("loss.name", cfg.loss.name, LOSSES)
     choose("data.loader", cfg.data.loader, ("auto",) + LOADERS)
     choose("data.device", cfg.data.device, DEVICES)
-    for key in ("train.epochs", "train.global_batch_size", "train.micro_batch_size", "data.image_size"):
+    for key in ("train.epochs", "train.global_batch_size", "train.micro_batch_size", "data.image_size",
+                "train.keep_checkpoints", "data.num_threads"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ValueError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
+    for key in ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.min_lr_ratio",
+                "optim.clip_grad", "loss.alpha", "loss.gamma", "model.dropout", "model.rd_ratio"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number ≥ 0, got {value}")
+    if cfg.optim.lr == 0:
+        raise ValueError("optim.lr must be positive, got 0")
     if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
         raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():

@@ -29,6 +29,7 @@ from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scal
 from zoome_dist.train.engine import (DistInfo, build_model, build_optimizer, build_scheduler,
                                      deepspeed_config, setup_distributed, validate)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
+from zoome_dist.train.safe_checkpoint import TAG, UnsafeCheckpointError, install, latest_tag
 
 CKPT = "checkpoints"
 
@@ -45,8 +46,15 @@ def _params_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# Keys a resumed run may change with ``allow_changes`` (they do not alter what the run computes).
+RESUMABLE_KEYS = ("train.epochs", "train.log_every", "train.keep_checkpoints", "train.checkpoint_every_steps",
+                  "train.eval_batch_size", "data.num_threads")
+
+
 def _check_run_folder(out: Path, resume: bool) -> bool:
     """True when there is a checkpoint to resume from."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a run folder")
     has_ckpt = (out / CKPT / "latest").is_file()
     if has_ckpt and not resume:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or "
@@ -54,11 +62,33 @@ def _check_run_folder(out: Path, resume: bool) -> bool:
     return has_ckpt and resume
 
 
-def _prune(ckpt_dir: Path, keep: int, protect: str | None) -> None:
-    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")),
-                  key=lambda p: p.name)
-    for p in tags[:-keep] if keep > 0 else tags:
-        if p.name != protect:
+def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: bool) -> list[str]:
+    """Refuse a resume whose config or world size differs from the run's, naming the keys; with
+    ``allow_changes`` the keys of ``RESUMABLE_KEYS`` may differ. Returns the changed keys."""
+    from zoome_dist.config import flatten, load_config
+
+    old = flatten(load_config(out / "config.yaml").to_dict())
+    new = flatten(cfg.to_dict())
+    changed = sorted(k for k in new if old.get(k) != new[k])
+    run_json = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    if run_json.get("world_size", world_size) != world_size:
+        raise ValueError(f"{out} was trained with {run_json['world_size']} rank(s); resuming with {world_size} "
+                         "would change every batch. Resume with the same number of ranks")
+    refused = [k for k in changed if not (allow_changes and k in RESUMABLE_KEYS)]
+    if refused:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in refused)
+        hint = (f"; --allow-config-change accepts changes of {list(RESUMABLE_KEYS)} only" if allow_changes else
+                f"; pass --allow-config-change to change any of {list(RESUMABLE_KEYS)}")
+        raise ValueError(f"resuming {out} with a different config ({detail}): use the run's own config "
+                         f"({out / 'config.yaml'}) or a new --out{hint}")
+    return changed
+
+
+def _prune(ckpt_dir: Path, keep: int, protect: set[str]) -> None:
+    """Delete all but the newest ``keep`` (≥ 1) checkpoints; never those in ``protect``."""
+    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and TAG.fullmatch(p.name)), key=lambda p: p.name)
+    for p in tags[:-max(1, keep)]:
+        if p.name not in protect:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -74,16 +104,44 @@ def save(engine, ckpt_dir: Path, state: dict, keep: int) -> str:
                            client_state={"zoome": {**state, "grad_scaler": scaler_state(engine)}})
     dist.barrier()
     if dist.get_rank() == 0:
-        _prune(ckpt_dir, keep, (state.get("best") or {}).get("tag"))
+        _prune(ckpt_dir, keep, {tag, (state.get("best") or {}).get("tag")})
     return tag
 
 
 def restore(engine, ckpt_dir: Path) -> dict:
-    """Load the newest checkpoint into ``engine``; returns our state from it."""
-    _, client = engine.load_checkpoint(str(ckpt_dir))
-    state = dict(client["zoome"])
-    restore_scaler(engine, state.pop("grad_scaler", None))
-    return state
+    """Load the newest intact checkpoint into ``engine`` (all ranks agree on which); returns our state.
+
+    Loading is safe (``safe_checkpoint``): a file holding pickled code is refused on every rank. A
+    newest checkpoint that cannot be read (truncated, missing files) is reported and the previous one
+    is tried; with none left, the error names what failed."""
+    tags = [latest_tag(ckpt_dir)]
+    tags += sorted((p.name for p in ckpt_dir.iterdir() if TAG.fullmatch(p.name) and p.name < tags[0]),
+                   reverse=True)
+    failures = []
+    for tag in tags:
+        status, why, client = 0, "", None
+        try:
+            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            if client is None:
+                status, why = 1, "files missing"
+        except UnsafeCheckpointError as e:
+            status, why = 2, str(e)
+        except Exception as e:  # noqa: BLE001 - any read failure: try the previous checkpoint
+            status, why = 1, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        worst = torch.tensor([status], device=engine.device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if worst.item() == 0:
+            if failures:
+                log0(f"resumed from the older checkpoint {tag}: newer ones could not be read ({'; '.join(failures)})")
+            state = dict(client["zoome"])
+            restore_scaler(engine, state.pop("grad_scaler", None))
+            return state
+        if worst.item() == 2:
+            raise UnsafeCheckpointError(why or f"checkpoint {ckpt_dir / tag} was refused on another rank "
+                                        "(it holds more than tensors and plain data)")
+        failures.append(f"{tag}: {why or 'unreadable on another rank'}")
+        log0(f"warning: checkpoint {ckpt_dir / tag} cannot be loaded ({failures[-1]}); trying the previous one")
+    raise ValueError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(failures)}")
 
 
 def _write_predictions(path: Path, folds: pd.DataFrame, sids: np.ndarray, probs: np.ndarray) -> None:
@@ -124,7 +182,7 @@ def to_channels_last(engine, cfg: Config) -> None:
 
 
 def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: bool = False,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, allow_changes: bool = False) -> dict[str, Any]:
     """Train one fold; returns the summary (best and last metrics, optimizer steps) on every rank."""
     validate(cfg)
     shards, out = Path(shards), Path(out)
@@ -135,6 +193,10 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     resuming = _check_run_folder(out, resume)
     info = setup_distributed()
     try:
+        if resuming:
+            changed = check_resume_config(out, cfg, info.world_size, allow_changes)
+            if changed:
+                log0(f"resuming with changed {changed} (--allow-config-change)")
         return _run(cfg, shards, fold, out, manifest, [k for k in fold_ids if k != fold], info, resuming,
                     progress)
     finally:
@@ -177,6 +239,7 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_cfg)
+    install(engine)  # checkpoints load with weights_only=True
     to_channels_last(engine, cfg)
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest kernels once

@@ -1,0 +1,156 @@
+"""Hostile and careless inputs to the shard builder and the readers of shards: changed image sources,
+concurrent builds, killed builds, tampered indexes, tars and manifests."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import SHARD_OPTS
+from shards.cli import main as shards_main
+from zoome_dist.data.manifest import load_manifest, verify
+from zoome_dist.data.synth import synthesize
+from zoome_dist.data.writer import BuildLock, BuildOptions, build
+from zoome_dist.pipeline import LOADERS, make_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_shards(shards_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(shards_dir, tmp_path / "shards"))
+
+
+def test_resume_with_another_image_folder_is_refused(synth_data, tmp_path):
+    out = tmp_path / "out"
+    build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, progress=False)
+    other = Path(shutil.copytree(synth_data / "jpeg" / "train", tmp_path / "other"))
+    first = sorted(other.iterdir())[0]
+    first.write_bytes(sorted(other.iterdir())[1].read_bytes())  # same names, one image differs
+    (out / "manifest.json").unlink()  # as if interrupted
+    with pytest.raises(ValueError, match="images, images_fingerprint"):
+        build(synth_data / "train.csv", other, out, SHARD_OPTS, resume=True, progress=False)
+    m = build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, resume=True, progress=False)
+    assert m["source"]["images"] == str((synth_data / "jpeg" / "train").resolve())
+    assert len(m["source"]["images_fingerprint"]) == 64
+
+
+def test_second_build_into_the_same_folder_fails_at_once(synth_data, tmp_path):
+    out = tmp_path / "out"
+    with BuildLock(out):
+        t = time.perf_counter()
+        with pytest.raises(FileExistsError, match=r"being built by another process .*lock"):
+            build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, resume=True,
+                  progress=False)
+        assert time.perf_counter() - t < 30
+    build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, resume=True, progress=False)
+
+
+def test_killed_build_leaves_no_workers(tmp_path):
+    data = tmp_path / "data"
+    synthesize(data, 240, seed=1, size=128, progress=False)
+    cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(data / "train.csv"), "--images",
+           str(data / "jpeg" / "train"), "--out", str(tmp_path / "out"), "--folds", "2", "--max-side", "0",
+           "--samples-per-shard", "4", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "out" / ".build").glob("fold-*.json"))) < 2:
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers, "the build should be running its workers"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived their killed parent: {[p.pid for p in alive]}"
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_index_entry_past_the_tar_is_refused_before_reading(shards_dir, tmp_path, loader):
+    shards = copy_shards(shards_dir, tmp_path)
+    idx = sorted(shards.glob("fold-00/*.idx"))[0]
+    lines = idx.read_text().splitlines()
+    tok = lines[1].split()
+    tok[2] = str(10**10)  # the first field's size
+    lines[1] = " ".join(tok)
+    idx.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"{idx.name}:2: field .* past the end"):
+        make_loader(shards, [0], train=False, batch_size=4, image_size=32, loader=loader, num_threads=1)
+
+
+def _fix_checksum(header: bytearray) -> None:
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+
+
+def test_verify_reports_hostile_tars_as_fail_lines(shards_dir, tmp_path):
+    shards = copy_shards(shards_dir, tmp_path)
+    tars = sorted(shards.glob("fold-0*/*.tar"))
+    with tarfile.open(tars[0], "a") as tf:  # a symlink member
+        link = tarfile.TarInfo("zzz.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    raw = bytearray(tars[1].read_bytes())  # first member declares 8 GiB
+    header = raw[:512]
+    header[124:136] = b"77777777777\0"
+    _fix_checksum(header)
+    raw[:512] = header
+    tars[1].write_bytes(bytes(raw))
+    problems = verify(shards, progress=False)
+    assert any("is not a regular file" in p and tars[0].name in p for p in problems)
+    assert any("past the end" in p and tars[1].name in p for p in problems)
+    assert shards_main(["verify", str(shards), "--quiet"]) != 0
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../../etc/passwd", "fold-00/../../outside.tar"])
+def test_manifest_paths_must_stay_inside(shards_dir, tmp_path, bad, capsys):
+    shards = copy_shards(shards_dir, tmp_path)
+    m = json.loads((shards / "manifest.json").read_text())
+    m["folds"][0]["shards"][0]["path"] = bad
+    (shards / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="not a relative path inside the shard folder|outside the shard folder"):
+        load_manifest(shards)
+    assert shards_main(["verify", str(shards), "--quiet"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_manifest_symlink_out_of_the_folder(shards_dir, tmp_path):
+    shards = copy_shards(shards_dir, tmp_path)
+    (shards / "escape").symlink_to("/etc")
+    m = json.loads((shards / "manifest.json").read_text())
+    m["folds"][0]["shards"][0]["index"] = "escape/passwd"
+    (shards / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="resolves outside the shard folder"):
+        load_manifest(shards)
+
+
+def test_non_json_manifest(shards_dir, tmp_path):
+    shards = copy_shards(shards_dir, tmp_path)
+    (shards / "manifest.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(ValueError, match="not a JSON manifest"):
+        load_manifest(shards)
+
+
+def test_empty_and_non_utf8_csv(tmp_path, capsys):
+    img = tmp_path / "img"
+    img.mkdir()
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "latin.csv").write_bytes("image_name,patient_id\nJos\xe9,1\n".encode("latin-1"))
+    for name, message in (("empty.csv", "empty CSV file"), ("latin.csv", "not UTF-8 text")):
+        rc = shards_main(["build", "--csv", str(tmp_path / name), "--images", str(img), "--out",
+                          str(tmp_path / "o"), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_build_out_that_is_a_file(synth_data, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        build(synth_data / "train.csv", synth_data / "jpeg" / "train", tmp_path / "f", BuildOptions(folds=2),
+              progress=False)

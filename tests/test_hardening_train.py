@@ -1,0 +1,173 @@
+"""Hostile and careless inputs to training: planted checkpoints, broken checkpoints, changed configs,
+bad config values. Real single-process DeepSpeed runs (CPU, gloo) on tiny shards."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from zoome_dist.config import load_config, parse_set
+from zoome_dist.train.engine import validate
+from zoome_dist.train.run import _prune
+
+pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
+        "data": {"image_size": 32, "num_threads": 1, "loader": "torch"},
+        "train": {"epochs": 1, "global_batch_size": 8, "micro_batch_size": 8, "precision": "fp32",
+                  "checkpoint_every_steps": 2, "keep_checkpoints": 2}}
+
+
+def train(cfg: Path, shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--config", str(cfg), "--shards",
+                           str(shards), "--fold", "0", "--out", str(out), "--no-progress", *extra],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def base_run(shards_dir, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("hard")
+    (root / "cfg.yaml").write_text(yaml.safe_dump(TINY))
+    r = train(root / "cfg.yaml", shards_dir, root / "run")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return root / "cfg.yaml", root / "run"
+
+
+def copy_run(base_run, tmp_path) -> Path:
+    shutil.copytree(base_run[1], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def newest_tag(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+class Payload:
+    """Pickles to a call of os.system: what a planted checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_pickle_in_checkpoint_never_runs(base_run, shards_dir, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    marker = tmp_path / "pwned"
+    target = run / "checkpoints" / newest_tag(run) / "mp_rank_00_model_states.pt"
+    torch.save({"module": Payload(marker)}, target)
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2", "--allow-config-change")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "refused to load: it asks for posix.system" in r.stderr and str(target) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not marker.exists(), "the planted payload ran"
+
+
+def test_truncated_newest_checkpoint_falls_back(base_run, shards_dir, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert len(tags) >= 2
+    target = run / "checkpoints" / newest_tag(run) / "mp_rank_00_model_states.pt"
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2", "--allow-config-change")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "cannot be loaded" in r.stdout and f"resumed from the older checkpoint {tags[-2]}" in r.stdout
+
+
+def test_no_intact_checkpoint_is_a_clean_error(base_run, shards_dir, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    files = sorted((run / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))
+    files[0].write_bytes(b"not a checkpoint")
+    for f in files[1:]:
+        f.write_bytes(f.read_bytes()[:100])
+    r = train(base_run[0], shards_dir, run, "--resume")
+    assert r.returncode == 2 and "no intact checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert all(f.parent.name in r.stderr for f in files)
+
+
+def test_latest_must_name_one_of_our_checkpoints(base_run, shards_dir, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    (run / "checkpoints" / "latest").write_text("../../../etc")
+    r = train(base_run[0], shards_dir, run, "--resume")
+    assert r.returncode == 2 and "not one written by zoome_dist" in r.stderr
+
+
+def test_resume_with_changed_config_is_refused(base_run, shards_dir, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    before = (run / "config.yaml").read_text()
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "optim.lr=3e-4")
+    assert r.returncode == 2 and "optim.lr: 0.0001 -> 0.0003" in r.stderr
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2")
+    assert r.returncode == 2 and "--allow-config-change" in r.stderr
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "optim.lr=3e-4", "--allow-config-change")
+    assert r.returncode == 2 and "optim.lr" in r.stderr
+    assert (run / "config.yaml").read_text() == before, "a refused resume rewrote config.yaml"
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2", "--allow-config-change")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_pruning_keeps_the_newest_and_the_best(tmp_path):
+    for step in (1, 2, 3, 4):
+        (tmp_path / f"step{step:07d}").mkdir()
+    _prune(tmp_path, 1, {"step0000004", "step0000001"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000001", "step0000004"]
+    _prune(tmp_path, 0, set())  # never below one
+    assert [p.name for p in tmp_path.iterdir()] == ["step0000004"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=inf", "optim.lr must be a finite number"),
+    ("optim.lr=-1", "optim.lr must be a finite number"),
+    ("data.num_threads=0", "data.num_threads must be positive"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints must be positive"),
+])
+def test_bad_config_values(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(overrides=parse_set([override])))
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    assert load_config(overrides=parse_set(["optim.lr=3e-4"])).optim.lr == 3e-4
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 3e-4\n")
+    assert load_config(tmp_path / "c.yaml").optim.lr == 3e-4
+
+
+@pytest.mark.parametrize("text, message", [("- a\n- b\n", "must be a mapping"), ("a: [\n", "not a readable YAML")])
+def test_config_file_that_is_not_a_mapping(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_out_that_is_a_file(base_run, shards_dir, tmp_path):
+    (tmp_path / "f").write_text("x")
+    r = train(base_run[0], shards_dir, tmp_path / "f")
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tune_resume_refuses_pickles_others_could_write(tmp_path):
+    from zoome_dist.tuning import check_pickles_are_ours
+
+    exp = tmp_path / "ray" / "search"
+    (exp / "trial_1").mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"x")
+    (exp / "tuner.pkl").chmod(0o644)
+    check_pickles_are_ours(exp)
+    (exp / "trial_1" / "state.pkl").write_bytes(b"x")
+    (exp / "trial_1" / "state.pkl").chmod(0o666)
+    with pytest.raises(ValueError, match=r"state.pkl: refusing to resume.*writable by others \(mode 666\)"):
+        check_pickles_are_ours(exp)
+    (exp / "trial_1" / "state.pkl").unlink()
+    (exp / "trial_1" / "state.pkl").symlink_to(tmp_path / "elsewhere.pkl")
+    with pytest.raises(ValueError, match="a symbolic link"):
+        check_pickles_are_ours(exp)
