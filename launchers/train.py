@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config, parse_set(a.set))
         run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress,
             allow_changes=a.allow_config_change)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: unwritable/full --out, unreadable input
         if os.environ.get("RANK", "0") == "0":
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2

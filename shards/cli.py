@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         return a.func(a)
-    except (StrictError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (StrictError, ValueError, OSError) as e:  # OSError: unwritable or full --out, unreadable input
         print(f"zoome-shards {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -90,3 +90,31 @@ def test_cv_report(shards_dir, tmp_path):
     # a finished CV is not retrained when re-run
     r2 = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0 and "==" not in r2.stdout.split("CV")[0]
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("truth", "0.5", "ground truth must be 0 or 1"),
+    ("truth", "yes", "ground truth must be 0 or 1"),
+    ("pred", "nan", "must be probabilities in [0, 1]"),
+    ("pred", "inf", "must be probabilities in [0, 1]"),
+    ("pred", "", "must be probabilities in [0, 1]"),
+    ("pred", "1.5", "must be probabilities in [0, 1]"),
+])
+def test_score_rejects_bad_values(tmp_path, capsys, column, value, message):
+    truth = pd.DataFrame({"image_name": [f"I{i}" for i in range(5)], "target": [str(y) for y in Y]})
+    pred = pd.DataFrame({"image_name": [f"I{i}" for i in range(5)], "target": [str(p) for p in P]})
+    (truth if column == "truth" else pred).loc[2, "target"] = value
+    truth.to_csv(tmp_path / "t.csv", index=False)
+    pred.to_csv(tmp_path / "p.csv", index=False)
+    assert zoome_main(["score", "--truth", str(tmp_path / "t.csv"), "--pred", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "I2=" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [b"", b"image_name,target\n\xff\xfe,1\n"])
+def test_score_empty_or_non_utf8_csv(tmp_path, capsys, content):
+    (tmp_path / "t.csv").write_bytes(content)
+    pd.DataFrame({"image_name": ["I0"], "target": [0.5]}).to_csv(tmp_path / "p.csv", index=False)
+    assert zoome_main(["score", "--truth", str(tmp_path / "t.csv"), "--pred", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert ("empty CSV" in err or "not UTF-8" in err) and "Traceback" not in err

@@ -133,3 +133,56 @@ def test_explanation_maps(checkpoint, tmp_path):
     assert zoome_main(["explain", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "lesion.jpg"),
                        "--meta", "age=70,sex=male,site=head/neck", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("age", ["inf", "1e9", "-50", "nan", "old"])
+def test_bad_age_is_a_listed_problem_not_a_blank_probability(checkpoint, tmp_path, capsys, age):
+    root = write_images(tmp_path / "imgs", 4)
+    csv = pd.read_csv(root / "test.csv", dtype=str, keep_default_na=False)
+    csv.loc[1, "age_approx"] = age
+    csv.to_csv(root / "test.csv", index=False)
+    out = tmp_path / "pred.csv"
+    rc = zoome_main(["predict", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"),
+                     "--images", str(root), "--out", str(out)])
+    assert rc == 0
+    pred = pd.read_csv(out)
+    assert list(pred["image_name"]) == ["T_000", "T_002", "T_003"] and pred["target"].notna().all()
+    errors = pd.read_csv(tmp_path / "pred.errors.csv")
+    assert errors["image_name"].tolist() == ["T_001"] and "malformed age_approx" in errors["reason"][0]
+
+
+def test_predict_out_checked_before_inference(checkpoint, tmp_path, capsys):
+    root = write_images(tmp_path / "imgs", 2)
+    for out, message in ((tmp_path / "missing" / "pred.csv", "does not exist"), (tmp_path, "is a folder")):
+        rc = zoome_main(["predict", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"),
+                         "--images", str(root), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "ensemble of" not in err, "checked only after the inference"
+
+
+def test_planted_model_best_is_refused(tmp_path, capsys):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"config": Payload(), "state_dict": {}, "metadata_encoding": {}}, tmp_path / "model_best.pt")
+    root = write_images(tmp_path / "imgs", 2)
+    rc = zoome_main(["predict", "--checkpoint", str(tmp_path), "--csv", str(root / "test.csv"),
+                     "--images", str(root), "--out", str(tmp_path / "p.csv")])
+    assert rc == 2 and "refused to load" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_explain_csv_never_follows_unsafe_names(checkpoint, tmp_path, capsys):
+    root = write_images(tmp_path / "imgs" / "inner", 2)
+    Image.open(root / "T_000.jpg").save(tmp_path / "imgs" / "secret.jpg")
+    csv = pd.read_csv(root / "test.csv", dtype=str, keep_default_na=False)
+    csv.loc[0, "image_name"] = "../secret"
+    csv.to_csv(root / "test.csv", index=False)
+    rc = zoome_main(["explain", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"),
+                     "--images", str(root), "--out", str(tmp_path / "why.png")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "not explained: ../secret: unsafe image name" in err
+    assert "secret: P(melanoma)" not in err and "T_001: P(melanoma)" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from zoome_dist.metrics import binary_metrics
 
 
 def _read(path: str, role: str) -> pd.DataFrame:
+    from zoome_dist.data.isic import read_csv_text
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"{role} CSV not found: {path}")
-    df = pd.read_csv(path)
+    df = read_csv_text(Path(path), dtype=str, keep_default_na=False)
     key = "image_name" if "image_name" in df.columns else "image" if "image" in df.columns else None
     col = "target" if "target" in df.columns else "MEL" if "MEL" in df.columns else None
     if key is None or col is None:
@@ -38,12 +41,38 @@ def score(truth_csv: str, pred_csv: str) -> dict:
     if missing or extra:
         raise ValueError(f"rows do not match: {len(missing)} image(s) without a prediction {missing[:10]}, "
                          f"{len(extra)} prediction(s) for unknown images {extra[:10]}")
+    from zoome_dist.data.isic import parse_target
+
     merged = truth.merge(pred, on="image_name", suffixes=("_truth", "_pred"))
-    p = merged["value_pred"].astype(float)
-    if ((p < 0) | (p > 1)).any():
-        raise ValueError(f"{pred_csv}: predictions must be probabilities in [0, 1]")
-    m = binary_metrics(merged["value_truth"].astype(int).to_numpy(), p.to_numpy())
-    return m
+    y = merged["value_truth"].map(parse_target)
+    bad = merged["image_name"][y.isna()].tolist()
+    if bad:
+        shown = [f"{n}={v!r}" for n, v in zip(bad[:10], merged["value_truth"][y.isna()][:10])]
+        raise ValueError(f"{truth_csv}: ground truth must be 0 or 1; {len(bad)} row(s) are not: {shown}")
+    p = pd.to_numeric(merged["value_pred"], errors="coerce")
+    bad_p = ~(p.between(0, 1))  # NaN, inf, text and out-of-range alike
+    if bad_p.any():
+        shown = [f"{n}={v!r}" for n, v in zip(merged["image_name"][bad_p][:10], merged["value_pred"][bad_p][:10])]
+        raise ValueError(f"{pred_csv}: predictions must be probabilities in [0, 1]; {int(bad_p.sum())} row(s) "
+                         f"are not: {shown}")
+    return binary_metrics(y.astype(int).to_numpy(), p.to_numpy())
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work if ``out`` cannot be written: a folder, a missing or read-only parent."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"--out {out}: not writable")
+
+
+def write_csv_atomic(df: pd.DataFrame, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out)
 
 
 def _predict(a: argparse.Namespace) -> int:
@@ -52,6 +81,8 @@ def _predict(a: argparse.Namespace) -> int:
     from zoome_dist.pipeline import resolve_device
     from zoome_dist.predict import find_checkpoints, load_member, predict
 
+    out = Path(a.out)
+    check_writable(out)  # before the inference, not after it
     dev = torch.device("cuda") if resolve_device(a.device) == "gpu" else torch.device("cpu")
     members = [load_member(p, dev) for p in find_checkpoints(a.checkpoint)]
     print(f"ensemble of {len(members)} checkpoint(s), TTA {a.tta} view(s)", file=sys.stderr)
@@ -61,11 +92,10 @@ def _predict(a: argparse.Namespace) -> int:
         pred = pred.rename(columns={"image_name": "image", "prob": "MEL"})
     else:
         pred = pred.rename(columns={"prob": "target"})
-    out = Path(a.out)
-    pred.to_csv(out, index=False)
+    write_csv_atomic(pred, out)
     side = out.with_name(out.stem + ".errors.csv")
     if problems:
-        pd.DataFrame(problems).to_csv(side, index=False)
+        write_csv_atomic(pd.DataFrame(problems), side)
         for pr in problems:
             print(f"not scored: {pr['image_name']}: {pr['reason']}", file=sys.stderr)
         print(f"{len(problems)} image(s) could not be scored; listed in {side}", file=sys.stderr)
@@ -76,12 +106,20 @@ def _predict(a: argparse.Namespace) -> int:
 
 
 def _parse_meta(spec: str) -> dict:
+    from zoome_dist.data.isic import parse_age
+
     out = {"age": None, "sex": None, "site": None}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         key, _, value = item.partition("=")
         if key not in out:
             raise ValueError(f"--meta key {key!r}; valid keys: {list(out)}")
-        out[key] = float(value) if key == "age" else value
+        if key == "age":
+            age = parse_age(value)
+            if age is None:
+                raise ValueError(f"--meta age {value!r}: a number in 0..120 (or leave it out)")
+            out[key] = None if age != age else age
+        else:
+            out[key] = value
     return out
 
 
@@ -94,15 +132,21 @@ def _explain(a: argparse.Namespace) -> int:
     from zoome_dist.pipeline.augment import Augment
     from zoome_dist.pipeline.torch_loader import make_transform
     from zoome_dist.predict import find_checkpoints, load_member, read_test_csv
+    from zoome_dist.safe_load import safe_load
 
     paths = find_checkpoints([a.checkpoint])
     if len(paths) != 1:
         raise ValueError(f"explain takes one checkpoint; {a.checkpoint} holds {len(paths)}")
     member = load_member(paths[0], torch.device("cpu"))
-    threshold = torch.load(paths[0], map_location="cpu", weights_only=True)["metrics"].get("threshold", 0.5)
+    threshold = safe_load(paths[0], map_location="cpu").get("metrics", {}).get("threshold", 0.5)
     enc, size = member.encoding, member.cfg.data.image_size
+    check_writable(Path(a.out))
     if a.csv:
-        df, metas = read_test_csv(a.csv, enc)
+        if not a.images:
+            raise ValueError("--csv needs --images (the folder with <image_name>.jpg)")
+        df, metas, problems = read_test_csv(a.csv, enc)
+        for pr in problems:  # unsafe names are never followed
+            print(f"not explained: {pr['image_name']}: {pr['reason']}", file=sys.stderr)
         jobs = [(n, Path(a.images) / f"{n}.jpg", m) for n, m in zip(df["image_name"], metas)][: a.limit]
     else:
         m = _parse_meta(a.meta)
@@ -168,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "explain":
             return _explain(a)
         m = score(a.truth, a.pred)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: unwritable or full output folder, unreadable input
         print(f"zoome {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     if a.json:

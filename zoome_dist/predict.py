@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from zoome_dist.config import Config, apply_overrides, flatten
-from zoome_dist.data.isic import check_image_name
+from zoome_dist.data.isic import check_image_name, parse_age, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.pipeline import LOADERS, resolve_device
+from zoome_dist.safe_load import safe_load
 from zoome_dist.train.engine import build_model
 
 TEST_COLUMNS = ("image_name", "sex", "age_approx", "anatom_site_general_challenge")
@@ -49,7 +50,9 @@ def find_checkpoints(paths: list[str]) -> list[Path]:
 
 
 def load_member(path: Path, device: torch.device) -> Member:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path, map_location="cpu")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a zoome_dist model_best.pt")
     for key in ("config", "state_dict", "metadata_encoding"):
         if key not in state:
             raise ValueError(f"{path}: not a zoome_dist model_best.pt (no {key!r})")
@@ -61,25 +64,31 @@ def load_member(path: Path, device: torch.device) -> Member:
     return Member(path, model.to(device).eval(), cfg, MetadataEncoding.from_dict(state["metadata_encoding"]))
 
 
-def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame, np.ndarray]:
-    """ISIC test-CSV rows (labels optional) and their metadata vectors, in input order."""
-    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
+    """ISIC test-CSV rows (labels optional) that can be scored, their metadata vectors, in input order,
+    and the rows that cannot (``{"image_name", "reason"}``). The rules are the shard builder's
+    (``zoome_dist.data.isic``): safe image names, an age that is blank or a finite 0..120."""
+    df = read_csv_text(Path(csv), dtype=str, keep_default_na=False)
     missing = [c for c in TEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{csv}: missing required column(s) {missing}; found {list(df.columns)}")
+    df = df[df[list(TEST_COLUMNS)].notna().all(axis=1)]  # rows with too few fields
     dup = df["image_name"][df["image_name"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{csv}: duplicate image name(s) {dup[:10]}")
-    vectors = []
-    for name, age, sex, site in zip(df["image_name"], df["age_approx"], df["sex"],
-                                    df["anatom_site_general_challenge"]):
-        try:
-            value = float(age) if age.strip() else None
-        except ValueError:
-            raise ValueError(f"{csv}: image {name}: malformed age_approx {age!r}") from None
-        vectors.append(enc.encode(value, sex, site))
+    vectors, keep, problems = [], [], []
+    for i, (name, age, sex, site) in enumerate(zip(df["image_name"], df["age_approx"], df["sex"],
+                                                   df["anatom_site_general_challenge"])):
+        value = parse_age(age)
+        why = check_image_name(name) or (f"malformed age_approx {age!r} (blank, or a number in 0..120)"
+                                         if value is None else None)
+        if why:
+            problems.append({"image_name": name, "reason": why})
+            continue
+        keep.append(i)
+        vectors.append(enc.encode(None if np.isnan(value) else value, sex, site))
     meta = np.stack(vectors) if vectors else np.zeros((0, enc.dim), np.float32)
-    return df, meta
+    return df.iloc[keep].reset_index(drop=True), meta, problems
 
 
 def check_image(path: Path) -> str | None:
@@ -160,10 +169,10 @@ def predict(members: list[Member], csv: str | Path, images: str | Path, tta: int
             raise ValueError(f"{m.path}: ensemble members must share the metadata encoding and image size "
                              f"({members[0].path} has image_size {size})")
     tta_views(torch.zeros(1, 1, 1, 1), tta)  # validate early
-    df, meta = read_test_csv(csv, enc)
-    images, problems, keep = Path(images), [], []
+    df, meta, problems = read_test_csv(csv, enc)
+    images, keep = Path(images), []
     for i, name in enumerate(df["image_name"]):
-        why = check_image_name(name) or check_image(images / f"{name}.jpg")
+        why = check_image(images / f"{name}.jpg")
         if why:
             problems.append({"image_name": name, "reason": why})
         else:

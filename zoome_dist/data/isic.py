@@ -90,7 +90,17 @@ def check_image_name(name: str) -> str | None:
     return None
 
 
-def _parse_age(raw: str) -> float | None:
+def parse_target(raw: object) -> int | None:
+    """A ground-truth label: exactly 0 or 1 (``"1"``, ``"1.0"``, ``1``); anything else is None."""
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        return None
+    return int(value) if value in (0.0, 1.0) else None
+
+
+def parse_age(raw: str) -> float | None:
+    """``age_approx``: NaN when blank (unknown), None when not a finite age in 0..120."""
     raw = raw.strip()
     if raw == "":
         return math.nan
@@ -127,7 +137,7 @@ def _row(name: str, patient: str, sex: str, age_raw: str, site: str, target: int
     if why:
         skipped.append(Skipped(name, why))
         return None
-    age = _parse_age(age_raw)
+    age = parse_age(age_raw)
     if age is None:
         skipped.append(Skipped(name, f"malformed age_approx {age_raw!r}"))
         return None
@@ -150,12 +160,13 @@ def read_isic2020(path: str | Path, enc: MetadataEncoding | None = None) -> Read
     rows = []
     has_diag = "diagnosis" in df.columns
     for rec in df.to_dict("records"):
-        tgt = rec["target"].strip()
-        if tgt not in ("0", "1"):
-            skipped.append(Skipped(rec["image_name"].strip(), f"invalid target {tgt!r} (expected 0 or 1)"))
+        tgt = parse_target(rec["target"])
+        if tgt is None:
+            skipped.append(Skipped(rec["image_name"].strip(), f"invalid target {rec['target'].strip()!r} "
+                                   "(expected 0 or 1)"))
             continue
         row = _row(rec["image_name"], rec["patient_id"], rec["sex"], rec["age_approx"],
-                   rec["anatom_site_general_challenge"], int(tgt),
+                   rec["anatom_site_general_challenge"], tgt,
                    rec["diagnosis"] if has_diag else "", "isic2020", skipped)
         if row:
             rows.append(row)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoome_dist.safe_load import safe_load
+
 _ATTN = re.compile(r"\.attn\.")
 _HEAD = ("backbone.fc.", "backbone.classifier.6.")
 
@@ -42,7 +44,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {path} (zoome_dist never downloads; "
                                 "see zoome_dist/models/pretrained.py for how to obtain it)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path, map_location="cpu")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     ours = model.state_dict()

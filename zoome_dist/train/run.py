@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -191,6 +192,9 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     if fold not in fold_ids:
         raise ValueError(f"fold {fold} does not exist in {shards}; valid folds: {fold_ids}")
     resuming = _check_run_folder(out, resume)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any work
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: not writable")
     info = setup_distributed()
     try:
         if resuming:

@@ -9,47 +9,27 @@ too: it must name a checkpoint folder inside the checkpoint directory.
 """
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
-import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from zoome_dist.safe_load import DamagedCheckpointError, UnsafeCheckpointError, safe_load
+
 # What DeepSpeed 0.19 writes besides tensors and builtins (ZeRO 1/2 optimizer state files):
 SAFE_GLOBALS = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 TAG = re.compile(r"step\d{7}")
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file asks to load code (a global outside the allow-list): tampering, never retried."""
-
-
-class DamagedCheckpointError(ValueError):
-    """A checkpoint file is not a readable torch checkpoint (truncated, garbage): an older one may do."""
-
-
-def safe_load(path: str | Path, map_location=None):
-    """``torch.load`` that refuses pickled code, naming the file and what it tried to load."""
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"unsupported GLOBAL (\S+)", str(e))
-        if found:
-            raise UnsafeCheckpointError(f"{path}: refused to load: it asks for {found.group(1)}, not tensors and plain "
-                                        "data; it was not written by zoome_dist, or was tampered with") from None
-        raise DamagedCheckpointError(f"{path}: not a readable checkpoint (refused by the safe loader)") from None
+__all__ = ["SafeCheckpointEngine", "install", "latest_tag", "UnsafeCheckpointError", "DamagedCheckpointError"]
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, loading with ``safe_load``."""
 
     def load(self, path: str, map_location=None):
-        return safe_load(path, map_location)
+        return safe_load(path, map_location, SAFE_GLOBALS)
 
 
 def install(engine) -> None:
