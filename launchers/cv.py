@@ -2,7 +2,9 @@
 
     python launchers/cv.py --config launchers/configs/zoome.yaml --shards data/shards --folds 0-9 \\
         --out runs/cv --variants zoome,zoome_no_zoomse,zoome_no_meta --num-gpus 8
-CPU: --num-gpus 2 starts 2 CPU ranks per fold (DS_ACCELERATOR=cpu). Multi-node: --hostfile FILE.
+CPU: --num-gpus 2 starts 2 CPU ranks per fold (DS_ACCELERATOR=cpu). Multi-node: --hostfile FILE
+--master-addr NODE1. On a GPU node the ranks use CUDA_VISIBLE_DEVICES when it is set (DeepSpeed's
+--include), and never more ranks than there are devices.
 
 Writes OUT/<variant>/fold-XX/ (each a train.py run folder), OUT/table.md and OUT/table.csv
 (mean ± std over folds), OUT/folds.csv (per-fold rows) and OUT/roc.png (pooled out-of-fold ROC).
@@ -38,25 +40,18 @@ def parse_folds(spec: str) -> list[int]:
     return out
 
 
-def train_command(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> list[str]:
-    args = [str(ROOT / "launchers" / "train.py"), "--shards", a.shards, "--fold", str(fold),
-            "--out", str(run_dir), "--set", f"model.name={variant}", "--no-progress"]
+def fold_command(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> list[str]:
+    from zoome_dist.launch import Launch, train_command
+
+    args = ["--shards", a.shards, "--fold", str(fold), "--out", str(run_dir), "--set", f"model.name={variant}",
+            "--no-progress"]
     if a.config:
         args += ["--config", a.config]
     for s in a.set:
         args += ["--set", s]
     if (run_dir / "checkpoints" / "latest").is_file():
         args.append("--resume")
-    if a.num_gpus <= 1 and not a.hostfile:
-        return [sys.executable] + args
-    from zoome_dist.train.engine import free_port
-
-    cmd = ["deepspeed", "--master_port", str(free_port())]
-    if a.hostfile:
-        cmd += ["--hostfile", a.hostfile]
-    else:
-        cmd += ["--num_gpus", str(a.num_gpus)]
-    return cmd + args
+    return train_command(args, Launch(ranks=a.num_gpus, hostfile=a.hostfile, master_addr=a.master_addr))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--variants", default="", help="comma-separated model names (default: the config's)")
     p.add_argument("--num-gpus", type=int, default=1, help="ranks per fold on this node")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node folds")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node folds (with --master-addr)")
+    p.add_argument("--master-addr", help="with --hostfile: the first node's address, as the others reach it")
     p.add_argument("--select", choices=["last", "best"], default="last")
     a = p.parse_args(argv)
 
@@ -84,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         bad = [k for k in folds if k not in valid]
         if bad:
             raise ValueError(f"fold(s) {bad} do not exist in {a.shards}; valid folds: {valid}")
+        from zoome_dist.launch import Launch
+
+        Launch(ranks=a.num_gpus, hostfile=a.hostfile, master_addr=a.master_addr).validate()
         variants = [v for v in a.variants.split(",") if v] or [cfg.model.name]
         unknown = [v for v in variants if v not in MODELS]
         if unknown:
             raise ValueError(f"Unknown variant(s) {unknown}. Valid models: {sorted(MODELS)}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"cv.py: error: {e}", file=sys.stderr)
         return 2
 
@@ -102,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / variant / f"fold-{fold:02d}"
             if not (run_dir / "summary.json").is_file():
                 print(f"== {variant} fold {fold} → {run_dir}", flush=True)
-                rc = subprocess.run(train_command(a, variant, fold, run_dir), env=env).returncode
+                try:
+                    cmd = fold_command(a, variant, fold, run_dir)
+                except ValueError as e:
+                    print(f"cv.py: error: {e}", file=sys.stderr)
+                    return 2
+                rc = subprocess.run(cmd, env=env).returncode
                 if rc != 0:
                     print(f"cv.py: {variant} fold {fold} failed (exit {rc}); rerun to resume", file=sys.stderr)
                     return rc

@@ -161,6 +161,23 @@ def test_data_parallel_equals_single_process_bn_free(tmp_path):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_default_config_starts_at_every_world_size_dividing_the_global_batch():
+    cfg = load_config()  # global 64, micro 32
+    for world in range(1, 65):
+        if 64 % world:
+            with pytest.raises(ValueError, match="does not divide over"):
+                deepspeed_config(cfg, world)
+            continue
+        ds = deepspeed_config(cfg, world)
+        micro, gas = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+        assert micro * gas * world == 64 and micro == min(32, 64 // world), world
+    odd = load_config(overrides={"train.global_batch_size": 96, "train.micro_batch_size": 32})
+    ds = deepspeed_config(odd, 4)  # a share of 24: the largest micro ≤ 32 dividing it is 24
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (24, 1)
+    ds = deepspeed_config(load_config(overrides={"train.global_batch_size": 96, "train.micro_batch_size": 16}), 2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 3)
+
+
 def test_config_errors(tmp_path, shards_dir):
     with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['optim.learning_rate'\].*optim.lr"):
         load_config(overrides={"optim.learning_rate": 0.1})
@@ -171,7 +188,8 @@ def test_config_errors(tmp_path, shards_dir):
         load_config(overrides=parse_set(["train.epochs=three"]))
     cfg = load_config(overrides=parse_set(["train.global_batch_size=64", "train.micro_batch_size=16"]))
     assert deepspeed_config(cfg, 2)["gradient_accumulation_steps"] == 2
-    with pytest.raises(ValueError, match=r"global_batch_size 64 does not divide .* 16 × 3 rank\(s\) = 48"):
+    with pytest.raises(ValueError, match=r"global_batch_size 64 does not divide over 3 rank\(s\); run on one of "
+                                         r"\[1, 2, 4, 8, 16, 32, 64\] ranks"):
         deepspeed_config(cfg, 3)
     assert "model.pool_size" in valid_keys() and "train.zero_stage" in valid_keys()
     launcher = [sys.executable, str(ROOT / "launchers" / "train.py"), "--shards", str(shards_dir), "--out",
@@ -187,3 +205,18 @@ def test_config_errors(tmp_path, shards_dir):
                         "--fold", "0", "--out", str(tmp_path / "r")], env=env(), cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "no manifest.json" in r.stderr
+
+
+def test_non_editable_install_trains(shards_dir, tiny_cfg, tmp_path):
+    """`pip install .` (not -e) then `python -m zoome_dist.train` from elsewhere: no path into the checkout."""
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(site), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(site)}
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.train", *train_args(tiny_cfg, shards_dir, tmp_path / "run"),
+                        "--set", "train.epochs=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 1
+    assert str(ROOT) not in r.stdout + r.stderr.replace(str(shards_dir), "")

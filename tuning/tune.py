@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError as e:
                 raise ValueError("--search optuna needs the optuna package "
                                  f"(pip install -e '.[optuna]'): {e}") from None
+        if a.gpus_per_trial and a.workers_per_trial and a.workers_per_trial > a.gpus_per_trial:
+            raise ValueError(f"--workers-per-trial {a.workers_per_trial} > --gpus-per-trial {a.gpus_per_trial}: "
+                             "a GPU trial runs one rank per GPU")
         experiment = Path(a.out).resolve() / "ray" / a.name
         if experiment.is_dir():
             check_pickles_are_ours(experiment)  # Ray unpickles a resumed experiment's state

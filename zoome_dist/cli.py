@@ -1,4 +1,6 @@
-"""``zoome predict | explain | score``: what a user runs after training.
+"""``zoome train | predict | explain | score``.
+
+    zoome train   --config launchers/configs/zoome.yaml --shards data/shards --fold 0 --out runs/f0
 
     zoome predict --checkpoint runs/cv/zoome --csv test.csv --images jpeg/test --out pred.csv --tta 8
     zoome explain --checkpoint runs/cv/zoome/fold-00 --image lesion.jpg --meta age=55,sex=male,site=torso --out why.png
@@ -173,11 +175,18 @@ def _explain(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the training program has its own parser (also `python -m zoome_dist.train`)
+        from zoome_dist.train.cli import main as train_main
+
+        return train_main(argv[1:])
     from zoome_dist.pipeline import DEVICES, LOADERS
 
     p = argparse.ArgumentParser(prog="zoome", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="train one fold (DeepSpeed); `zoome train --help` for its options",
+                   add_help=False)
     pr = sub.add_parser("predict", help="score images with one or more checkpoints (ensemble), with TTA")
     pr.add_argument("--checkpoint", action="append", required=True,
                     help="model_best.pt, a run folder, or a folder of runs (all are averaged); repeatable")

@@ -79,12 +79,19 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    socket_ifname: str = ""             # interface gloo/NCCL use; "" = the one that routes to MASTER_ADDR
+    timeout_s: float = 300.0            # a collective waiting longer (a lost rank) fails the job
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,7 +105,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 def _section_types(section: str) -> dict[str, Any]:
     cls = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig,
-           "train": TrainConfig}[section]
+           "train": TrainConfig, "dist": DistConfig}[section]
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

@@ -5,8 +5,9 @@ Design (see README "Tuning"):
   after every epoch the running mean validation AUC (finished folds' final AUC and the current fold's
   latest). Every fold of a configuration therefore uses the same hyperparameters (a ``grid_search``
   over the fold would redraw them), and ASHA can stop a poor configuration after its first fold.
-- **A process group per trial**: the trial spawns its ``workers`` ranks as plain
-  ``launchers/train.py`` processes (RANK/WORLD_SIZE env, gloo or NCCL), the exact path a user runs,
+- **A process group per trial**: the trial spawns its ``workers`` ranks as ``python -m
+  zoome_dist.train`` processes (``zoome_dist.launch.local_rank_commands``: RANK/WORLD_SIZE env and a
+  rendezvous file in the fold's folder, so concurrent trials never race for a port), the path a user runs,
   instead of a Ray Train ``TorchTrainer``; the ranks get a parent-death signal so they die with the
   trial when ASHA stops it or it fails, and nothing (placement groups, actors) outlives a trial.
 - **Checkpoints**: every epoch the ranks write DeepSpeed checkpoints into the trial's run folder
@@ -21,7 +22,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +30,8 @@ from typing import Any, Iterator
 import yaml
 
 from zoome_dist.config import Config, apply_overrides, check_keys
-from zoome_dist.train.engine import free_port
+from zoome_dist.launch import local_rank_commands
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER = ROOT / "launchers" / "train.py"
 
 
 def search_space(pool_sizes: tuple[int, ...] = (1, 2, 4, 8), base_model: str = "zoome",
@@ -77,20 +75,17 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
                threads: int) -> Iterator[dict]:
     """Run one fold as ``workers`` ranks; yield each new ``metrics.jsonl`` record as it appears."""
     fold_dir.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, str(LAUNCHER), "--config", str(cfg_path), "--shards", shards, "--fold", str(fold),
-            "--out", str(fold_dir), "--no-progress"]
+    args = ["--config", str(cfg_path), "--shards", shards, "--fold", str(fold), "--out", str(fold_dir),
+            "--no-progress"]
     if (fold_dir / "checkpoints" / "latest").is_file():
         args.append("--resume")
-    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if gpus == 0:  # a trial without GPUs never touches CUDA, whatever the node has
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     procs = []
-    for rank in range(workers):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(workers),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads),
-               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        if gpus == 0:
-            env["DS_ACCELERATOR"] = "cpu"
+    for rank, (cmd, rank_env) in enumerate(local_rank_commands(args, workers, fold_dir / ".rendezvous", env)):
         log = open(fold_dir / f"rank{rank}.log", "a")
-        procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen(cmd, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
                                       preexec_fn=_die_with_parent))
         log.close()
     metrics, seen = fold_dir / "metrics.jsonl", 0

@@ -4,7 +4,7 @@
    ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64;
 2. the input pipeline at 1024 px sources: the nvJPEG torch path (full training augmentation on the
    GPU) against nvJPEG decode alone, DALI ``mixed`` against its decode alone where DALI imports;
-3. a 2-epoch, 1-GPU DeepSpeed training through ``launchers/train.py`` on synthetic 1024 px data:
+3. a 2-epoch, 1-GPU DeepSpeed training through ``zoome train`` on synthetic 1024 px data:
    img/s and its data-wait share;
 4. ``zoome predict`` img/s, TTA 1 vs 8.
 
@@ -143,11 +143,12 @@ def bench_pipeline_gpu(shards: Path, batch: int = 64, limit: int = 30, threads: 
 def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 2, threads: int = 8) -> dict:
     """``launchers/train.py`` as a user runs it (1 GPU, DeepSpeed, bf16, nvJPEG torch loader)."""
     out: dict = {"micro": micro, "epochs": epochs, "loader": "torch+nvjpeg", "precision": "bf16"}
-    cmd = [sys.executable, str(ROOT / "launchers" / "train.py"), "--shards", str(shards), "--fold", "0",
-           "--out", str(work / "train"), "--no-progress",
+    from zoome_dist.launch import train_command
+
+    cmd = train_command(["--shards", str(shards), "--fold", "0", "--out", str(work / "train"), "--no-progress",
            "--set", "data.loader=torch", "--set", "data.device=gpu", "--set", f"data.num_threads={threads}",
            "--set", f"train.epochs={epochs}", "--set", f"train.micro_batch_size={micro}",
-           "--set", f"train.global_batch_size={micro}", "--set", "train.precision=bf16"]
+           "--set", f"train.global_batch_size={micro}", "--set", "train.precision=bf16"])
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cuda"})
     out["wall_s"] = round(time.perf_counter() - t, 1)

@@ -1,20 +1,19 @@
 """Training throughput per rank and data-wait fraction through the real launcher, per precision.
 
-Each precision is its own ``launchers/train.py`` process (DeepSpeed keeps process-group state for
+Each precision is its own ``zoome train`` process (DeepSpeed keeps process-group state for
 the life of a process, so one process trains one run).
 """
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from zoome_dist.bench.shards import reused_dataset
 from zoome_dist.config import load_config
 from zoome_dist.data.writer import BuildOptions, build
+from zoome_dist.launch import train_command
 
 
 def bench_train(model: str = "zoome", image_size: int = 224, n: int = 192, source_size: int = 512,
@@ -27,18 +26,16 @@ def bench_train(model: str = "zoome", image_size: int = 224, n: int = 192, sourc
         imgs = reused_dataset(root / "src", n, source_size, 2)
         build(root / "src" / "train.csv", imgs, root / "shards", BuildOptions(folds=2, max_side=0,
               samples_per_shard=64), workers=2, progress=False)
-        launcher = Path(__file__).resolve().parents[2] / "launchers" / "train.py"
         for prec in precisions:
             overrides = {"model.name": model, "data.image_size": image_size, "data.num_threads": threads,
                          "data.loader": loader, "train.epochs": 1, "train.micro_batch_size": micro_batch,
                          "train.global_batch_size": micro_batch, "train.precision": prec,
                          "optim.warmup_epochs": 0.0}
             load_config(overrides=overrides)  # fail fast on a bad key
-            cmd = [sys.executable, str(launcher), "--shards", str(root / "shards"), "--fold", "0",
-                   "--out", str(root / f"run-{prec}"), "--no-progress"]
+            args = ["--shards", str(root / "shards"), "--fold", "0", "--out", str(root / f"run-{prec}"), "--no-progress"]
             for k, v in overrides.items():
-                cmd += ["--set", f"{k}={v}"]
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(launcher.parents[1])})
+                args += ["--set", f"{k}={v}"]
+            subprocess.run(train_command(args), check=True)
             m = json.loads((root / f"run-{prec}" / "metrics.jsonl").read_text().splitlines()[-1])
             out[prec] = {"train_img_s_per_rank": round(m["train_img_s_per_rank"], 2),
                          "data_wait": round(m["data_wait"], 4)}

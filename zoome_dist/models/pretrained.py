@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from zoome_dist.safe_load import safe_load

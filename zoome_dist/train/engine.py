@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zoome_dist.config import Config
+from zoome_dist.config import Config, DistConfig
 from zoome_dist.losses import LOSSES
 from zoome_dist.models import MODELS, create_model, model_options
 from zoome_dist.pipeline import DEVICES, LOADERS
@@ -35,20 +35,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_distributed() -> DistInfo:
+def interface_to(host: str) -> str | None:
+    """Name of the local network interface whose route reaches ``host`` (no packet is sent)."""
+    import psutil
+
+    try:
+        ip = socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((ip, 9))  # UDP connect: only picks the route
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name
+    return None
+
+
+def socket_interface(master_addr: str, configured: str = "") -> str | None:
+    """The interface gloo and NCCL should use: ``dist.socket_ifname`` if set, else what the user
+    exported (``GLOO_SOCKET_IFNAME``), else the one that routes to ``MASTER_ADDR``. Without this gloo
+    takes its address from the hostname, which resolves to loopback on many nodes, and ranks on other
+    nodes are refused (``Gloo connectFullMesh failed ... remote=[127.0.0.1]``)."""
+    return configured or os.environ.get("GLOO_SOCKET_IFNAME") or interface_to(master_addr)
+
+
+def accelerator() -> str:
+    """``cuda`` or ``cpu``: DeepSpeed's accelerator (``DS_ACCELERATOR``), which every device decision
+    follows, not ``torch.cuda.is_available()``."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
     """Join the process group the launcher set up (deepspeed/torchrun), or make a 1-process one."""
+    from datetime import timedelta
+
     import deepspeed
 
+    dist_cfg = dist_cfg or DistConfig()
     if "RANK" not in os.environ:  # plain `python launchers/train.py`: no MPI discovery (STACK.md)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-    deepspeed.init_distributed()
+    ifname = socket_interface(os.environ["MASTER_ADDR"], dist_cfg.socket_ifname)
+    if ifname:
+        os.environ["GLOO_SOCKET_IFNAME"] = ifname
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accelerator() == "cuda":
+        import torch
+
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ValueError(f"LOCAL_RANK {local_rank} but only {visible} GPU(s) are visible on this node: "
+                             "start at most one rank per GPU (deepspeed --num_gpus / --include, CUDA_VISIBLE_DEVICES)")
+        torch.cuda.set_device(local_rank)
+    rendezvous = os.environ.get("ZOOME_RENDEZVOUS_FILE")  # zoome_dist.launch.local_rank_commands
+    if rendezvous:
+        os.environ.setdefault("MASTER_PORT", "0")  # unused with a file rendezvous; DeepSpeed checks it is set
+        deepspeed.init_distributed(timeout=timedelta(seconds=dist_cfg.timeout_s), init_method=f"file://{rendezvous}",
+                                   rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        deepspeed.init_distributed(timeout=timedelta(seconds=dist_cfg.timeout_s))
     import torch.distributed as dist
 
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-    return info
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def validate(cfg: Config) -> None:
@@ -80,21 +132,35 @@ def validate(cfg: Config) -> None:
         raise ValueError("optim.lr must be positive, got 0")
     if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
         raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+    if cfg.train.precision == "fp16" and accelerator() != "cuda":
         raise ValueError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    if cfg.data.device == "gpu" and accelerator() != "cuda":
+        raise ValueError(f"data.device gpu needs DeepSpeed's cuda accelerator; it runs on {accelerator()} "
+                         "(DS_ACCELERATOR): use data.device auto or cpu")
+    if cfg.dist.timeout_s <= 0:
+        raise ValueError(f"dist.timeout_s must be positive, got {cfg.dist.timeout_s}")
+
+
+def micro_and_accumulation(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:
+    """The micro batch per rank and accumulation steps for ``world_size`` ranks: the largest micro
+    batch ≤ the configured one that divides this rank's share of the global batch. Only a global batch
+    that does not divide over the ranks is an error (naming the world sizes that work)."""
+    if global_batch % world_size:
+        valid = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
+        raise ValueError(f"train.global_batch_size {global_batch} does not divide over {world_size} rank(s); "
+                         f"run on one of {valid} ranks, or choose a global batch that is a multiple of {world_size}")
+    share = global_batch // world_size
+    m = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
+    return m, share // m
 
 
 def deepspeed_config(cfg: Config, world_size: int, tensorboard_dir: str | Path | None = None) -> dict:
     """The DeepSpeed config dict, derived from ``cfg`` for ``world_size`` ranks (its only source)."""
-    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if g % (m * world_size):
-        raise ValueError(f"train.global_batch_size {g} does not divide over train.micro_batch_size {m} × "
-                         f"{world_size} rank(s) = {m * world_size}; choose a global batch that is a "
-                         "multiple of it")
+    m, gas = micro_and_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size)
     ds: dict[str, Any] = {
-        "train_batch_size": g,
+        "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": m,
-        "gradient_accumulation_steps": g // (m * world_size),
+        "gradient_accumulation_steps": gas,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # a client torch optimizer: nothing JIT-compiled
         "steps_per_print": 10**9,

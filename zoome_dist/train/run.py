@@ -27,7 +27,7 @@ from zoome_dist.losses import make_loss
 from zoome_dist.metrics import binary_metrics, youden_threshold
 from zoome_dist.pipeline import LOADERS, Augment, make_loader
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
-from zoome_dist.train.engine import (DistInfo, build_model, build_optimizer, build_scheduler,
+from zoome_dist.train.engine import (DistInfo, accelerator, build_model, build_optimizer, build_scheduler,
                                      deepspeed_config, setup_distributed, validate)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
 from zoome_dist.train.safe_checkpoint import TAG, UnsafeCheckpointError, install, latest_tag
@@ -195,17 +195,21 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any work
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: not writable")
-    info = setup_distributed()
+    info = setup_distributed(cfg.dist)
+    ok = False
     try:
         if resuming:
             changed = check_resume_config(out, cfg, info.world_size, allow_changes)
             if changed:
                 log0(f"resuming with changed {changed} (--allow-config-change)")
-        return _run(cfg, shards, fold, out, manifest, [k for k in fold_ids if k != fold], info, resuming,
-                    progress)
+        summary = _run(cfg, shards, fold, out, manifest, [k for k in fold_ids if k != fold], info, resuming,
+                       progress)
+        ok = True
+        return summary
     finally:
-        if dist.is_initialized():  # gloo can abort at exit without this (STACK.md)
-            dist.barrier()
+        if dist.is_initialized():
+            if ok:  # gloo can abort at exit without this (STACK.md); never wait for a failed peer
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -217,15 +221,16 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     ds_cfg = deepspeed_config(cfg, info.world_size, out / "tensorboard")
-    gas = ds_cfg["gradient_accumulation_steps"]
+    gas, micro = ds_cfg["gradient_accumulation_steps"], ds_cfg["train_micro_batch_size_per_gpu"]
     loader = LOADERS[0] if cfg.data.loader == "auto" else cfg.data.loader
+    data_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if accelerator() == "cuda" else "cpu")
     common = dict(image_size=cfg.data.image_size, rank=info.rank, world_size=info.world_size,
-                  local_rank=info.local_rank, device=cfg.data.device, loader=loader,
+                  local_rank=info.local_rank, device=data_device, loader=loader,
                   num_threads=cfg.data.num_threads)
     aug = Augment(tuple(cfg.data.zoom), cfg.data.rotate, cfg.data.flip)
 
     def train_loader(epoch: int):  # one per epoch: its batches depend on (seed, epoch, rank) only
-        return make_loader(shards, train_folds, train=True, batch_size=cfg.train.micro_batch_size,
+        return make_loader(shards, train_folds, train=True, batch_size=micro,
                            seed=cfg.train.seed, aug=aug, epoch=epoch, **common)
 
     train_it, micro_steps = train_loader(0)

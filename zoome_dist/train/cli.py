@@ -1,0 +1,78 @@
+"""Train ZooME on one cross-validation fold with DeepSpeed data parallelism.
+
+The same program under every name: ``zoome train``, ``python -m zoome_dist.train``,
+``deepspeed --module zoome_dist.train`` and the ``launchers/train.py`` shim.
+
+Single GPU node (N GPUs, NCCL):
+    deepspeed --num_gpus N --module zoome_dist.train --config launchers/configs/zoome.yaml \\
+        --shards data/shards --fold 0 --out runs/zoome/fold-00
+Several nodes (hostfile lines: "node1 slots=8"; shards on shared storage):
+    deepspeed --hostfile hosts --master_addr node1 --module zoome_dist.train --config ... --fold 0 --out ...
+CPU-only machine (2 ranks over gloo; DS_ACCELERATOR=cpu silences the accelerator warning):
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --module zoome_dist.train \\
+        --config launchers/configs/demo-cpu.yaml --shards runs/demo/shards --fold 0 --out runs/demo/fold-00
+One process, no launcher:
+    zoome train --config launchers/configs/demo-cpu.yaml --shards ... --fold 0 --out ...
+
+Overrides: --set optim.lr=3e-4 --set train.precision=fp32 (any key of zoome_dist/config.py).
+Resume after a crash: the same command with --resume (continues from the newest intact checkpoint;
+a changed config is refused unless --allow-config-change and only train.epochs and similar differ).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from zoome_dist.config import load_config, parse_set
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zoome train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML/JSON config (default: built-in paper recipe)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--shards", required=True, help="zoome-shards build folder")
+    p.add_argument("--fold", type=int, required=True, help="validation fold; the others train")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a changed train.epochs, train.log_every, train.keep_checkpoints, "
+                        "train.checkpoint_every_steps, train.eval_batch_size or data.num_threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    from zoome_dist.train.run import run
+
+    try:
+        cfg = load_config(a.config, parse_set(a.set))
+        run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress,
+            allow_changes=a.allow_config_change)
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: unwritable/full --out, unreadable input
+        if os.environ.get("RANK", "0") == "0":
+            print(f"zoome train: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch.distributed errors (DistBackendError) are RuntimeErrors
+        if not lost_peer(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        print(f"zoome train: error: rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost a peer rank "
+              f"or its node during a collective ({first}). Bring every node back, then rerun the same "
+              "command with --resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def lost_peer(e: BaseException) -> bool:
+    """A communication failure: a peer rank died, its node went away, or a collective timed out."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset", "Broken pipe", "connectFullMesh",
+                            "Timed out", "timed out", "NCCL", "ProcessGroupGloo"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
