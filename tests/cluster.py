@@ -60,7 +60,7 @@ def reap_stale() -> None:
             pid, n = (int(x) for x in (d / "owner").read_text().split())
         except (OSError, ValueError):
             continue
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+        if 0 < pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             Cluster(n, d.name.rsplit("-", 1)[1]).down()
 
 
@@ -77,6 +77,7 @@ class Cluster:
         self.addrs = [str(self.subnet.network_address + 11 + i) for i in range(nodes)]
         self.dir = Path(tempfile.gettempdir()) / f"zoome-cluster-{self.tag}"
         self.sshd: list[subprocess.Popen | None] = [None] * nodes
+        self.owner = os.getpid()  # -1: made by `cluster.py up`, torn down only by `down`
 
     @staticmethod
     def _free_tag() -> str:
@@ -106,7 +107,7 @@ class Cluster:
         reap_stale()
         d = self.dir
         (d / "bin").mkdir(parents=True)
-        (d / "owner").write_text(f"{os.getpid()} {self.n}")
+        (d / "owner").write_text(f"{self.owner} {self.n}")
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "id_ed25519"))
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "hostkey"))
@@ -201,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             print(f"cluster.py: {why}", file=sys.stderr)
             return 2
-        c = Cluster(a.nodes).up()
+        c = Cluster(a.nodes)
+        c.owner = -1  # outlives this process on purpose: never reaped as stale
+        c.up()
         print(json.dumps({"tag": c.tag, "nodes": c.addrs, "PATH": c.env["PATH"].split(":")[0],
                           "down": f"python tests/cluster.py down {c.tag} --nodes {a.nodes}"}, indent=1))
         return 0

@@ -160,9 +160,20 @@ def test_tune_resume_refuses_pickles_others_could_write(tmp_path):
 
     exp = tmp_path / "ray" / "search"
     (exp / "trial_1").mkdir(parents=True)
+    for d in (tmp_path / "ray", exp, exp / "trial_1"):
+        d.chmod(0o755)
     (exp / "tuner.pkl").write_bytes(b"x")
     (exp / "tuner.pkl").chmod(0o644)
     check_pickles_are_ours(exp)
+    (exp / "experiment_state-2026.json").write_text("{}")
+    (exp / "experiment_state-2026.json").chmod(0o664)
+    with pytest.raises(ValueError, match=r"experiment_state-2026.json: refusing.*writable by others"):
+        check_pickles_are_ours(exp)
+    (exp / "experiment_state-2026.json").chmod(0o644)
+    (exp / "trial_1").chmod(0o777)
+    with pytest.raises(ValueError, match=r"trial_1: refusing.*mode 777"):
+        check_pickles_are_ours(exp)
+    (exp / "trial_1").chmod(0o755)
     (exp / "trial_1" / "state.pkl").write_bytes(b"x")
     (exp / "trial_1" / "state.pkl").chmod(0o666)
     with pytest.raises(ValueError, match=r"state.pkl: refusing to resume.*writable by others \(mode 666\)"):
@@ -171,3 +182,54 @@ def test_tune_resume_refuses_pickles_others_could_write(tmp_path):
     (exp / "trial_1" / "state.pkl").symlink_to(tmp_path / "elsewhere.pkl")
     with pytest.raises(ValueError, match="a symbolic link"):
         check_pickles_are_ours(exp)
+
+
+class PopenPayload:
+    def __reduce__(self):
+        import subprocess as sp
+
+        return (sp.Popen, (["true"],))
+
+
+def test_safe_load_refuses_any_global_outside_the_allow_list(tmp_path):
+    from zoome_dist.safe_load import UnsafeCheckpointError, safe_load
+
+    torch.save({"x": PopenPayload()}, tmp_path / "p.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"asks for \S*Popen"):
+        safe_load(tmp_path / "p.pt")
+
+
+def test_resume_with_another_fold_is_refused(base_run, shards_dir, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.train", "--config", str(base_run[0]), "--shards",
+                        str(shards_dir), "--fold", "1", "--out", str(run), "--resume", "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "is a run of fold 0" in r.stderr
+
+
+def test_empty_latest_falls_back_to_the_newest_folder(base_run, shards_dir, tmp_path):
+    run = copy_run(base_run, tmp_path)
+    newest = newest_tag(run)
+    (run / "checkpoints" / "latest").write_text("")
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2", "--allow-config-change")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"starting from the newest checkpoint folder, {newest}" in r.stdout
+
+
+def test_socket_interface_avoids_loopback_in_a_multi_node_job(monkeypatch):
+    from zoome_dist.train import engine
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert engine.socket_interface("127.0.0.1") == "lo"  # one node: loopback is right
+    monkeypatch.setenv("CROSS_SIZE", "2")  # the master's own name resolving to 127.0.1.1 on a 2-node job
+    route = engine.default_route_interface()
+    if route:
+        assert engine.socket_interface("127.0.1.1") == route
+    else:
+        with pytest.raises(ValueError, match="dist.socket_ifname"):
+            engine.socket_interface("127.0.1.1")
+    assert engine.socket_interface("127.0.1.1", configured="eth7") == "eth7"

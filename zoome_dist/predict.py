@@ -72,11 +72,13 @@ def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame,
     missing = [c for c in TEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{csv}: missing required column(s) {missing}; found {list(df.columns)}")
-    df = df[df[list(TEST_COLUMNS)].notna().all(axis=1)]  # rows with too few fields
+    short = ~df[list(TEST_COLUMNS)].notna().all(axis=1)  # rows with too few fields
+    problems = [{"image_name": str(n), "reason": "malformed CSV row: too few fields"} for n in df["image_name"][short]]
+    df = df[~short]
     dup = df["image_name"][df["image_name"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{csv}: duplicate image name(s) {dup[:10]}")
-    vectors, keep, problems = [], [], []
+    vectors, keep = [], []
     for i, (name, age, sex, site) in enumerate(zip(df["image_name"], df["age_approx"], df["sex"],
                                                    df["anatom_site_general_challenge"])):
         value = parse_age(age)
@@ -148,9 +150,13 @@ def _torch_images(files: list[str], image_size: int, batch: int, device: torch.d
     gpu = BatchAugment(False, image_size, Augment(), device) if device.type == "cuda" else None
     for start in range(0, len(files), batch):
         part = files[start:start + batch]
+        images = None
         if gpu is not None:
-            images = gpu([read_file(f) for f in part])
-        else:
+            try:
+                images = gpu([read_file(f) for f in part])
+            except RuntimeError:  # nvJPEG takes baseline JPEGs only (not PNG-under-.jpg, CMYK): this batch on CPU
+                images = None
+        if images is None:
             images = torch.stack([tf(decode_image(f, mode=ImageReadMode.RGB)) for f in part])
         yield np.arange(start, start + len(part)), images
 

@@ -26,7 +26,7 @@ def safe_load(path: str | Path, map_location=None, allowed: list | tuple = ()):
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        found = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)  # "unsupported GLOBAL x" / "GLOBAL x was not allowed"
         if found:
             raise UnsafeCheckpointError(f"{path}: refused to load: it asks for {found.group(1)}, not tensors and plain "
                                         "data; it was not written by zoome_dist, or was tampered with") from None

@@ -198,20 +198,22 @@ def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
 
 
 def check_pickles_are_ours(experiment: Path) -> None:
-    """Refuse to resume a Tune experiment whose pickled state someone else could have written.
+    """Refuse to resume a Tune experiment whose state someone else could have written.
 
-    Ray restores an experiment by unpickling its state files (``tuner.pkl``, ``*.pkl``), and unpickling
-    runs code: unlike our checkpoints this cannot be made data-only. So every pickle under the
-    experiment must belong to the current user and be writable by nobody else (shared storage with
+    Ray restores an experiment by unpickling its state (``tuner.pkl``, ``*.pkl``, and cloudpickled
+    fields inside ``experiment_state-*.json``), and unpickling runs code: unlike our checkpoints this
+    cannot be made data-only. So every file and folder of the experiment must belong to the current
+    user and be writable by nobody else, and none may be a symbolic link (shared storage with
     group-writable folders is how a planted file would arrive)."""
     me = os.getuid()
-    for f in sorted(Path(experiment).rglob("*.pkl")):
+    root = Path(experiment)
+    for f in [root, *sorted(root.rglob("*"))]:
         st = f.lstat()
         if f.is_symlink() or st.st_uid != me or st.st_mode & 0o022:
             who = "a symbolic link" if f.is_symlink() else (
                 f"owned by uid {st.st_uid}" if st.st_uid != me else f"writable by others (mode {st.st_mode & 0o777:o})")
-            raise ValueError(f"{f}: refusing to resume the experiment: this pickle is {who}, and Ray would "
-                             "run whatever it holds. Fix its owner/mode if it is yours, or start a new --name")
+            raise ValueError(f"{f}: refusing to resume the experiment: it is {who}, and Ray would unpickle "
+                             "(run) what its state holds. Fix its owner/mode if it is yours, or start a new --name")
 
 
 def search_keys(df) -> list[str]:

@@ -17,6 +17,10 @@ class BadImage(Exception):
     """The file cannot be decoded into an image; the message is the reason recorded in the manifest."""
 
 
+DAMAGE = ("Corrupt JPEG data: premature end", "Premature end of JPEG file", "Corrupt JPEG data: bad Huffman",
+          "Invalid SOS parameters", "JPEG datastream contains no image")
+
+
 def libjpeg_damage(raw: bytes) -> str | None:
     """Decode a JPEG fully with libjpeg (torchvision) and return its complaint, or None if clean.
 
@@ -40,8 +44,11 @@ def libjpeg_damage(raw: bytes) -> str | None:
             os.dup2(saved, 2)
             os.close(saved)
         err.seek(0)
-        lines = [ln.strip() for ln in err.read().decode(errors="replace").splitlines() if ln.strip()]
-    return "; ".join(lines) if lines else None
+        lines = [ln.strip() for ln in err.read().decode(errors="replace").splitlines()]
+    # only libjpeg's damage reports count (not, e.g., "extraneous bytes before marker" or a stray line
+    # that another thread of this process wrote to stderr meanwhile)
+    damage = [ln for ln in lines if ln.startswith(DAMAGE)]
+    return "; ".join(damage) if damage else None
 
 
 def prepare_image(path: Path, max_side: int = 0, quality: int = 95) -> tuple[bytes, list[str], bool]:

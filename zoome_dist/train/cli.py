@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress,
             allow_changes=a.allow_config_change)
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: unwritable/full --out, unreadable input
-        if os.environ.get("RANK", "0") == "0":
-            print(f"zoome train: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        # every rank reports (a rank-local error, e.g. LOCAL_RANK beyond the GPUs, must not go unseen)
+        if rank == "0" or not same_on_every_rank(e):
+            where = f"[rank {rank} on {socket.gethostname()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"zoome train: error: {where}{e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # torch.distributed errors (DistBackendError) are RuntimeErrors
         if not lost_peer(e):
@@ -62,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
               "command with --resume", file=sys.stderr)
         return 1
     return 0
+
+
+def same_on_every_rank(e: BaseException) -> bool:
+    """Errors that every rank raises identically (config, inputs): printed once, by rank 0."""
+    return isinstance(e, (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)) and \
+        "LOCAL_RANK" not in str(e)
 
 
 def lost_peer(e: BaseException) -> bool:

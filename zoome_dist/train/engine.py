@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,41 @@ def interface_to(host: str) -> str | None:
     return None
 
 
+def default_route_interface() -> str | None:
+    """The interface of this node's default route (``/proc/net/route``), or None."""
+    try:
+        for line in open("/proc/net/route").read().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == "00000000":
+                return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+def multi_node() -> bool:
+    """Whether this job's ranks span several nodes (DeepSpeed's CROSS_SIZE, torchrun's LOCAL_WORLD_SIZE)."""
+    if int(os.environ.get("CROSS_SIZE", "1")) > 1:
+        return True
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    return bool(local) and int(os.environ.get("WORLD_SIZE", "1")) > int(local)
+
+
 def socket_interface(master_addr: str, configured: str = "") -> str | None:
     """The interface gloo and NCCL should use: ``dist.socket_ifname`` if set, else what the user
     exported (``GLOO_SOCKET_IFNAME``), else the one that routes to ``MASTER_ADDR``. Without this gloo
     takes its address from the hostname, which resolves to loopback on many nodes, and ranks on other
-    nodes are refused (``Gloo connectFullMesh failed ... remote=[127.0.0.1]``)."""
-    return configured or os.environ.get("GLOO_SOCKET_IFNAME") or interface_to(master_addr)
+    nodes are refused (``Gloo connectFullMesh failed ... remote=[127.0.0.1]``). On the master node
+    itself the master's name may resolve to loopback (``127.0.1.1`` in Debian's /etc/hosts): in a
+    multi-node job a loopback answer is replaced by the default route's interface."""
+    chosen = configured or os.environ.get("GLOO_SOCKET_IFNAME") or interface_to(master_addr)
+    if chosen == "lo" and not configured and multi_node():
+        chosen = default_route_interface()
+        if chosen is None:
+            raise ValueError(f"MASTER_ADDR {master_addr} is a loopback address on this node, and it has no "
+                             "default route to fall back on: set dist.socket_ifname to the interface the other "
+                             "nodes reach it through")
+    return chosen
 
 
 def accelerator() -> str:
@@ -151,6 +181,10 @@ def micro_and_accumulation(global_batch: int, micro: int, world_size: int) -> tu
                          f"run on one of {valid} ranks, or choose a global batch that is a multiple of {world_size}")
     share = global_batch // world_size
     m = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
+    if m * 2 <= min(micro, share):
+        print(f"warning: micro batch {m} per rank (train.micro_batch_size {micro}): {share} per rank only divides "
+              f"into micro batches of {m}; choose a global batch with more divisors (e.g. a power of 2)",
+              file=sys.stderr, flush=True)
     return m, share // m
 
 

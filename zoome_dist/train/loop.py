@@ -74,9 +74,11 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
     y = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, int)
     total_loss = float(loss_sum)  # the one device→host copy of the epoch (waits for the GPU)
     elapsed = time.perf_counter() - start
-    if not np.isfinite(total_loss) or not np.isfinite(p).all():
+    bad = torch.tensor([float(not (np.isfinite(total_loss) and np.isfinite(p).all()))])
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank raises together: none waits in a collective
+    if bad.item():
         raise FloatingPointError(f"training diverged in epoch {epoch}: the loss or the predictions are not "
-                                 f"finite (loss sum {total_loss}); lower optim.lr, raise optim.warmup_epochs "
+                                 f"finite on at least one rank (this rank's loss sum: {total_loss}); lower optim.lr, raise optim.warmup_epochs "
                                  "or use train.precision fp32, then --resume from the last good checkpoint")
     p, y, losses, counts = gather(p, y, np.array([total_loss]), np.array([n_images]))
     images = int(counts.sum())

@@ -63,9 +63,11 @@ def _check_run_folder(out: Path, resume: bool) -> bool:
     return has_ckpt and resume
 
 
-def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: bool) -> list[str]:
-    """Refuse a resume whose config or world size differs from the run's, naming the keys; with
-    ``allow_changes`` the keys of ``RESUMABLE_KEYS`` may differ. Returns the changed keys."""
+def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: bool,
+                        job: dict[str, Any] | None = None) -> list[str]:
+    """Refuse a resume whose config, world size or job (``fold``, ``shards``, ``loader``) differs from
+    the run's, naming the keys; with ``allow_changes`` the keys of ``RESUMABLE_KEYS`` may differ.
+    Returns the changed keys."""
     from zoome_dist.config import flatten, load_config
 
     old = flatten(load_config(out / "config.yaml").to_dict())
@@ -75,6 +77,10 @@ def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: 
     if run_json.get("world_size", world_size) != world_size:
         raise ValueError(f"{out} was trained with {run_json['world_size']} rank(s); resuming with {world_size} "
                          "would change every batch. Resume with the same number of ranks")
+    for key, value in (job or {}).items():  # never changeable: another fold, dataset or batch order
+        if key in run_json and run_json[key] != value:
+            raise ValueError(f"{out} is a run of {key} {run_json[key]!r}; resuming it with {key} {value!r} would "
+                             "train something else. Use the same --fold/--shards/data.loader, or a new --out")
     refused = [k for k in changed if not (allow_changes and k in RESUMABLE_KEYS)]
     if refused:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in refused)
@@ -115,9 +121,15 @@ def restore(engine, ckpt_dir: Path) -> dict:
     Loading is safe (``safe_checkpoint``): a file holding pickled code is refused on every rank. A
     newest checkpoint that cannot be read (truncated, missing files) is reported and the previous one
     is tried; with none left, the error names what failed."""
-    tags = [latest_tag(ckpt_dir)]
-    tags += sorted((p.name for p in ckpt_dir.iterdir() if TAG.fullmatch(p.name) and p.name < tags[0]),
-                   reverse=True)
+    on_disk = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.fullmatch(p.name)), reverse=True)
+    try:
+        newest = latest_tag(ckpt_dir)
+    except FileNotFoundError as e:  # `latest` empty or naming a folder that is gone (a crash while writing it)
+        if not on_disk:
+            raise
+        newest = on_disk[0]
+        log0(f"warning: {e}; starting from the newest checkpoint folder, {newest}")
+    tags = [newest] + [t for t in on_disk if t < newest]
     failures = []
     for tag in tags:
         status, why, client = 0, "", None
@@ -199,7 +211,9 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     ok = False
     try:
         if resuming:
-            changed = check_resume_config(out, cfg, info.world_size, allow_changes)
+            job = {"fold": fold, "shards": str(shards.resolve()),
+                   "loader": LOADERS[0] if cfg.data.loader == "auto" else cfg.data.loader}
+            changed = check_resume_config(out, cfg, info.world_size, allow_changes, job)
             if changed:
                 log0(f"resuming with changed {changed} (--allow-config-change)")
         summary = _run(cfg, shards, fold, out, manifest, [k for k in fold_ids if k != fold], info, resuming,

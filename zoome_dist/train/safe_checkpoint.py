@@ -44,6 +44,8 @@ def latest_tag(ckpt_dir: Path) -> str:
     """The tag ``latest`` names, checked to be one of ours (``stepNNNNNNN``) and present."""
     latest = ckpt_dir / "latest"
     tag = latest.read_text(errors="replace").strip()
+    if not tag:
+        raise FileNotFoundError(f"{latest} is empty")
     if not TAG.fullmatch(tag):
         raise ValueError(f"{latest}: names checkpoint {tag[:80]!r}, not one written by zoome_dist (stepNNNNNNN)")
     if not (ckpt_dir / tag).is_dir():
