@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.path.insert(0, str(ROOT / "launchers"))
-    from cv import main as cv_main
+    from zoome_dist.cv import main as cv_main
 
     return cv_main(["--config", str(ROOT / "launchers" / "configs" / "demo-cpu.yaml"), "--shards", str(shards),
                     "--folds", a.train_folds, "--out", str(out / "cv"), "--num-gpus", str(a.ranks)])

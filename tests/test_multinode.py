@@ -113,3 +113,4 @@ def test_lost_node_fails_fast_then_resume_matches(cluster, shards_dir, tmp_path)
     got = check_run(out, shards_dir, 2)
     assert got["global_steps"] == reference["global_steps"]
     assert abs(got["last"]["val_auc"] - reference["last"]["val_auc"]) <= 1e-3
+

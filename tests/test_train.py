@@ -220,3 +220,28 @@ def test_non_editable_install_trains(shards_dir, tiny_cfg, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 1
     assert str(ROOT) not in r.stdout + r.stderr.replace(str(shards_dir), "")
+    # the CV driver too (one rank, one fold), and the tuning entry point resolves
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.cli", "cv", "--config", str(tiny_cfg), "--shards",
+                        str(shards_dir), "--folds", "1", "--out", str(tmp_path / "cv"), "--set", "train.epochs=1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "cv" / "table.md").is_file()
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.cli", "tune", "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "zoome tune" in r.stdout
+
+
+def test_launch_commands(tmp_path):
+    from zoome_dist.launch import Launch, local_rank_commands, train_command
+
+    assert train_command(["--fold", "0"])[1:] == ["-m", "zoome_dist.train", "--fold", "0"]
+    cmd = train_command(["--fold", "0"], Launch(ranks=2))
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[-4:] == ["--module", "zoome_dist.train", "--fold", "0"]
+    (tmp_path / "hosts").write_text("node1 slots=8\n")
+    with pytest.raises(ValueError, match="needs --master-addr"):
+        train_command([], Launch(hostfile=str(tmp_path / "hosts")))
+    cmd = train_command([], Launch(hostfile=str(tmp_path / "hosts"), master_addr="node1"))
+    assert cmd[cmd.index("--master_addr") + 1] == "node1" and "--num_gpus" not in cmd
+    ranks = local_rank_commands(["--fold", "0"], 2, tmp_path / "run" / ".rendezvous")
+    assert [e["RANK"] for _, e in ranks] == ["0", "1"] and {e["ZOOME_RENDEZVOUS_FILE"] for _, e in ranks} == \
+        {str(tmp_path / "run" / ".rendezvous")}

@@ -30,7 +30,7 @@ def cluster():
 
 
 def test_search_across_two_nodes(cluster, shards_dir, tmp_path, capsys):
-    from tuning.tune import main as tune_main
+    from zoome_dist.tune import main as tune_main
 
     out = tmp_path / "tune"
     args = ["--shards", str(shards_dir), "--folds", "0,1", "--num-samples", "4", "--out", str(out),
@@ -61,7 +61,7 @@ def test_search_across_two_nodes(cluster, shards_dir, tmp_path, capsys):
 
 
 def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
-    from tuning.tune import main as tune_main
+    from zoome_dist.tune import main as tune_main
 
     out = tmp_path / "tune"
     killed = {}

@@ -1,6 +1,8 @@
-"""``zoome train | predict | explain | score``.
+"""``zoome train | cv | tune | predict | explain | score``.
 
     zoome train   --config launchers/configs/zoome.yaml --shards data/shards --fold 0 --out runs/f0
+    zoome cv      --config launchers/configs/zoome.yaml --shards data/shards --folds 0-9 --out runs/cv
+    zoome tune    --config launchers/configs/zoome.yaml --shards data/shards --folds 0,1,2 --out runs/tune
 
     zoome predict --checkpoint runs/cv/zoome --csv test.csv --images jpeg/test --out pred.csv --tta 8
     zoome explain --checkpoint runs/cv/zoome/fold-00 --image lesion.jpg --meta age=55,sex=male,site=torso --out why.png
@@ -180,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         from zoome_dist.train.cli import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["cv"]:
+        from zoome_dist.cv import main as cv_main
+
+        return cv_main(argv[1:])
+    if argv[:1] == ["tune"]:
+        from zoome_dist.tune import main as tune_main
+
+        return tune_main(argv[1:])
     from zoome_dist.pipeline import DEVICES, LOADERS
 
     p = argparse.ArgumentParser(prog="zoome", description=__doc__,
@@ -187,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train one fold (DeepSpeed); `zoome train --help` for its options",
                    add_help=False)
+    sub.add_parser("cv", help="cross-validation: folds × variants, Table-I report; `zoome cv --help`",
+                   add_help=False)
+    sub.add_parser("tune", help="Ray Tune search across folds; `zoome tune --help`", add_help=False)
     pr = sub.add_parser("predict", help="score images with one or more checkpoints (ensemble), with TTA")
     pr.add_argument("--checkpoint", action="append", required=True,
                     help="model_best.pt, a run folder, or a folder of runs (all are averaged); repeatable")

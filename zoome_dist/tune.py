@@ -1,0 +1,125 @@
+"""Ray Tune search over learning rate, weight decay, focal α/γ, batch size, Zoom-SE pool size and
+metadata on/off; objective: mean validation AUC over ``--folds`` (every fold of a configuration
+trained with the same hyperparameters). ASHA early stopping by default, Optuna as an option.
+
+Local (starts a Ray instance on this machine):
+    zoome tune --config launchers/configs/zoome.yaml --shards data/shards --folds 0,1,2 \\
+        --num-samples 32 --out runs/tune --gpus-per-trial 1
+On a running cluster (shards and --out on storage every node sees):
+    zoome tune ... --ray-address auto
+    ray submit tuning/cluster.yaml tuning/tune.py -- --shards /shared/shards --out /shared/tune ...
+Re-running with the same --out and --name resumes the experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zoome tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--folds", default="0,1,2", help="validation folds every configuration is trained on")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", default="zoome_tune", help="experiment name (re-run to resume)")
+    p.add_argument("--ray-address", help="join this cluster (e.g. auto or HOST:6379); default: local Ray")
+    p.add_argument("--gpus-per-trial", type=int, default=0)
+    p.add_argument("--workers-per-trial", type=int, default=0, help="ranks per trial (default: GPUs, or 1)")
+    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--pool-sizes", default="1,2,4,8", help="Zoom-SE pool sizes to search")
+    p.add_argument("--batch-sizes", default="32,64,128", help="global batch sizes to search")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    p.add_argument("--search", choices=["random", "optuna"], default="random")
+    p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search algorithm's sampling")
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2, 3], help="Ray Tune console output")
+    a = p.parse_args(argv)
+
+    from zoome_dist.config import load_config, parse_set
+    from zoome_dist.data.manifest import load_manifest
+    from zoome_dist.train.engine import validate
+    from zoome_dist.tuning import base_tree, check_pickles_are_ours, search_space, trainable, write_results
+
+    try:
+        cfg = load_config(a.config, parse_set(a.set))
+        validate(cfg)
+        folds = [int(x) for x in a.folds.split(",") if x.strip()]
+        valid = [f["fold"] for f in load_manifest(a.shards)["folds"]]
+        bad = [k for k in folds if k not in valid]
+        if bad or not folds:
+            raise ValueError(f"--folds {a.folds!r}: fold(s) {bad} do not exist; valid folds: {valid}")
+        space = search_space(tuple(int(x) for x in a.pool_sizes.split(",")), cfg.model.name,
+                             tuple(int(x) for x in a.batch_sizes.split(",")))
+        if a.search == "optuna":
+            try:
+                import optuna  # noqa: F401 - Ray's OptunaSearch imports without it, then asserts
+                from ray.tune.search.optuna import OptunaSearch
+            except ImportError as e:
+                raise ValueError("--search optuna needs the optuna package "
+                                 f"(pip install -e '.[optuna]'): {e}") from None
+        if a.gpus_per_trial and a.workers_per_trial and a.workers_per_trial > a.gpus_per_trial:
+            raise ValueError(f"--workers-per-trial {a.workers_per_trial} > --gpus-per-trial {a.gpus_per_trial}: "
+                             "a GPU trial runs one rank per GPU")
+        experiment = Path(a.out).resolve() / "ray" / a.name
+        if experiment.is_dir():
+            check_pickles_are_ours(experiment)  # Ray unpickles a resumed experiment's state
+    except (ValueError, FileNotFoundError) as e:
+        print(f"zoome tune: error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    workers = a.workers_per_trial or max(1, a.gpus_per_trial)
+    ray.init(address=a.ray_address, include_dashboard=False) if a.ray_address else ray.init(
+        include_dashboard=False)
+    try:
+        fn = tune.with_parameters(trainable, base=base_tree(cfg), shards=str(Path(a.shards).resolve()),
+                                  folds=folds, run_root=str(out / "trials"), workers=workers,
+                                  gpus=a.gpus_per_trial, threads=a.cpus_per_worker)
+        fn = tune.with_resources(fn, {"cpu": workers * a.cpus_per_worker, "gpu": a.gpus_per_trial})
+        epochs = cfg.train.epochs
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(folds) * epochs,
+                                   grace_period=epochs, reduction_factor=2)
+                     if a.scheduler == "asha" else FIFOScheduler())
+        search = (OptunaSearch(seed=a.seed) if a.search == "optuna"
+                  else BasicVariantGenerator(random_state=a.seed))
+        if a.search == "optuna" and a.max_concurrent:
+            search = ConcurrencyLimiter(search, a.max_concurrent)
+        path = out / "ray" / a.name
+        if tune.Tuner.can_restore(str(path)):
+            print(f"resuming experiment {path}", flush=True)
+            tuner = tune.Tuner.restore(str(path), trainable=fn, param_space=space, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                fn, param_space=space,
+                tune_config=tune.TuneConfig(metric="mean_auc", mode="max", num_samples=a.num_samples,
+                                            scheduler=scheduler, search_alg=search,
+                                            max_concurrent_trials=a.max_concurrent or None),
+                run_config=tune.RunConfig(name=a.name, storage_path=str(out / "ray"), verbose=a.verbose,
+                                          failure_config=tune.FailureConfig(max_failures=a.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+        results = tuner.fit()
+        summary = write_results(results, out, base_tree(cfg), folds)
+    finally:
+        ray.shutdown()
+    print((out / "trials.md").read_text())
+    print(f"best mean AUC {summary['best_mean_auc']:.4f} over folds {folds} ({summary['complete']} of "
+          f"{summary['trials']} trials finished every fold): {summary['best']}")
+    print(f"wrote {out / 'trials.csv'}, {out / 'trials.md'}, {out / 'best.yaml'}, {out / 'auc_vs_pool_size.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
