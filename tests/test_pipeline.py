@@ -182,3 +182,18 @@ def test_clear_errors(shards_dir, tmp_path):
         make_loader(shards_dir, [0], train=False, batch_size=4, device="tpu")
     with pytest.raises(ValueError, match="fewer than one batch"):
         make_loader(shards_dir, [0], train=True, batch_size=1000)
+
+
+def test_torch_training_batches_are_a_function_of_seed_epoch_rank(shards_dir):
+    """What exact resume needs from the torch loader: a rebuilt loader gives the same augmented batches,
+    whatever the process's RNG did in between (the workers' seeds come from (seed, epoch, rank))."""
+    def first_batches(epoch, rank):
+        torch.manual_seed(np.random.randint(1 << 30))  # disturb the global RNG
+        it, _ = make_loader(shards_dir, [0, 2], train=True, batch_size=4, image_size=32, rank=rank, world_size=2,
+                            loader="torch", num_threads=2, seed=5, epoch=epoch)
+        return [b[0] for b in list(it)[:3]]
+
+    a, b = first_batches(1, 0), first_batches(1, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = first_batches(2, 0)
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))

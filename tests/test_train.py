@@ -209,9 +209,13 @@ def test_config_errors(tmp_path, shards_dir):
 
 def test_non_editable_install_trains(shards_dir, tiny_cfg, tmp_path):
     """`pip install .` (not -e) then `python -m zoome_dist.train` from elsewhere: no path into the checkout."""
-    site = tmp_path / "site"
+    import shutil
+
+    site, src = tmp_path / "site", tmp_path / "src"  # build from a copy: the checkout stays untouched
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                            "runs", "data", "demo", ".whl", ".diag", ".gl"))
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--target", str(site), str(ROOT)], capture_output=True, text=True, timeout=300)
+                        "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(site)}
     r = subprocess.run([sys.executable, "-m", "zoome_dist.train", *train_args(tiny_cfg, shards_dir, tmp_path / "run"),

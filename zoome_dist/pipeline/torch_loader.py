@@ -127,9 +127,12 @@ def torch_loader(sel: Selection, *, train: bool, batch_size: int, image_size: in
     if train:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
+        # the workers' seeds (hence every random crop/rotation/flip) derive from (seed, epoch, rank), not
+        # from the process's global RNG: a resumed run replays the same augmented batches, as with DALI
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + rank) % 2**63)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                             num_workers=num_threads, persistent_workers=num_threads > 0,
-                            pin_memory=device == "gpu", collate_fn=collate)
+                            pin_memory=device == "gpu", collate_fn=collate, generator=gen)
     else:
         n = len(ds)
         part = Subset(ds, range(n * rank // world_size, n * (rank + 1) // world_size))
