@@ -1,7 +1,8 @@
 """The one-GPU check (``launchers/gpu_check.sh`` → ``benchmark.py gpu``): side by side in one run,
 
 1. training img/s (fwd + bwd + Adam step, channels_last model and inputs): ZooME vs its plain
-   ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64;
+   ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64 (and, at bf16 micro 64, ZooME
+   with the plain-autograd Zoom-SE reference), plus the Zoom-SE pooling kernel per stage map;
 2. the input pipeline at 1024 px sources: the nvJPEG torch path (full training augmentation on the
    GPU) against nvJPEG decode alone, DALI ``mixed`` against its decode alone where DALI imports;
 3. a 2-epoch, 1-GPU DeepSpeed training through ``zoome train`` on synthetic 1024 px data:
@@ -70,24 +71,63 @@ def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtyp
     return batch * iters / (time.perf_counter() - t)
 
 
+def _ms(fn, device: torch.device, n: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return round((time.perf_counter() - t) / n * 1e3, 4)
+
+
+def bench_zoom_se_kernels(device: str = "cuda", batch: int = 64, dtype: torch.dtype = torch.bfloat16,
+                          shapes: tuple[tuple[int, int], ...] = ((256, 56), (512, 28), (1024, 14), (2048, 7)),
+                          pool: int = 4) -> dict:
+    """Where Zoom-SE's time goes, per ResNeXt50 stage map (C, H=W): the adaptive max pool (with
+    indices, as the fused block uses it) in channels_last and NCHW, against one elementwise pass over
+    the same map (the memory-bound floor). Milliseconds per call."""
+    import torch.nn.functional as F
+
+    dev = torch.device(device)
+    out: dict = {"batch": batch, "dtype": str(dtype).replace("torch.", ""), "pool": pool}
+    for c, h in shapes:
+        x = torch.randn(batch, c, h, h, device=dev, dtype=dtype)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        out[f"{c}x{h}x{h}"] = {"maxpool_cl_ms": _ms(lambda: F.adaptive_max_pool2d(cl, pool, return_indices=True), dev),
+                               "maxpool_nchw_ms": _ms(lambda: F.adaptive_max_pool2d(x, pool, return_indices=True), dev),
+                               "elementwise_ms": _ms(lambda: cl * 2, dev)}
+    return out
+
+
 def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int = 30, rounds: int = 2) -> dict:
     from zoome_dist.models import ZooME, create_model
 
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    models = {"zoome": create_model("zoome"), "resnext50": ZooME("resnext50_32x4d", zoom_se=False, meta=False)}
+    reference = create_model("zoome")
+    for m in reference.modules():  # Zoom-SE through plain autograd instead of the fused function
+        if hasattr(m, "fused"):
+            m.fused = False
+    models = {"zoome": create_model("zoome"), "resnext50": ZooME("resnext50_32x4d", zoom_se=False, meta=False),
+              "zoome_reference": reference}
     for m in models.values():
         m.cuda().train().to(memory_format=torch.channels_last)
     out: dict = {}
     for prec, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         for micro in micros:
-            best = {k: 0.0 for k in models}
+            names = list(models) if (prec, micro) == ("bf16", max(micros)) else ["zoome", "resnext50"]
+            best = {k: 0.0 for k in names}
             for _ in range(rounds):  # alternate the contenders; keep each one's best
-                for name, m in models.items():
-                    best[name] = max(best[name], _train_rate(m, micro, size, dtype, iters))
+                for name in names:
+                    best[name] = max(best[name], _train_rate(models[name], micro, size, dtype, iters))
             out[f"{prec}_micro{micro}"] = {"zoome_img_s": round(best["zoome"], 1),
                                            "resnext50_img_s": round(best["resnext50"], 1),
                                            "ratio": round(best["zoome"] / best["resnext50"], 3)}
+            if "zoome_reference" in best:
+                out[f"{prec}_micro{micro}"]["zoome_reference_img_s"] = round(best["zoome_reference"], 1)
     return out
 
 
@@ -177,10 +217,11 @@ def _markdown(res: dict) -> str:
     g = res["gpu_info"]
     rows = ["| what | figure |", "|---|---|",
             f"| GPU | {g.get('gpu')} (driver {g.get('driver')}, CUDA {g.get('cuda')}, torch {g.get('torch')}) |"]
-    for section in ("tests", "models", "pipeline", "train", "predict"):
+    for section in ("tests", "models", "zoom_se_kernels", "pipeline", "train", "predict"):
         for k, v in res.get(section, {}).items():
             if section == "models" and isinstance(v, dict):
-                v = f"zoome {v['zoome_img_s']} / resnext50 {v['resnext50_img_s']} img/s (ratio {v['ratio']})"
+                ref = f"; plain-autograd Zoom-SE {v['zoome_reference_img_s']}" if "zoome_reference_img_s" in v else ""
+                v = f"zoome {v['zoome_img_s']} / resnext50 {v['resnext50_img_s']} img/s (ratio {v['ratio']}){ref}"
             if k != "tail":
                 rows.append(f"| {section} {k} | {str(v).replace('|', '/')[:300]} |")
     return "\n".join(rows) + "\n"
@@ -210,6 +251,7 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, tests
 
     step("tests", _pytest_gpu if tests else lambda: {"summary": "not run"})
     step("models", bench_models)
+    step("zoom_se_kernels", bench_zoom_se_kernels)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         imgs = reused_dataset(root / "src", n, source_size, os.cpu_count() or 2)
