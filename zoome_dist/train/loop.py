@@ -74,7 +74,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
     y = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, int)
     total_loss = float(loss_sum)  # the one device→host copy of the epoch (waits for the GPU)
     elapsed = time.perf_counter() - start
-    bad = torch.tensor([float(not (np.isfinite(total_loss) and np.isfinite(p).all()))])
+    bad = torch.tensor([float(not (np.isfinite(total_loss) and np.isfinite(p).all()))], device=loss_sum.device)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank raises together: none waits in a collective
     if bad.item():
         raise FloatingPointError(f"training diverged in epoch {epoch}: the loss or the predictions are not "
