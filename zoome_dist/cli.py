@@ -136,13 +136,12 @@ def _explain(a: argparse.Namespace) -> int:
     from zoome_dist.pipeline.augment import Augment
     from zoome_dist.pipeline.torch_loader import make_transform
     from zoome_dist.predict import find_checkpoints, load_member, read_test_csv
-    from zoome_dist.safe_load import safe_load
 
     paths = find_checkpoints([a.checkpoint])
     if len(paths) != 1:
         raise ValueError(f"explain takes one checkpoint; {a.checkpoint} holds {len(paths)}")
     member = load_member(paths[0], torch.device("cpu"))
-    threshold = safe_load(paths[0], map_location="cpu").get("metrics", {}).get("threshold", 0.5)
+    threshold = member.metrics.get("threshold", 0.5)
     enc, size = member.encoding, member.cfg.data.image_size
     check_writable(Path(a.out))
     if a.csv:

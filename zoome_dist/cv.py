@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+
 def parse_folds(spec: str) -> list[int]:
     """``"0-9"`` or ``"0,3,5"`` → list of ints."""
     out: list[int] = []

@@ -32,6 +32,7 @@ class Member:
     model: torch.nn.Module
     cfg: Config
     encoding: MetadataEncoding
+    metrics: dict  # the saved epoch's validation metrics (``threshold`` among them)
 
 
 def find_checkpoints(paths: list[str]) -> list[Path]:
@@ -61,7 +62,8 @@ def load_member(path: Path, device: torch.device) -> Member:
     cfg = apply_overrides(Config(), flatten(tree))
     model = build_model(cfg)
     model.load_state_dict(state["state_dict"], strict=True)
-    return Member(path, model.to(device).eval(), cfg, MetadataEncoding.from_dict(state["metadata_encoding"]))
+    return Member(path, model.to(device).eval(), cfg, MetadataEncoding.from_dict(state["metadata_encoding"]),
+                  dict(state.get("metrics") or {}))
 
 
 def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:

@@ -17,10 +17,8 @@ Design (see README "Tuning"):
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -31,6 +29,7 @@ import yaml
 
 from zoome_dist.config import Config, apply_overrides, check_keys
 from zoome_dist.launch import local_rank_commands
+from zoome_dist.procs import die_with_parent
 
 
 
@@ -63,14 +62,6 @@ def trial_config(base: dict, overrides: dict[str, Any]) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the process that started it dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: int, gpus: int,
                threads: int) -> Iterator[dict]:
     """Run one fold as ``workers`` ranks; yield each new ``metrics.jsonl`` record as it appears."""
@@ -86,7 +77,7 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
     for rank, (cmd, rank_env) in enumerate(local_rank_commands(args, workers, fold_dir / ".rendezvous", env)):
         log = open(fold_dir / f"rank{rank}.log", "a")
         procs.append(subprocess.Popen(cmd, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
-                                      preexec_fn=_die_with_parent))
+                                      preexec_fn=die_with_parent))
         log.close()
     metrics, seen = fold_dir / "metrics.jsonl", 0
     try:

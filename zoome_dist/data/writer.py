@@ -26,6 +26,7 @@ from zoome_dist.data.folds import assign_folds, fold_summary
 from zoome_dist.data.images import BadImage, prepare_image
 from zoome_dist.data.isic import Skipped, read_isic
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.procs import die_with_parent
 from zoome_dist.data.wds_index import create_index
 
 FORMAT_VERSION = 1
@@ -159,17 +160,6 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def die_with_parent(parent: int | None = None) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a killed build leaves no workers behind)."""
-    import ctypes
-    import signal
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if parent is not None and os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def images_fingerprint(images: Path, names: list[str]) -> str:

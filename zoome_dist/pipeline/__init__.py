@@ -22,6 +22,11 @@ def dali_available() -> bool:
 LOADERS = ("dali", "torch") if dali_available() else ("torch",)
 
 
+def resolve_loader(loader: str) -> str:
+    """``auto`` → ``dali`` where it imports, else ``torch``."""
+    return LOADERS[0] if loader == "auto" else loader
+
+
 def resolve_device(device: str) -> str:
     """``auto`` → ``gpu`` where CUDA is present, else ``cpu``."""
     import torch
@@ -71,4 +76,5 @@ def make_loader(shards: str | Path, folds: list[int], *, train: bool, batch_size
     return torch_loader(sel, **kwargs)
 
 
-__all__ = ["make_loader", "Augment", "Selection", "select_folds", "LOADERS", "DEVICES", "resolve_device"]
+__all__ = ["make_loader", "Augment", "Selection", "select_folds", "LOADERS", "DEVICES", "resolve_device",
+           "resolve_loader"]

@@ -7,6 +7,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def loader_seed(seed: int, epoch: int, rank: int, bits: int = 63) -> int:
+    """The random seed of one rank's loader for one epoch: a function of ``(seed, epoch, rank)`` only,
+    which is what makes a resumed run replay the same augmented batches (DALI takes 31 bits)."""
+    return (seed * 1_000_003 + epoch * 7919 + rank) % 2**bits
+
+
 @dataclass(frozen=True)
 class Augment:
     """Centred crop of ``zoom`` × side (uniform), rotation in ±``rotate`` degrees, flip with ``flip``.

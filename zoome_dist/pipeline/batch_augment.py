@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, loader_seed
 
 
 class BatchAugment:
@@ -31,7 +31,7 @@ class BatchAugment:
     def __init__(self, train: bool, image_size: int, aug: Augment, device: torch.device,
                  seed: int = 0, epoch: int = 0, rank: int = 0) -> None:
         self.train, self.size, self.aug, self.device = train, image_size, aug, torch.device(device)
-        self.gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + rank) % 2**63)
+        self.gen = torch.Generator().manual_seed(loader_seed(seed, epoch, rank))
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

@@ -16,7 +16,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, loader_seed
 from zoome_dist.pipeline.selection import Selection
 
 OUTPUTS = ["image", "meta", "label", "sid"]
@@ -86,7 +86,7 @@ def dali_loader(sel: Selection, *, train: bool, batch_size: int, image_size: int
                           train=train, image_size=image_size, aug=aug, device=device,
                           batch_size=batch_size, num_threads=num_threads,
                           device_id=device_id if device == "gpu" else None,
-                          seed=(seed * 1_000_003 + epoch * 7919 + rank) % 2**31)
+                          seed=loader_seed(seed, epoch, rank, bits=31))
     pipe.build()
     it = DALIGenericIterator(pipe, OUTPUTS, reader_name="Reader", auto_reset=True,
                              last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from zoome_dist.data.wds_index import read_index
-from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, loader_seed
 from zoome_dist.pipeline.batch_augment import BatchAugment
 from zoome_dist.pipeline.selection import Selection
 
@@ -129,7 +129,7 @@ def torch_loader(sel: Selection, *, train: bool, batch_size: int, image_size: in
                                      drop_last=True)
         # the workers' seeds (hence every random crop/rotation/flip) derive from (seed, epoch, rank), not
         # from the process's global RNG: a resumed run replays the same augmented batches, as with DALI
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + rank) % 2**63)
+        gen = torch.Generator().manual_seed(loader_seed(seed, epoch, rank))
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                             num_workers=num_threads, persistent_workers=num_threads > 0,
                             pin_memory=device == "gpu", collate_fn=collate, generator=gen)

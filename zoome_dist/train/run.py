@@ -25,7 +25,7 @@ from zoome_dist.config import Config
 from zoome_dist.data.manifest import load_manifest
 from zoome_dist.losses import make_loss
 from zoome_dist.metrics import binary_metrics, youden_threshold
-from zoome_dist.pipeline import LOADERS, Augment, make_loader
+from zoome_dist.pipeline import Augment, make_loader, resolve_loader
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
 from zoome_dist.train.engine import (DistInfo, accelerator, build_model, build_optimizer, build_scheduler,
                                      deepspeed_config, setup_distributed, validate)
@@ -212,7 +212,7 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     try:
         if resuming:
             job = {"fold": fold, "shards": str(shards.resolve()),
-                   "loader": LOADERS[0] if cfg.data.loader == "auto" else cfg.data.loader}
+                   "loader": resolve_loader(cfg.data.loader)}
             changed = check_resume_config(out, cfg, info.world_size, allow_changes, job)
             if changed:
                 log0(f"resuming with changed {changed} (--allow-config-change)")
@@ -236,7 +236,7 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     np.random.seed(cfg.train.seed)
     ds_cfg = deepspeed_config(cfg, info.world_size, out / "tensorboard")
     gas, micro = ds_cfg["gradient_accumulation_steps"], ds_cfg["train_micro_batch_size_per_gpu"]
-    loader = LOADERS[0] if cfg.data.loader == "auto" else cfg.data.loader
+    loader = resolve_loader(cfg.data.loader)
     data_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if accelerator() == "cuda" else "cpu")
     common = dict(image_size=cfg.data.image_size, rank=info.rank, world_size=info.world_size,
                   local_rank=info.local_rank, device=data_device, loader=loader,
