@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,8 @@ from pathlib import Path
 
 TOOLS = ("ip", "unshare", "ssh", "ssh-keygen", "pdsh")
 SSHD = "/usr/sbin/sshd"
+HOME_BINDS = (".pyenv", ".cache/torch_extensions")  # from this machine's home: its Python, DeepSpeed's op builds
+RAY_TMP = "/tmp/ray"
 
 
 def unavailable() -> str | None:
@@ -141,11 +144,27 @@ class Cluster:
     def start_node(self, i: int) -> None:
         """(Re)start node ``i``: its sshd as PID 1 of a fresh PID namespace inside its network namespace."""
         d = self.dir
+        sshd = [SSHD, "-D", "-e", "-o", f"ListenAddress={self.addrs[i]}",
+                "-o", f"AuthorizedKeysFile={d / 'authorized_keys'}", "-o", "PermitRootLogin=prohibit-password",
+                "-o", "StrictModes=no", "-o", "UsePAM=no", "-o", f"PidFile={d / f'sshd{i}.pid'}",
+                "-h", str(d / "hostkey")]
+        # A node of its own: its home (what `ray up` and setup commands write to ~) and its /tmp/ray (Ray's
+        # sockets and session folders, which Ray expects no other node to share); the rest of the
+        # filesystem stays shared. The interpreter under ~/.pyenv is bound into the home first, or every
+        # venv's python would vanish inside the node. Mounts are private to the node's mount namespace.
+        home, ray_tmp = d / f"node{i}" / "home", d / f"node{i}" / "tmp-ray"
+        ray_tmp.mkdir(parents=True, exist_ok=True)
+        Path(RAY_TMP).mkdir(exist_ok=True)  # the mount point (Ray's default temp dir)
+        binds = []
+        for sub in HOME_BINDS:
+            if (Path.home() / sub).exists():
+                (home / sub).mkdir(parents=True, exist_ok=True)
+                binds.append(f"mount --bind {shlex.quote(str(Path.home() / sub))} {shlex.quote(str(home / sub))}")
+        script = " && ".join([*binds, f"mount --rbind {shlex.quote(str(home))} {shlex.quote(str(Path.home()))}",
+                              f"mount --bind {shlex.quote(str(ray_tmp))} {RAY_TMP}",
+                              "exec " + shlex.join(sshd)])
         self.sshd[i] = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[i], "unshare", "--pid", "--fork", "--mount-proc", SSHD, "-D", "-e",
-             "-o", f"ListenAddress={self.addrs[i]}", "-o", f"AuthorizedKeysFile={d / 'authorized_keys'}",
-             "-o", "PermitRootLogin=prohibit-password", "-o", "StrictModes=no", "-o", "UsePAM=no",
-             "-o", f"PidFile={d / f'sshd{i}.pid'}", "-h", str(d / "hostkey")],
+            ["ip", "netns", "exec", self.ns[i], "unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
             stdout=subprocess.DEVNULL, stderr=open(d / f"sshd{i}.log", "ab"), start_new_session=True)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -180,6 +199,10 @@ class Cluster:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.rmdir(RAY_TMP)  # the mount point, if nothing else uses it
+        except OSError:
+            pass
 
     def __enter__(self) -> "Cluster":
         return self.up()

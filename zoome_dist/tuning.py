@@ -120,7 +120,7 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
     cfg = trial_config(base, config)
     cfg_path = trial_dir / "config.yaml"
     cfg.dump(cfg_path)
-    node = ray.get_runtime_context().get_node_id()
+    node, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
     for fold in folds:
         if str(fold) in state["done"]:
             continue
@@ -133,6 +133,7 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
             aucs = {**{k: v for k, v in state["done"].items()}, str(fold): rec["val_auc"]}
             metrics = {"mean_auc": sum(aucs.values()) / len(aucs), "fold": fold, "epoch": rec["epoch"],
                        "val_auc": rec["val_auc"], "folds_done": len(state["done"]), "node_id": node,
+                       "node_ip": node_ip,
                        "run_dir": str(trial_dir), **{f"auc_fold_{k}": v for k, v in aucs.items()}}
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / "state.json").write_text(json.dumps(state))
@@ -155,6 +156,7 @@ def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
                **{f"auc_fold_{k}": m.get(f"auc_fold_{k}") for k in folds},
                "folds_done": m.get("folds_done", 0), "mean_auc": m.get("mean_auc"),
                "complete": m.get("folds_done", 0) == len(folds), "node_id": m.get("node_id"),
+               "node_ip": m.get("node_ip"),
                "error": str(r.error).splitlines()[0][:200] if r.error else ""}
         rows.append(row)
     df = pd.DataFrame(rows).sort_values("mean_auc", ascending=False, na_position="last")
