@@ -38,3 +38,38 @@ def deepspeed_shm_op() -> None:
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+
+
+CV_TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
+           "data": {"image_size": 32, "num_threads": 1},
+           "optim": {"lr": 0.002, "warmup_epochs": 0.5},
+           "train": {"epochs": 1, "global_batch_size": 8, "micro_batch_size": 8, "precision": "fp32"}}
+
+
+def cv_args(cfg: Path, shards: Path, out: Path, *extra: str) -> list[str]:
+    """`zoome cv` of 2 variants × 2 folds on the tiny data, one core per job (so that concurrent and
+    sequential jobs compute with the same threads, hence the same numbers)."""
+    return ["--config", str(cfg), "--shards", str(shards), "--folds", "0,1", "--variants", "zoome,zoome_no_meta",
+            "--cpus-per-job", "1", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def cv_config(tmp_path_factory) -> Path:
+    import yaml
+
+    path = tmp_path_factory.mktemp("cvcfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(CV_TINY))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cv_sequential(cv_config, shards_dir, tmp_path_factory, deepspeed_shm_op) -> Path:
+    """The reference: the CV's jobs one after the other (`zoome cv` as a user runs it)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("cvseq") / "cv"
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.cv", *cv_args(cv_config, shards_dir, out)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out

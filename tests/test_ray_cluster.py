@@ -26,6 +26,8 @@ import pytest
 import yaml
 
 from cluster import Cluster, unavailable
+from conftest import cv_args
+from test_cv import finished, same_table
 
 pytestmark = [pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(bool(unavailable()), reason=f"no test cluster: {unavailable()}")]
@@ -179,6 +181,25 @@ def test_ray_job_submit_through_the_forwarded_dashboard(ray_cluster, shards_dir,
     finally:
         os.killpg(fwd.pid, signal.SIGKILL)
         fwd.wait()
+
+
+def test_cv_jobs_across_the_cluster_equal_sequential(ray_cluster, cv_sequential, cv_config, shards_dir, tmp_path):
+    """`zoome cv --ray-address auto` submitted with `ray submit`: the (variant, fold) jobs run as Ray tasks
+    on both nodes and give the sequential CV's table; a re-run retrains nothing."""
+    c, client = ray_cluster
+    out = tmp_path / "cv"
+    cmd = ["submit", str(client.yaml), "launchers/cv.py", "--", *cv_args(cv_config, shards_dir, out),
+           "--ray-address", "auto"]
+    r = client.ray(*cmd, timeout=420)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    same_table(out, cv_sequential)
+    nodes = {line.split("[node ")[1].split("]")[0] for log in out.glob("*/fold-*/job.log")
+             for line in log.read_text().splitlines() if "[node " in line}
+    assert nodes == set(c.addrs), f"jobs ran on {nodes}"
+    before = finished(out)
+    r = client.ray(*cmd, timeout=300)
+    assert r.returncode == 0 and "4 finished before" in r.stdout, r.stdout[-3000:]
+    assert finished(out) == before
 
 
 def test_lost_worker_node_mid_trial(ray_cluster, shards_dir, tmp_path):

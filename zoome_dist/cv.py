@@ -1,23 +1,26 @@
-"""K-fold cross-validation: one DeepSpeed job per (variant, fold), then Table-I-style reports.
+"""K-fold cross-validation: one training job per (variant, fold), then Table-I-style reports.
 
     zoome cv --config launchers/configs/zoome.yaml --shards data/shards --folds 0-9 \\
-        --out runs/cv --variants zoome,zoome_no_zoomse,zoome_no_meta --num-gpus 8
-CPU: --num-gpus 2 starts 2 CPU ranks per fold (DS_ACCELERATOR=cpu). Multi-node: --hostfile FILE
---master-addr NODE1. On a GPU node the ranks use CUDA_VISIBLE_DEVICES when it is set (DeepSpeed's
---include), and never more ranks than there are devices.
+        --out runs/cv --variants zoome,zoome_no_zoomse,zoome_no_meta --jobs 8     # 8 one-GPU jobs at once
+    zoome cv ... --ray-address auto --gpus-per-job 1    # on a Ray cluster: jobs wherever GPUs are free
+    zoome cv ... --gpus-per-job 8                       # one 8-GPU data-parallel job at a time
 
-Writes OUT/<variant>/fold-XX/ (each a train.py run folder), OUT/table.md and OUT/table.csv
-(mean ± std over folds), OUT/folds.csv (per-fold rows) and OUT/roc.png (pooled out-of-fold ROC).
-Folds whose run finished (summary.json) are skipped, so re-running resumes a CV.
-``--select last`` (default) reports each fold's final epoch; ``best`` reports its best-AUC epoch,
-which is selected on the fold being scored and therefore optimistic.
+Each job is the training command of ``zoome train`` (``--gpus-per-job`` ranks on one node, or a
+``--hostfile`` job over several nodes), writing OUT/<variant>/fold-XX/ (a run folder; its output in
+job.log when jobs run concurrently). Jobs run ``--jobs`` at a time on this node, each with its own GPUs
+(of CUDA_VISIBLE_DEVICES where set), or as Ray tasks across a cluster (``--ray-address``). A failed job
+is retried (``--max-retries``) from its checkpoint; a job whose run finished (summary.json) is never
+run again, so re-running the same command resumes a CV. CPU: ranks are CPU processes
+(DS_ACCELERATOR=cpu) and ``--cpus-per-job`` sets their threads.
+
+Then OUT/table.md and OUT/table.csv (mean ± std over folds), OUT/folds.csv (per-fold rows) and
+OUT/roc.png (pooled out-of-fold ROC). ``--select last`` (default) reports each fold's final epoch;
+``best`` reports its best-AUC epoch, which is selected on the fold being scored and therefore optimistic.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,18 +41,14 @@ def parse_folds(spec: str) -> list[int]:
     return out
 
 
-def fold_command(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> list[str]:
-    from zoome_dist.launch import Launch, train_command
-
+def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> tuple[str, ...]:
     args = ["--shards", a.shards, "--fold", str(fold), "--out", str(run_dir), "--set", f"model.name={variant}",
             "--no-progress"]
     if a.config:
         args += ["--config", a.config]
     for s in a.set:
         args += ["--set", s]
-    if (run_dir / "checkpoints" / "latest").is_file():
-        args.append("--resume")
-    return train_command(args, Launch(ranks=a.num_gpus, hostfile=a.hostfile, master_addr=a.master_addr))
+    return tuple(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,16 +60,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", default="0-9")
     p.add_argument("--out", required=True)
     p.add_argument("--variants", default="", help="comma-separated model names (default: the config's)")
-    p.add_argument("--num-gpus", type=int, default=1, help="ranks per fold on this node")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node folds (with --master-addr)")
+    p.add_argument("--gpus-per-job", "--num-gpus", dest="ranks", type=int, default=1, metavar="N",
+                   help="data-parallel ranks of each (variant, fold) job, one GPU each (CPU ranks where there "
+                        "is no GPU) (default: %(default)s)")
+    p.add_argument("--cpus-per-job", type=int, default=0,
+                   help="cores per job, shared by its ranks' threads (default: not limited here; one per rank "
+                        "on Ray)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="jobs at once on this node (each with its own GPUs) (default: %(default)s)")
+    p.add_argument("--ray-address", help="run the jobs as Ray tasks on this cluster (e.g. auto), as many at once "
+                                         "as its free resources allow; run folders on shared storage")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="retries of a failed job, each resuming from its checkpoint (default: %(default)s)")
+    p.add_argument("--hostfile", help="one multi-node data-parallel job at a time: DeepSpeed hostfile "
+                                      "(with --master-addr)")
     p.add_argument("--master-addr", help="with --hostfile: the first node's address, as the others reach it")
     p.add_argument("--select", choices=["last", "best"], default="last")
     a = p.parse_args(argv)
 
-    from zoome_dist.config import load_config, parse_set
+    from zoome_dist.config import apply_overrides, load_config, parse_set
     from zoome_dist.data.manifest import load_manifest
+    from zoome_dist.jobs import Job, Resources, run_local, run_ray
+    from zoome_dist.launch import Launch
     from zoome_dist.models import MODELS
     from zoome_dist.report import fold_rows, plot_roc, pooled, table_markdown
+    from zoome_dist.train.engine import accelerator, validate
 
     try:
         cfg = load_config(a.config, parse_set(a.set))
@@ -79,36 +93,51 @@ def main(argv: list[str] | None = None) -> int:
         bad = [k for k in folds if k not in valid]
         if bad:
             raise ValueError(f"fold(s) {bad} do not exist in {a.shards}; valid folds: {valid}")
-        from zoome_dist.launch import Launch
-
-        Launch(ranks=a.num_gpus, hostfile=a.hostfile, master_addr=a.master_addr).validate()
+        Launch(ranks=a.ranks, hostfile=a.hostfile, master_addr=a.master_addr).validate()
+        if a.jobs < 1:
+            raise ValueError(f"--jobs must be positive, got {a.jobs}")
+        for flag, value in (("--max-retries", a.max_retries), ("--cpus-per-job", a.cpus_per_job)):
+            if value < 0:
+                raise ValueError(f"{flag} must be zero or more, got {value}")
+        if a.hostfile and (a.jobs > 1 or a.ray_address):
+            raise ValueError("--hostfile runs one multi-node job at a time; it cannot be combined with --jobs "
+                             "or --ray-address (use one or the other)")
+        if a.ray_address and a.jobs > 1:
+            raise ValueError("--jobs is for this node; with --ray-address the cluster's free resources decide "
+                             "how many jobs run at once")
         variants = [v for v in a.variants.split(",") if v] or [cfg.model.name]
         unknown = [v for v in variants if v not in MODELS]
         if unknown:
             raise ValueError(f"Unknown variant(s) {unknown}. Valid models: {sorted(MODELS)}")
+        for variant in variants:  # a bad value fails here, not in every job
+            validate(apply_overrides(cfg, {"model.name": variant}))
     except (ValueError, OSError) as e:
         print(f"zoome cv: error: {e}", file=sys.stderr)
         return 2
 
-    out = Path(a.out)
+    out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    rows, preds = [], {}
+    jobs = [Job(f"{variant} fold {fold}", out / variant / f"fold-{fold:02d}",
+                fold_args(a, variant, fold, out / variant / f"fold-{fold:02d}"))
+            for variant in variants for fold in folds]
+    res = Resources(ranks=a.ranks, cpus=a.cpus_per_job, hostfile=a.hostfile, master_addr=a.master_addr)
+    print(f"== {len(jobs)} job(s), {sum(j.done for j in jobs)} finished before", flush=True)
+    try:
+        failed = (run_ray(jobs, res, a.ray_address, a.max_retries) if a.ray_address
+                  else run_local(jobs, res, a.jobs, a.max_retries, gpu=accelerator() == "cuda"))
+    except ValueError as e:
+        print(f"zoome cv: error: {e}", file=sys.stderr)
+        return 2
+    if failed:
+        for name, why in failed.items():
+            print(f"zoome cv: {name} failed: {why}", file=sys.stderr)
+        print(f"zoome cv: {len(failed)} of {len(jobs)} job(s) failed; rerun the same command to resume them "
+              "(finished jobs are not retrained)", file=sys.stderr)
+        return 1
+    rows, preds = [], {v: [] for v in variants}
     for variant in variants:
-        preds[variant] = []
         for fold in folds:
             run_dir = out / variant / f"fold-{fold:02d}"
-            if not (run_dir / "summary.json").is_file():
-                print(f"== {variant} fold {fold} → {run_dir}", flush=True)
-                try:
-                    cmd = fold_command(a, variant, fold, run_dir)
-                except ValueError as e:
-                    print(f"zoome cv: error: {e}", file=sys.stderr)
-                    return 2
-                rc = subprocess.run(cmd, env=env).returncode
-                if rc != 0:
-                    print(f"zoome cv: {variant} fold {fold} failed (exit {rc}); rerun to resume", file=sys.stderr)
-                    return rc
             summary = json.loads((run_dir / "summary.json").read_text())
             metrics = summary["best"]["metrics"] if a.select == "best" else {
                 k[4:]: v for k, v in summary["last"].items() if k.startswith("val_")}

@@ -40,16 +40,17 @@ class Launch:
                              "other nodes reach (not localhost)")
 
 
-def visible_devices() -> list[str] | None:
-    """``CUDA_VISIBLE_DEVICES`` as a list, or None when unset (all devices)."""
-    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+def visible_devices(env: dict[str, str] | None = None) -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` (of ``env``, default this process's) as a list, or None when unset (all devices)."""
+    value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
     if value is None:
         return None
     return [d for d in value.split(",") if d.strip()]
 
 
-def train_command(train_args: list[str], launch: Launch = Launch()) -> list[str]:
-    """The command line that trains one fold with ``train_args`` (``--config ... --fold ...``)."""
+def train_command(train_args: list[str], launch: Launch = Launch(), env: dict[str, str] | None = None) -> list[str]:
+    """The command line that trains one fold with ``train_args`` (``--config ... --fold ...``), to run
+    with ``env`` (default: this process's environment; its ``CUDA_VISIBLE_DEVICES`` picks the GPUs)."""
     launch.validate()
     if launch.ranks == 1 and not launch.hostfile:
         return [sys.executable, "-m", MODULE, *train_args]
@@ -60,7 +61,7 @@ def train_command(train_args: list[str], launch: Launch = Launch()) -> list[str]
     if launch.hostfile:
         cmd += ["--hostfile", launch.hostfile, "--master_addr", launch.master_addr]
     else:
-        devices = visible_devices() if accelerator() == "cuda" else None
+        devices = visible_devices(env) if accelerator() == "cuda" else None
         if devices is not None:  # DeepSpeed ignores CUDA_VISIBLE_DEVICES; --include is its way
             if launch.ranks > len(devices):
                 raise ValueError(f"{launch.ranks} ranks asked for, but CUDA_VISIBLE_DEVICES={','.join(devices)} "

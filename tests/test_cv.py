@@ -1,0 +1,115 @@
+"""Cross-validation jobs: sequential, concurrent on this node (`--jobs`), resumed, retried; the Ray
+cluster path is in test_ray_cluster.py (real namespace nodes)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from conftest import cv_args
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
+
+
+def zoome_cv(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zoome_dist.cv", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def same_table(a: Path, b: Path) -> None:
+    """Same per-fold rows (AUC to 1e-6) and the same table."""
+    fa, fb = pd.read_csv(a / "folds.csv"), pd.read_csv(b / "folds.csv")
+    assert list(fa["variant"]) == list(fb["variant"]) and list(fa["fold"]) == list(fb["fold"])
+    assert fa["auc"].to_numpy() == pytest.approx(fb["auc"].to_numpy(), abs=1e-6)
+    pd.testing.assert_frame_equal(fa, fb, atol=1e-6)
+    assert (a / "table.md").read_text() == (b / "table.md").read_text()
+
+
+def finished(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.glob("*/fold-*/summary.json")}
+
+
+def test_concurrent_jobs_equal_sequential_and_rerun_retrains_nothing(cv_sequential, cv_config, shards_dir, tmp_path):
+    out = tmp_path / "cv"
+    r = zoome_cv(*cv_args(cv_config, shards_dir, out, "--jobs", "2"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert len(finished(out)) == 4
+    same_table(out, cv_sequential)
+    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    logs = sorted(out.glob("*/fold-*/job.log"))
+    assert len(logs) == 4 and all("zoome_dist.train" in p.read_text() for p in logs)
+    before = finished(out)
+    r = zoome_cv(*cv_args(cv_config, shards_dir, out, "--jobs", "2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 finished before" in r.stdout and "started" not in r.stdout
+    assert finished(out) == before
+    same_table(out, cv_sequential)
+
+
+def test_failed_job_is_retried_from_its_checkpoint(cv_config, shards_dir, tmp_path):
+    """One job's training process is killed after its first checkpoint: the job is retried, resumes
+    (not restarts), and the CV completes."""
+    out = tmp_path / "cv"
+    killed = {}
+
+    def kill_first_checkpointed() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            for latest in out.glob("*/fold-*/checkpoints/latest"):
+                run_dir = str(latest.parent.parent)
+                for p in psutil.process_iter(["cmdline"]):
+                    if run_dir in (p.info["cmdline"] or []) and not (latest.parent.parent / "summary.json").exists():
+                        p.kill()
+                        killed["run"] = latest.parent.parent
+                        return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_checkpointed, daemon=True)
+    killer.start()
+    r = zoome_cv(*cv_args(cv_config, shards_dir, out, "--jobs", "2", "--max-retries", "1", "--folds", "0",
+                          "--set", "train.epochs=3", "--set", "train.checkpoint_every_steps=2"))
+    killer.join(timeout=5)
+    assert killed, "no job was killed"
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "retry 1" in r.stdout
+    log = (killed["run"] / "job.log").read_text()
+    assert log.count("zoome_dist.train") == 2 and "--resume" in log.split("== ")[-1].splitlines()[0]
+    assert "resumed from" in log
+    assert len(finished(out)) == 2
+
+
+def test_failing_job_reports_and_exits_nonzero(cv_config, shards_dir, tmp_path):
+    """Shards that break at run time (a fold's tar overwritten with zeros): every attempt fails, the CV
+    says which jobs and how to resume, and writes no table."""
+    bad = tmp_path / "shards"
+    shutil.copytree(shards_dir, bad)
+    tar = sorted((bad / "fold-01").glob("*.tar"))[0]
+    tar.write_bytes(bytes(tar.stat().st_size))
+    out = tmp_path / "cv"
+    r = zoome_cv(*cv_args(cv_config, bad, out, "--jobs", "2", "--max-retries", "1", "--folds", "0"))
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 of 2 job(s) failed" in r.stderr and "rerun the same command" in r.stderr
+    assert not (out / "table.md").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--jobs", "0"], "--jobs must be positive, got 0"),
+    (["--max-retries", "-1"], "--max-retries must be zero or more, got -1"),
+    (["--jobs", "2", "--ray-address", "auto"], "--jobs is for this node"),
+    (["--jobs", "2", "--hostfile", "HOSTFILE", "--master-addr", "10.0.0.1"], "cannot be combined"),
+    (["--variants", "zoome,nope"], "Unknown variant(s) ['nope']"),
+])
+def test_cv_argument_errors(cv_config, shards_dir, tmp_path, extra, message):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("10.0.0.1 slots=1\n")
+    args = [str(hosts) if x == "HOSTFILE" else x for x in extra]
+    r = zoome_cv(*cv_args(cv_config, shards_dir, tmp_path / "cv", *args), timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -1,0 +1,167 @@
+"""Independent training jobs (one per (variant, fold) of a cross-validation) run concurrently: on this
+node (``run_local``: N at a time, each with its own GPUs) or across a Ray cluster (``run_ray``: each job
+a Ray task holding its GPUs/CPUs, placed wherever they are free). Either way a job is the one training
+command of ``zoome_dist.launch`` (possibly data parallel on its node), resumes from its own checkpoint
+when it is started again, and is retried up to ``retries`` times after a failure (a lost node too).
+
+Why jobs and not more ranks: a 10-fold CV of 7 variants is 70 jobs; at the paper's global batch 64,
+data parallelism over many GPUs is launch-bound and leaves tiny per-GPU batches for BatchNorm, while
+independent 1-GPU jobs keep every GPU busy (README "Cross-validation on a cluster").
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoome_dist.launch import Launch, train_command, visible_devices
+from zoome_dist.procs import die_with_parent
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: ``train_args`` (without ``--resume``) writing the run folder ``run_dir``."""
+
+    name: str
+    run_dir: Path
+    train_args: tuple[str, ...]
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+    def command(self, launch: Launch, env: dict[str, str] | None = None) -> list[str]:
+        args = list(self.train_args)
+        if (self.run_dir / "checkpoints" / "latest").is_file():
+            args.append("--resume")  # a killed or failed earlier attempt: continue where it stopped
+        return train_command(args, launch, env)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each job gets: ``ranks`` data-parallel ranks (one GPU each where there are GPUs) and
+    ``cpus`` cores (its ranks' threads; 0: not limited), on this node or a ``hostfile``'s nodes."""
+
+    ranks: int = 1
+    cpus: int = 0
+    hostfile: str | None = None     # a multi-node job (one at a time): DeepSpeed hostfile
+    master_addr: str | None = None
+
+    @property
+    def launch(self) -> Launch:
+        return Launch(ranks=self.ranks, hostfile=self.hostfile, master_addr=self.master_addr)
+
+    def env(self, gpu: bool) -> dict[str, str]:
+        env = {} if gpu else {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+        if self.cpus:
+            env["OMP_NUM_THREADS"] = str(max(1, self.cpus // self.ranks))
+        return env
+
+
+def _attempt(job: Job, res: Resources, gpu: bool, extra_env: dict[str, str], stream: bool, where: str = "") -> int:
+    """Run ``job`` once on this node; its output goes to ``run_dir/job.log`` (or the console)."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **res.env(gpu), **extra_env}
+    cmd = job.command(res.launch, env)
+    if stream:
+        return subprocess.run(cmd, env=env).returncode
+    with open(job.run_dir / "job.log", "a") as log:
+        log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {where}{' '.join(cmd)}\n")
+        log.flush()
+        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        try:
+            return p.wait()
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int = 0,
+              gpu: bool = False) -> dict[str, str]:
+    """Run ``jobs`` here, ``concurrent`` at a time; returns ``{name: error}`` of the jobs that failed.
+    On a GPU node each concurrent job gets its own ``res.ranks`` of the visible devices."""
+    todo = [j for j in jobs if not j.done]
+    slots: list[dict[str, str]] = [{} for _ in range(concurrent)]
+    if gpu:
+        import torch
+
+        devices = visible_devices() or [str(i) for i in range(torch.cuda.device_count())]
+        if concurrent * res.ranks > len(devices):
+            raise ValueError(f"--jobs {concurrent} × {res.ranks} GPU(s) per job needs {concurrent * res.ranks} GPUs; "
+                             f"this node shows {len(devices)} ({','.join(devices) or 'none'})")
+        slots = [{"CUDA_VISIBLE_DEVICES": ",".join(devices[k * res.ranks:(k + 1) * res.ranks])}
+                 for k in range(concurrent)]
+    free, lock, failed = list(range(concurrent)), threading.Lock(), {}
+    stream = concurrent == 1
+
+    def one(job: Job) -> None:
+        with lock:
+            slot = free.pop()
+        try:
+            for attempt in range(retries + 1):
+                print(f"== {job.name}: {'started' if attempt == 0 else f'retry {attempt}'} → {job.run_dir}",
+                      flush=True)
+                rc = _attempt(job, res, gpu, slots[slot], stream)
+                if rc == 0:
+                    print(f"== {job.name}: done", flush=True)
+                    return
+                print(f"== {job.name}: exit {rc}" + ("" if stream else f"; see {job.run_dir / 'job.log'}"),
+                      file=sys.stderr, flush=True)
+            failed[job.name] = f"exit {rc} after {retries + 1} attempt(s)"
+        finally:
+            with lock:
+                free.append(slot)
+
+    with ThreadPoolExecutor(concurrent) as pool:
+        list(pool.map(one, todo))
+    return failed
+
+
+def _ray_job(job: Job, res: Resources, gpu: bool) -> str:
+    """A Ray task: one attempt of ``job`` on the node Ray placed it on; raises on failure (so that Ray
+    retries it, resuming). Returns the node's IP."""
+    import ray
+
+    node = ray.util.get_node_ip_address()
+    rc = _attempt(job, res, gpu, {}, stream=False, where=f"[node {node}] ")
+    if rc != 0:
+        raise RuntimeError(f"{job.name}: training exited with {rc} on {node}; see {job.run_dir / 'job.log'}")
+    return node
+
+
+def run_ray(jobs: list[Job], res: Resources, address: str, retries: int = 2) -> dict[str, str]:
+    """Run ``jobs`` as Ray tasks on the cluster at ``address``, as many at once as its free resources
+    allow; returns ``{name: error}`` of the jobs that failed every attempt. A job holds ``res.ranks``
+    GPUs when the cluster has GPUs, else ``res.ranks`` CPU ranks; and ``res.cpus`` cores (at least one
+    per rank). Run folders must be on storage every node mounts at the same path."""
+    import ray
+
+    todo = [j for j in jobs if not j.done]
+    if not todo:
+        return {}
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        gpu = ray.cluster_resources().get("GPU", 0) > 0
+        task = ray.remote(_ray_job).options(num_cpus=max(res.cpus, res.ranks), num_gpus=res.ranks if gpu else 0,
+                                            max_retries=retries, retry_exceptions=True)
+        refs = {task.remote(j, res, gpu): j for j in todo}
+        print(f"== {len(refs)} job(s) submitted to the Ray cluster at {address}", flush=True)
+        failed, pending = {}, list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            job = refs[ready[0]]
+            try:
+                node = ray.get(ready[0])
+                print(f"== {job.name}: done on {node}", flush=True)
+            except Exception as e:  # noqa: BLE001 - every failure is reported per job
+                failed[job.name] = str(e).strip().splitlines()[-1][:300]
+                print(f"== {job.name}: failed: {failed[job.name]}", file=sys.stderr, flush=True)
+        return failed
+    finally:
+        ray.shutdown()
