@@ -30,6 +30,7 @@ class ModelConfig:
     dropout: float = 0.0
     pretrained: str | None = None       # local torchvision ImageNet state dict
     channels_last: bool = True
+    sync_bn: bool = False               # BatchNorm statistics over all ranks (CUDA; for small micro batches)
     compile: bool = False               # torch.compile the model
 
 
@@ -55,6 +56,8 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     clip_grad: float = 1.0              # 0 disables
+    lr_scaling: str = "linear"          # train.batch_policy micro: lr × (global / train.global_batch_size)
+                                        # (linear), its square root (sqrt), or none
 
 
 @dataclass
@@ -69,6 +72,9 @@ class TrainConfig:
     epochs: int = 20
     global_batch_size: int = 64
     micro_batch_size: int = 32          # per rank and step; accumulation = global / (micro × world)
+    batch_policy: str = "global"        # global: global_batch_size fixed whatever the ranks (the paper);
+                                        # micro: micro_batch_size per rank fixed, global = micro × ranks,
+                                        # optim.lr set for global_batch_size and scaled (optim.lr_scaling)
     eval_batch_size: int = 0            # 0: same as micro_batch_size
     precision: str = "bf16"             # fp32 | bf16 | fp16 (fp16 on CUDA, ZeRO 0)
     zero_stage: int = 0                 # 0, 1 or 2

@@ -147,6 +147,11 @@ def validate(cfg: Config) -> None:
     choose("loss.name", cfg.loss.name, LOSSES)
     choose("data.loader", cfg.data.loader, ("auto",) + LOADERS)
     choose("data.device", cfg.data.device, DEVICES)
+    choose("train.batch_policy", cfg.train.batch_policy, BATCH_POLICIES)
+    choose("optim.lr_scaling", cfg.optim.lr_scaling, tuple(LR_SCALING))
+    if cfg.model.sync_bn and accelerator() != "cuda":
+        raise ValueError(f"model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs on "
+                         f"{accelerator()}: set model.sync_bn false")
     for key in ("train.epochs", "train.global_batch_size", "train.micro_batch_size", "data.image_size",
                 "train.keep_checkpoints", "data.num_threads"):
         section, name = key.split(".")
@@ -188,13 +193,41 @@ def micro_and_accumulation(global_batch: int, micro: int, world_size: int) -> tu
     return m, share // m
 
 
+BATCH_POLICIES = ("global", "micro")
+LR_SCALING = {"linear": lambda r: r, "sqrt": math.sqrt, "none": lambda r: 1.0}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How ``world_size`` ranks step: the global batch, each rank's micro batch, accumulation, and lr."""
+
+    global_batch: int
+    micro: int
+    accumulation: int
+    lr: float
+
+
+def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
+    """``train.batch_policy`` global: the configured global batch over any number of ranks (micro batch
+    and accumulation derived), ``optim.lr`` as set. micro: every rank steps ``micro_batch_size`` samples
+    (no accumulation), so the global batch grows with the ranks, and the learning rate, set for
+    ``global_batch_size``, is scaled by ``optim.lr_scaling`` (linear: Goyal et al. 2017, with warm-up;
+    sqrt: the usual rule for Adam)."""
+    t = cfg.train
+    if t.batch_policy == "micro":
+        g = t.micro_batch_size * world_size
+        return BatchPlan(g, t.micro_batch_size, 1, cfg.optim.lr * LR_SCALING[cfg.optim.lr_scaling](g / t.global_batch_size))
+    m, gas = micro_and_accumulation(t.global_batch_size, t.micro_batch_size, world_size)
+    return BatchPlan(t.global_batch_size, m, gas, cfg.optim.lr)
+
+
 def deepspeed_config(cfg: Config, world_size: int, tensorboard_dir: str | Path | None = None) -> dict:
     """The DeepSpeed config dict, derived from ``cfg`` for ``world_size`` ranks (its only source)."""
-    m, gas = micro_and_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size)
+    plan = batch_plan(cfg, world_size)
     ds: dict[str, Any] = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": m,
-        "gradient_accumulation_steps": gas,
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accumulation,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # a client torch optimizer: nothing JIT-compiled
         "steps_per_print": 10**9,
@@ -229,12 +262,14 @@ def build_model(cfg: Config) -> nn.Module:
     return create_model(cfg.model.name, pretrained=cfg.model.pretrained, **opts)
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """``cfg.optim``'s optimizer at ``lr`` (default ``optim.lr``; ``batch_plan`` gives the scaled one)."""
     o = cfg.optim
+    lr = o.lr if lr is None else lr
     if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return cls(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int

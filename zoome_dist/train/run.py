@@ -28,7 +28,7 @@ from zoome_dist.metrics import binary_metrics, youden_threshold
 from zoome_dist.pipeline import Augment, make_loader, resolve_loader
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
 from zoome_dist.train.engine import (DistInfo, accelerator, build_model, build_optimizer, build_scheduler,
-                                     deepspeed_config, setup_distributed, validate)
+                                     batch_plan, deepspeed_config, setup_distributed, validate)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
 from zoome_dist.train.safe_checkpoint import TAG, UnsafeCheckpointError, install, latest_tag
 
@@ -234,8 +234,9 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     rank0 = info.rank == 0
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
+    plan = batch_plan(cfg, info.world_size)
     ds_cfg = deepspeed_config(cfg, info.world_size, out / "tensorboard")
-    gas, micro = ds_cfg["gradient_accumulation_steps"], ds_cfg["train_micro_batch_size_per_gpu"]
+    gas, micro = plan.accumulation, plan.micro
     loader = resolve_loader(cfg.data.loader)
     data_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if accelerator() == "cuda" else "cpu")
     common = dict(image_size=cfg.data.image_size, rank=info.rank, world_size=info.world_size,
@@ -258,7 +259,9 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     expected_val = next(f["samples"] for f in manifest["folds"] if f["fold"] == fold)
 
     model = build_model(cfg)
-    optimizer = build_optimizer(cfg, model)
+    if cfg.model.sync_bn and info.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(cfg, model, plan.lr)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_cfg)
@@ -283,7 +286,8 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
         (out / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=1))
         (out / "run.json").write_text(json.dumps({"shards": str(shards.resolve()), "fold": fold,
                                                   "train_folds": train_folds, "world_size": info.world_size,
-                                                  "loader": loader, "steps_per_epoch": steps_per_epoch}, indent=1))
+                                                  "loader": loader, "steps_per_epoch": steps_per_epoch,
+                                                  "global_batch": plan.global_batch, "lr": plan.lr}, indent=1))
         metrics_path = out / "metrics.jsonl"
         if metrics_path.exists():  # drop epochs the resumed run will redo
             kept = [ln for ln in metrics_path.read_text().splitlines()
@@ -291,7 +295,8 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
             metrics_path.write_text("".join(k + "\n" for k in kept))
         folds_table = pd.read_csv(shards / "folds.csv")
     log0(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
-         f"steps/epoch ({gas} accumulation), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
+         f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
+         f"lr {plan.lr:.3g}), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
 
     every = cfg.train.checkpoint_every_steps
     last: dict[str, Any] = {}
