@@ -5,6 +5,7 @@
     python launchers/benchmark.py pipeline [--shards DIR] [--json]  # DALI-CPU vs torch vs decode-only
     python launchers/benchmark.py train    [--json]   # training img/s per rank + data wait, fp32 vs bf16
     python launchers/benchmark.py predict  [--json]   # zoome predict img/s, TTA 1 vs 8
+    python launchers/benchmark.py cv       [--json]   # CV jobs sequential vs concurrent + ISIC-2020 projection
     python launchers/benchmark.py gpu --out DIR       # the one-GPU check (launchers/gpu_check.sh)
 
 Record the figures, with the machine line this prints, in BENCHMARKS.md.
@@ -64,11 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--n", type=int, default=64)
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--ttas", default="1,2,8")
+    c = sub.add_parser("cv", help="zoome cv wall time, jobs one at a time vs concurrent; ISIC-2020 projection")
+    c.add_argument("--folds", type=int, default=3)
+    c.add_argument("--n", type=int, default=144, help="synthetic images")
+    c.add_argument("--img-s-micro64", type=float, default=700.0,
+                   help="1-GPU job img/s at micro 64, end to end (BENCHMARKS.md: 637-749 on an H200)")
+    c.add_argument("--img-s-micro8", type=float, default=179.0,
+                   help="1-GPU img/s at micro 8 (BENCHMARKS.md: 179 on an H200, model only)")
+    c.add_argument("--startup-s", type=float, default=30.0, help="fixed cost of one GPU job, seconds")
     g = sub.add_parser("gpu", help="the one-GPU check: gpu tests + every GPU figure, JSON + markdown")
     g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
     g.add_argument("--n", type=int, default=1536, help="synthetic 1024 px images")
     g.add_argument("--no-tests", action="store_true", help="skip the gpu-marked tests")
-    for q in (s, m, d, t, pr, g):
+    for q in (s, m, d, t, pr, c, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if a.what == "gpu":
@@ -78,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         from zoome_dist.bench.gpu import bench_gpu
 
         r = bench_gpu(a.out, a.n, tests=not a.no_tests)
+    elif a.what == "cv":
+        from zoome_dist.bench.cv import bench_cv
+
+        r = bench_cv(a.folds, a.n, img_s_micro64=a.img_s_micro64, img_s_micro8=a.img_s_micro8,
+                     startup_s=a.startup_s)
     elif a.what == "shards":
         from zoome_dist.bench.shards import bench_shards
 

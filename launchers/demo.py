@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoome_dist.cv import main as cv_main
 
     return cv_main(["--config", str(ROOT / "launchers" / "configs" / "demo-cpu.yaml"), "--shards", str(shards),
-                    "--folds", a.train_folds, "--out", str(out / "cv"), "--num-gpus", str(a.ranks)])
+                    "--folds", a.train_folds, "--out", str(out / "cv"), "--gpus-per-job", str(a.ranks)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""Cross-validation wall time: the same (variant, fold) jobs one at a time vs concurrently on this node,
+side by side in one run, and ISIC-2020 CV times per cluster shape projected from per-job figures.
+
+Both contenders run ``zoome cv`` as a user does, on the same tiny synthetic shards, with the cores
+split fairly: sequential jobs get every core (``--cpus-per-job C``), concurrent jobs one core each
+(``--jobs C --cpus-per-job 1``). Each job's fixed cost (process start, imports, DeepSpeed set-up,
+loaders, checkpoints) is measured as its share of the sequential wall time minus its epochs' time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from zoome_dist.data.synth import synthesize
+from zoome_dist.data.writer import BuildOptions, build
+
+TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
+        "data": {"image_size": 32, "num_threads": 1},
+        "train": {"epochs": 1, "global_batch_size": 8, "micro_batch_size": 8, "precision": "fp32"}}
+
+
+def _cv(cfg: Path, shards: Path, out: Path, folds: int, *extra: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "zoome_dist.cv", "--config", str(cfg), "--shards", str(shards),
+                    "--folds", f"0-{folds - 1}", "--variants", "zoome,zoome_no_meta", "--out", str(out), *extra],
+                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return time.perf_counter() - t0
+
+
+def project(images: int = 33126, folds: int = 10, variants: int = 7, epochs: int = 20,
+            img_s_micro64: float = 700.0, img_s_micro8: float = 179.0, startup_s: float = 30.0,
+            gpus_per_node: int = 8) -> list[dict]:
+    """Hours for a ``folds``-fold CV of ``variants`` on ``images`` (ISIC 2020: 33,126), per cluster shape.
+
+    One job trains on (folds−1)/folds of the images and validates on the rest, every epoch. A 1-GPU job
+    runs at ``img_s_micro64`` (global batch 64 on one GPU, end to end); an 8-GPU data-parallel job at
+    the paper's global batch 64 has micro batch 8 per GPU, at best 8 × ``img_s_micro8`` (perfect
+    scaling: an upper bound on its speed). Jobs run in waves of as many as there are slots."""
+    jobs = folds * variants
+    per_epoch = images * (folds - 1) / folds + images / folds
+
+    def job_s(img_s: float) -> float:
+        return startup_s + epochs * per_epoch / img_s
+
+    shapes = [("1 node × 8 GPUs, one 8-GPU data-parallel job at a time (micro 8)", 1, job_s(8 * img_s_micro8)),
+              ("1 node, 8 concurrent 1-GPU jobs (micro 64)", gpus_per_node, job_s(img_s_micro64)),
+              ("4 nodes, 32 concurrent 1-GPU jobs (micro 64)", 4 * gpus_per_node, job_s(img_s_micro64))]
+    return [{"shape": name, "slots": slots, "job_min": round(t / 60, 1),
+             "hours": round(math.ceil(jobs / slots) * t / 3600, 2)} for name, slots, t in shapes]
+
+
+def bench_cv(folds: int = 3, n: int = 144, cores: int | None = None, **projection) -> dict:
+    """Sequential vs concurrent ``zoome cv`` of 2 variants × ``folds`` folds, then the projection."""
+    cores = cores or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synthesize(root / "src", n, seed=0, prevalence=0.25, size=64, progress=False)
+        build(root / "src" / "train.csv", root / "src" / "jpeg" / "train", root / "shards",
+              BuildOptions(folds=folds, max_side=0, samples_per_shard=24), progress=False)
+        cfg = root / "tiny.yaml"
+        cfg.write_text(yaml.safe_dump(TINY))
+        seq = _cv(cfg, root / "shards", root / "seq", folds, "--cpus-per-job", str(cores))
+        conc = _cv(cfg, root / "shards", root / "conc", folds, "--jobs", str(cores), "--cpus-per-job", "1")
+        jobs = 2 * folds
+        epoch_s = [json.loads(line)["epoch_seconds"] for f in (root / "seq").glob("*/fold-*/metrics.jsonl")
+                   for line in f.read_text().splitlines()]
+        startup = seq / jobs - sum(epoch_s) / jobs
+    return {"jobs": jobs, "cores": cores, "sequential_s": round(seq, 1), "concurrent_s": round(conc, 1),
+            "concurrent_speedup": round(seq / conc, 2), "job_fixed_cost_s": round(startup, 1),
+            "job_epochs_s": round(sum(epoch_s) / jobs, 1),
+            "isic2020_projection": project(**projection)}
