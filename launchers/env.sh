@@ -14,7 +14,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[env] installing zoome_dist and its pinned stack into $venv (first run: a few minutes)" >&2
-  # DS_BUILD_OPS=0: DeepSpeed compiles nothing at install time (STACK.md).
+  # DS_BUILD_OPS=0: DeepSpeed compiles nothing at install time (docs/stack.md).
   DS_BUILD_OPS=0 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test,dali-cu13]" -c "$root/constraints.txt" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
   "$venv/bin/python" -c "import zoome_dist, torch, nvidia.dali, deepspeed, ray" >/dev/null 2>&1 \

@@ -1,6 +1,6 @@
 """A test cluster of real nodes on one machine: Linux network namespaces behind a bridge, each with
 its own IP on ``eth0``, its own process table (PID namespace) and an sshd reachable with a test-only
-key; the filesystem is shared, like nodes on NFS (recipe: ``shared/docs/CLUSTER.md``).
+key; the filesystem is shared, like nodes on NFS (recipe: ``docs/cluster.md``).
 
     python tests/cluster.py up [--nodes 2]     # prints the node addresses and the env to use
     python tests/cluster.py down TAG           # tears down what `up` made (TAG as printed)

@@ -33,7 +33,7 @@ def shards_dir(synth_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def deepspeed_shm_op() -> None:
-    """Build DeepSpeed's CPU shm-comm op once (a hidden 20–45 s JIT compile, STACK.md), cached in
+    """Build DeepSpeed's CPU shm-comm op once (a hidden 20–45 s JIT compile, docs/stack.md), cached in
     $TORCH_EXTENSIONS_DIR, so the training tests' ranks do not all compile it at start-up."""
     from deepspeed.accelerator import get_accelerator
 

@@ -1,4 +1,4 @@
-"""Binary melanoma metrics (``sklearn.metrics`` underneath), as ZOOME.md defines them.
+"""Binary melanoma metrics (``sklearn.metrics`` underneath), as docs/paper.md defines them.
 
 - AUC; accuracy / sensitivity / specificity at 0.5 with *positive = prob > 0.5* (as the official ISIC
   scorer) and at a threshold fit on training predictions (Youden's J, *positive = prob ≥ t*);

@@ -1,7 +1,7 @@
 """Metadata Embedding: metadata → two FC layers → a per-channel gate for the last feature map.
 
 Xing et al., Sec. III-B (Eq. 4: ``o = t ⊗ x``). Hidden width, inner activation and the gate on ``t``
-are not given in the paper; defaults (256, ReLU, sigmoid) are ours (see ZOOME.md).
+are not given in the paper; defaults (256, ReLU, sigmoid) are ours (see docs/paper.md).
 """
 from __future__ import annotations
 

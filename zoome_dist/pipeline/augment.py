@@ -18,7 +18,7 @@ class Augment:
     """Centred crop of ``zoom`` × side (uniform), rotation in ±``rotate`` degrees, flip with ``flip``.
 
     Order: crop → resize to ``image_size`` → rotate (zero fill, size kept) → flip → normalise.
-    Resizing before rotating keeps the rotation cheap (STACK.md). Eval uses no augmentation:
+    Resizing before rotating keeps the rotation cheap (docs/stack.md). Eval uses no augmentation:
     the whole image resized to ``image_size`` × ``image_size``.
     """
 

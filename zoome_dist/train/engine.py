@@ -105,7 +105,7 @@ def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
     import deepspeed
 
     dist_cfg = dist_cfg or DistConfig()
-    if "RANK" not in os.environ:  # plain `python launchers/train.py`: no MPI discovery (STACK.md)
+    if "RANK" not in os.environ:  # plain `python launchers/train.py`: no MPI discovery (docs/stack.md)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     ifname = socket_interface(os.environ["MASTER_ADDR"], dist_cfg.socket_ifname)
@@ -237,7 +237,7 @@ def deepspeed_config(cfg: Config, world_size: int, tensorboard_dir: str | Path |
         ds["gradient_clipping"] = cfg.optim.clip_grad
     if cfg.train.precision != "fp32":
         # torch autocast keeps fp32 master weights and BatchNorm in fp32; DeepSpeed's own "bf16"
-        # mode breaks BatchNorm models (STACK.md). fp16 adds a GradScaler at ZeRO 0.
+        # mode breaks BatchNorm models (docs/stack.md). fp16 adds a GradScaler at ZeRO 0.
         ds["torch_autocast"] = {"enabled": True,
                                 "dtype": {"bf16": "bfloat16", "fp16": "float16"}[cfg.train.precision]}
     if tensorboard_dir is not None:

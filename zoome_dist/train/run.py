@@ -222,7 +222,7 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
         return summary
     finally:
         if dist.is_initialized():
-            if ok:  # gloo can abort at exit without this (STACK.md); never wait for a failed peer
+            if ok:  # gloo can abort at exit without this (docs/stack.md); never wait for a failed peer
                 dist.barrier()
             dist.destroy_process_group()
 

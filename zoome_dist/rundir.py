@@ -1,0 +1,80 @@
+"""The run folder: every file one training run (``zoome train --out DIR``) writes, named once.
+
+Training writes it; the CV driver, Ray trials, ``zoome predict`` and the tests read it, all through
+this type, so a file's name lives here and nowhere else.
+
+    config.yaml            the resolved config the run trained with
+    deepspeed.json         the DeepSpeed config derived from it
+    run.json               the job: shards, fold, train folds, world size, loader, batch plan
+    metrics.jsonl          one JSON line per epoch (loss, lr, img/s, data wait, validation metrics)
+    predictions.csv        out-of-fold probabilities of the best epoch; predictions_last.csv: the last
+    model_best.pt          best epoch's weights + config + metadata encoding (``zoome predict``)
+    summary.json           written last: the run finished
+    checkpoints/latest     names the newest DeepSpeed checkpoint checkpoints/stepNNNNNNN/
+    tensorboard/           DeepSpeed's TensorBoard monitor
+    job.log, rank<R>.log   output of a CV job / a Ray trial's ranks; .rendezvous: their rendezvous file
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    config = property(lambda self: self.path / "config.yaml")
+    deepspeed = property(lambda self: self.path / "deepspeed.json")
+    run_info = property(lambda self: self.path / "run.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    summary = property(lambda self: self.path / "summary.json")
+    model_best = property(lambda self: self.path / "model_best.pt")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    latest = property(lambda self: self.path / "checkpoints" / "latest")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    job_log = property(lambda self: self.path / "job.log")
+    rendezvous = property(lambda self: self.path / ".rendezvous")
+
+    def predictions(self, select: str = "best") -> Path:
+        """Out-of-fold probabilities of the ``best`` or the ``last`` epoch."""
+        if select not in ("best", "last"):
+            raise ValueError(f"select must be 'best' or 'last', got {select!r}")
+        return self.path / ("predictions.csv" if select == "best" else "predictions_last.csv")
+
+    def rank_log(self, rank: int) -> Path:
+        return self.path / f"rank{rank}.log"
+
+    @property
+    def finished(self) -> bool:
+        """The run wrote its summary (its last file)."""
+        return self.summary.is_file()
+
+    @property
+    def resumable(self) -> bool:
+        """A checkpoint exists to ``--resume`` from."""
+        return self.latest.is_file()
+
+    def read_summary(self) -> dict:
+        return json.loads(self.summary.read_text())
+
+    def read_metrics(self) -> list[dict]:
+        """The epochs written so far (a line being written is not returned)."""
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and line.strip()]
+
+    def fold_metrics(self, select: str) -> dict:
+        """The validation metrics a CV reports for this run: its ``best`` or ``last`` epoch's."""
+        s = self.read_summary()
+        if select == "best":
+            return s["best"]["metrics"]
+        return {k[4:]: v for k, v in s["last"].items() if k.startswith("val_")}
