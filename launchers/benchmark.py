@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--ttas", default="1,2,8")
     c = sub.add_parser("cv", help="zoome cv wall time, jobs one at a time vs concurrent; ISIC-2020 projection")
-    c.add_argument("--folds", type=int, default=3)
+    c.add_argument("--num-folds", type=int, default=3, help="folds of the tiny shard build (all are run)")
     c.add_argument("--n", type=int, default=144, help="synthetic images")
     c.add_argument("--img-s-micro64", type=float, default=700.0,
                    help="1-GPU job img/s at micro 64, end to end (BENCHMARKS.md: 637-749 on an H200)")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "cv":
         from zoome_dist.bench.cv import bench_cv
 
-        r = bench_cv(a.folds, a.n, img_s_micro64=a.img_s_micro64, img_s_micro8=a.img_s_micro8,
+        r = bench_cv(a.num_folds, a.n, img_s_micro64=a.img_s_micro64, img_s_micro8=a.img_s_micro8,
                      startup_s=a.startup_s)
     elif a.what == "shards":
         from zoome_dist.bench.shards import bench_shards

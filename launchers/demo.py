@@ -14,18 +14,19 @@ import sys
 from pathlib import Path
 
 from shards.cli import main as shards_main
+from zoome_dist.cliutil import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for data, shards and runs")
     p.add_argument("--n", type=int, default=600, help="synthetic images")
     p.add_argument("--size", type=int, default=192, help="synthetic image side (px)")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--num-folds", type=int, default=5, help="folds of the shard build")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--train-folds", default="0", help="folds to cross-validate (cv.py --folds)")
+    p.add_argument("--folds", default="0", help="folds to cross-validate (zoome cv --folds)")
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (GPUs, or CPU processes)")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -36,15 +37,15 @@ def main(argv: list[str] | None = None) -> int:
                         "--prevalence", "0.2", "--workers", str(a.workers)]):
             return 1
     if not (shards / "manifest.json").is_file():
-        print(f"== 2. patient-grouped, stratified {a.folds}-fold WebDataset shards → {shards}")
+        print(f"== 2. patient-grouped, stratified {a.num_folds}-fold WebDataset shards → {shards}")
         if shards_main(["build", "--csv", str(data / "train.csv"), "--images", str(data / "jpeg" / "train"),
-                        "--out", str(shards), "--folds", str(a.folds), "--samples-per-shard", "64",
+                        "--out", str(shards), "--num-folds", str(a.num_folds), "--samples-per-shard", "64",
                         "--workers", str(a.workers), "--resume"]):
             return 1
     print(f"== 3. verify {shards}")
     if shards_main(["verify", str(shards), "--quiet"]):
         return 1
-    print(f"== 4. DeepSpeed training, {a.ranks} ranks, fold(s) {a.train_folds} → {out / 'cv'}", flush=True)
+    print(f"== 4. DeepSpeed training, {a.ranks} ranks, fold(s) {a.folds} → {out / 'cv'}", flush=True)
     import torch
 
     if not torch.cuda.is_available():
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoome_dist.cv import main as cv_main
 
     return cv_main(["--config", str(ROOT / "launchers" / "configs" / "demo-cpu.yaml"), "--shards", str(shards),
-                    "--folds", a.train_folds, "--out", str(out / "cv"), "--gpus-per-job", str(a.ranks)])
+                    "--folds", a.folds, "--out", str(out / "cv"), "--gpus-per-job", str(a.ranks)])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, error
 from zoome_dist.data.isic import ISIC2019_META_NAME
 from zoome_dist.data.writer import BuildOptions, StrictError, build, summary_lines
 
@@ -17,6 +18,9 @@ DEFAULTS = BuildOptions()
 
 
 def _build(a: argparse.Namespace) -> int:
+    if a.folds_deprecated is not None:  # the old name of --num-folds
+        print("zoome-shards build: warning: --folds N is now --num-folds N", file=sys.stderr)
+        a.folds = a.folds_deprecated
     opts = BuildOptions(folds=a.folds, seed=a.seed, max_side=a.max_side,
                         samples_per_shard=a.samples_per_shard, jpeg_quality=a.jpeg_quality,
                         strict=a.strict)
@@ -50,32 +54,33 @@ def _synth(a: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zoome-shards", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="zoome-shards", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="CSV + images → fold-partitioned WebDataset shards")
+    b = sub.add_parser("build", formatter_class=HelpFormatter, help="CSV + images → fold-partitioned WebDataset shards")
     b.add_argument("--csv", required=True, help="ISIC 2020 train.csv or ISIC 2019 ground-truth CSV")
     b.add_argument("--metadata-csv", help=f"ISIC 2019 metadata CSV (default: {ISIC2019_META_NAME} beside --csv)")
     b.add_argument("--images", required=True, help="folder holding <image_name>.jpg")
     b.add_argument("--out", required=True)
-    b.add_argument("--folds", type=int, default=DEFAULTS.folds)
+    b.add_argument("--num-folds", type=int, default=DEFAULTS.folds, dest="folds",
+                   help="how many folds to partition into (elsewhere --folds selects existing folds)")
+    b.add_argument("--folds", type=int, dest="folds_deprecated", help=argparse.SUPPRESS)
     b.add_argument("--seed", type=int, default=DEFAULTS.seed)
     b.add_argument("--max-side", type=int, default=DEFAULTS.max_side,
-                   help="bound the longer side in px, 0 keeps originals (default %(default)s)")
+                   help="bound the longer side in px, 0 keeps originals")
     b.add_argument("--samples-per-shard", type=int, default=DEFAULTS.samples_per_shard)
     b.add_argument("--jpeg-quality", type=int, default=DEFAULTS.jpeg_quality,
-                   help="quality of re-encoded JPEGs (default %(default)s)")
+                   help="quality of re-encoded JPEGs")
     b.add_argument("--workers", type=int, default=1, help="processes writing shards")
     b.add_argument("--strict", action="store_true",
                    help="fail on the first row or image that would be skipped or converted")
     b.add_argument("--resume", action="store_true", help="finish an interrupted build in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
-    v = sub.add_parser("verify", help="re-hash and re-check a shard build against its manifest")
+    v = sub.add_parser("verify", formatter_class=HelpFormatter, help="re-hash and re-check a shard build against its manifest")
     v.add_argument("shards")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_verify)
-    s = sub.add_parser("synth", help="write a synthetic ISIC-2020-layout dataset")
+    s = sub.add_parser("synth", formatter_class=HelpFormatter, help="write a synthetic ISIC-2020-layout dataset")
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, required=True, help="number of images")
     s.add_argument("--seed", type=int, default=0)
@@ -91,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         return a.func(a)
-    except (StrictError, ValueError, OSError) as e:  # OSError: unwritable or full --out, unreadable input
-        print(f"zoome-shards {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    except (StrictError, *USER_ERRORS) as e:
+        return error(f"zoome-shards {a.cmd}", e)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_killed_build_leaves_no_workers(tmp_path):
     data = tmp_path / "data"
     synthesize(data, 240, seed=1, size=128, progress=False)
     cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(data / "train.csv"), "--images",
-           str(data / "jpeg" / "train"), "--out", str(tmp_path / "out"), "--folds", "2", "--max-side", "0",
+           str(data / "jpeg" / "train"), "--out", str(tmp_path / "out"), "--num-folds", "2", "--max-side", "0",
            "--samples-per-shard", "4", "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     deadline = time.time() + 120

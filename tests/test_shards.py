@@ -107,7 +107,7 @@ def test_nonempty_out_needs_resume(synth_data, shards_dir):
 def test_resume_after_kill(synth_data, shards_dir, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(synth_data / "train.csv"),
-           "--images", str(synth_data / "jpeg" / "train"), "--out", str(out), "--folds", "3",
+           "--images", str(synth_data / "jpeg" / "train"), "--out", str(out), "--num-folds", "3",
            "--max-side", "0", "--quiet"]
     # Tiny shards so the build is still running when it is killed.
     proc = subprocess.Popen(cmd + ["--samples-per-shard", "2"], cwd=ROOT)
@@ -167,7 +167,7 @@ def _bad_dataset(root: Path) -> Path:
 def test_bad_input_is_skipped_converted_and_recorded(tmp_path, capsys):
     root = _bad_dataset(tmp_path / "bad")
     rc = shards_main(["build", "--csv", str(root / "train.csv"), "--images", str(root / "jpeg" / "train"),
-                      "--out", str(tmp_path / "out"), "--folds", "2", "--samples-per-shard", "5", "--quiet"])
+                      "--out", str(tmp_path / "out"), "--num-folds", "2", "--samples-per-shard", "5", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     m = load_manifest(tmp_path / "out")
@@ -192,7 +192,7 @@ def test_bad_input_is_skipped_converted_and_recorded(tmp_path, capsys):
     bad = (1, 2, 3, 8, 9, 10, 11, 12, 13)
     assert set(samples) == {f"SYN_{i:07d}" for i in range(24)} - {f"SYN_{i:07d}" for i in bad}
     rc = shards_main(["build", "--csv", str(root / "train.csv"), "--images", str(root / "jpeg" / "train"),
-                      "--out", str(tmp_path / "again"), "--folds", "2", "--samples-per-shard", "5", "--quiet"])
+                      "--out", str(tmp_path / "again"), "--num-folds", "2", "--samples-per-shard", "5", "--quiet"])
     assert rc == 0 and load_manifest(tmp_path / "again")["skipped"] == m["skipped"]
     for name in converted:
         im = Image.open(io.BytesIO(samples[name]["jpg"]))
@@ -203,7 +203,7 @@ def test_bad_input_is_skipped_converted_and_recorded(tmp_path, capsys):
 def test_strict_names_first_bad_sample(tmp_path, capsys):
     root = _bad_dataset(tmp_path / "bad")
     rc = shards_main(["build", "--csv", str(root / "train.csv"), "--images", str(root / "jpeg" / "train"),
-                      "--out", str(tmp_path / "out"), "--folds", "2", "--strict", "--quiet"])
+                      "--out", str(tmp_path / "out"), "--num-folds", "2", "--strict", "--quiet"])
     assert rc != 0
     err = capsys.readouterr().err
     assert "bad row 'SYN_9999999'" in err and "malformed CSV row" in err
@@ -212,7 +212,7 @@ def test_strict_names_first_bad_sample(tmp_path, capsys):
     csv = csv[csv["image_name"] != "SYN_0000000"]
     csv.to_csv(root / "clean.csv", index=False)
     rc = shards_main(["build", "--csv", str(root / "clean.csv"), "--images", str(root / "jpeg" / "train"),
-                      "--out", str(tmp_path / "out2"), "--folds", "2", "--strict", "--quiet"])
+                      "--out", str(tmp_path / "out2"), "--num-folds", "2", "--strict", "--quiet"])
     assert rc != 0
     assert "bad sample SYN_000000" in capsys.readouterr().err
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, error
 from zoome_dist.metrics import binary_metrics
 
 
@@ -191,15 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         return tune_main(argv[1:])
     from zoome_dist.pipeline import DEVICES, LOADERS
 
-    p = argparse.ArgumentParser(prog="zoome", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="zoome", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="train one fold (DeepSpeed); `zoome train --help` for its options",
                    add_help=False)
     sub.add_parser("cv", help="cross-validation: folds × variants, Table-I report; `zoome cv --help`",
                    add_help=False)
     sub.add_parser("tune", help="Ray Tune search across folds; `zoome tune --help`", add_help=False)
-    pr = sub.add_parser("predict", help="score images with one or more checkpoints (ensemble), with TTA")
+    pr = sub.add_parser("predict", help="score images with one or more checkpoints (ensemble), with TTA",
+                        formatter_class=HelpFormatter)
     pr.add_argument("--checkpoint", action="append", required=True,
                     help="model_best.pt, a run folder, or a folder of runs (all are averaged); repeatable")
     pr.add_argument("--csv", required=True, help="ISIC test CSV: image_name, sex, age_approx, "
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--threads", type=int, default=2)
     pr.add_argument("--format", choices=["kaggle", "isic"], default="kaggle",
                     help="kaggle: image_name,target (zoome score); isic: image,MEL (isic-challenge-scoring)")
-    ex = sub.add_parser("explain", help="Grad-CAM, Zoom-SE cells and metadata effect as a PNG report")
+    ex = sub.add_parser("explain", help="Grad-CAM, Zoom-SE cells and metadata effect as a PNG report",
+                        formatter_class=HelpFormatter)
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--image", action="append", default=[], help="image file; repeatable")
     ex.add_argument("--meta", default="", help="for --image: age=55,sex=male,site=torso (missing = unknown)")
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--limit", type=int, default=8, help="at most this many CSV rows")
     ex.add_argument("--zoom-blocks", type=int, default=2, help="last Zoom-SE blocks to show")
     ex.add_argument("--out", required=True, help="PNG report")
-    s = sub.add_parser("score", help="score predictions against ground truth")
+    s = sub.add_parser("score", help="score predictions against ground truth", formatter_class=HelpFormatter)
     s.add_argument("--truth", required=True, help="CSV with image_name,target (or image,MEL)")
     s.add_argument("--pred", required=True, help="CSV with image_name,target probabilities (or image,MEL)")
     s.add_argument("--json", action="store_true")
@@ -233,9 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "explain":
             return _explain(a)
         m = score(a.truth, a.pred)
-    except (ValueError, OSError) as e:  # OSError: unwritable or full output folder, unreadable input
-        print(f"zoome {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return error(f"zoome {a.cmd}", e)
     if a.json:
         print(json.dumps(m))
     else:

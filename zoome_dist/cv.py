@@ -20,25 +20,12 @@ OUT/roc.png (pooled out-of-fold ROC). ``--select last`` (default) reports each f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-
-def parse_folds(spec: str) -> list[int]:
-    """``"0-9"`` or ``"0,3,5"`` → list of ints."""
-    out: list[int] = []
-    for part in spec.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out += list(range(int(lo), int(hi) + 1))
-        elif part.strip():
-            out.append(int(part))
-    if not out:
-        raise ValueError(f"--folds {spec!r} selects no fold")
-    return out
+from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
 
 
 def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> tuple[str, ...]:
@@ -52,8 +39,7 @@ def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zoome cv", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="zoome cv", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--shards", required=True)
@@ -62,16 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="comma-separated model names (default: the config's)")
     p.add_argument("--gpus-per-job", "--num-gpus", dest="ranks", type=int, default=1, metavar="N",
                    help="data-parallel ranks of each (variant, fold) job, one GPU each (CPU ranks where there "
-                        "is no GPU) (default: %(default)s)")
+                        "is no GPU)")
     p.add_argument("--cpus-per-job", type=int, default=0,
                    help="cores per job, shared by its ranks' threads (default: not limited here; one per rank "
                         "on Ray)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="jobs at once on this node (each with its own GPUs) (default: %(default)s)")
+                   help="jobs at once on this node (each with its own GPUs)")
     p.add_argument("--ray-address", help="run the jobs as Ray tasks on this cluster (e.g. auto), as many at once "
                                          "as its free resources allow; run folders on shared storage")
     p.add_argument("--max-retries", type=int, default=2,
-                   help="retries of a failed job, each resuming from its checkpoint (default: %(default)s)")
+                   help="retries of a failed job, each resuming from its checkpoint")
     p.add_argument("--hostfile", help="one multi-node data-parallel job at a time: DeepSpeed hostfile "
                                       "(with --master-addr)")
     p.add_argument("--master-addr", help="with --hostfile: the first node's address, as the others reach it")
@@ -79,20 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from zoome_dist.config import apply_overrides, load_config, parse_set
-    from zoome_dist.data.manifest import load_manifest
     from zoome_dist.jobs import Job, Resources, run_local, run_ray
     from zoome_dist.launch import Launch
     from zoome_dist.models import MODELS
     from zoome_dist.report import fold_rows, plot_roc, pooled, table_markdown
+    from zoome_dist.rundir import RunDir
     from zoome_dist.train.engine import accelerator, validate
 
     try:
         cfg = load_config(a.config, parse_set(a.set))
         folds = parse_folds(a.folds)
-        valid = [f["fold"] for f in load_manifest(a.shards)["folds"]]
-        bad = [k for k in folds if k not in valid]
-        if bad:
-            raise ValueError(f"fold(s) {bad} do not exist in {a.shards}; valid folds: {valid}")
+        check_folds(folds, a.shards)
         Launch(ranks=a.ranks, hostfile=a.hostfile, master_addr=a.master_addr).validate()
         if a.jobs < 1:
             raise ValueError(f"--jobs must be positive, got {a.jobs}")
@@ -111,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"Unknown variant(s) {unknown}. Valid models: {sorted(MODELS)}")
         for variant in variants:  # a bad value fails here, not in every job
             validate(apply_overrides(cfg, {"model.name": variant}))
-    except (ValueError, OSError) as e:
-        print(f"zoome cv: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return error("zoome cv", e)
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -125,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         failed = (run_ray(jobs, res, a.ray_address, a.max_retries) if a.ray_address
                   else run_local(jobs, res, a.jobs, a.max_retries, gpu=accelerator() == "cuda"))
-    except ValueError as e:
-        print(f"zoome cv: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return error("zoome cv", e)
     if failed:
         for name, why in failed.items():
             print(f"zoome cv: {name} failed: {why}", file=sys.stderr)
@@ -137,13 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, preds = [], {v: [] for v in variants}
     for variant in variants:
         for fold in folds:
-            run_dir = out / variant / f"fold-{fold:02d}"
-            summary = json.loads((run_dir / "summary.json").read_text())
-            metrics = summary["best"]["metrics"] if a.select == "best" else {
-                k[4:]: v for k, v in summary["last"].items() if k.startswith("val_")}
-            rows.append(fold_rows(variant, fold, metrics))
-            name = "predictions.csv" if a.select == "best" else "predictions_last.csv"
-            preds[variant].append(pd.read_csv(run_dir / name))
+            run = RunDir(out / variant / f"fold-{fold:02d}")
+            rows.append(fold_rows(variant, fold, run.fold_metrics(a.select)))
+            preds[variant].append(pd.read_csv(run.predictions(a.select)))
     table = pd.DataFrame(rows)
     table.to_csv(out / "folds.csv", index=False)
     md = table_markdown(table)

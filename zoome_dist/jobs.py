@@ -21,6 +21,7 @@ from pathlib import Path
 
 from zoome_dist.launch import Launch, train_command, visible_devices
 from zoome_dist.procs import die_with_parent
+from zoome_dist.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,11 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        return RunDir(self.run_dir).finished
 
     def command(self, launch: Launch, env: dict[str, str] | None = None) -> list[str]:
         args = list(self.train_args)
-        if (self.run_dir / "checkpoints" / "latest").is_file():
+        if RunDir(self.run_dir).resumable:
             args.append("--resume")  # a killed or failed earlier attempt: continue where it stopped
         return train_command(args, launch, env)
 
@@ -70,7 +71,7 @@ def _attempt(job: Job, res: Resources, gpu: bool, extra_env: dict[str, str], str
     cmd = job.command(res.launch, env)
     if stream:
         return subprocess.run(cmd, env=env).returncode
-    with open(job.run_dir / "job.log", "a") as log:
+    with open(RunDir(job.run_dir).job_log, "a") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {where}{' '.join(cmd)}\n")
         log.flush()
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
@@ -111,7 +112,7 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
                 if rc == 0:
                     print(f"== {job.name}: done", flush=True)
                     return
-                print(f"== {job.name}: exit {rc}" + ("" if stream else f"; see {job.run_dir / 'job.log'}"),
+                print(f"== {job.name}: exit {rc}" + ("" if stream else f"; see {RunDir(job.run_dir).job_log}"),
                       file=sys.stderr, flush=True)
             failed[job.name] = f"exit {rc} after {retries + 1} attempt(s)"
         finally:
@@ -131,7 +132,7 @@ def _ray_job(job: Job, res: Resources, gpu: bool) -> str:
     node = ray.util.get_node_ip_address()
     rc = _attempt(job, res, gpu, {}, stream=False, where=f"[node {node}] ")
     if rc != 0:
-        raise RuntimeError(f"{job.name}: training exited with {rc} on {node}; see {job.run_dir / 'job.log'}")
+        raise RuntimeError(f"{job.name}: training exited with {rc} on {node}; see {RunDir(job.run_dir).job_log}")
     return node
 
 

@@ -19,6 +19,7 @@ from zoome_dist.config import Config, apply_overrides, flatten
 from zoome_dist.data.isic import check_image_name, parse_age, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.pipeline import LOADERS, resolve_device
+from zoome_dist.rundir import MODEL_BEST, RunDir
 from zoome_dist.safe_load import safe_load
 from zoome_dist.train.engine import build_model
 
@@ -41,12 +42,12 @@ def find_checkpoints(paths: list[str]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_file():
             found.append(p)
-        elif (p / "model_best.pt").is_file():
-            found.append(p / "model_best.pt")
-        elif p.is_dir() and sorted(p.rglob("model_best.pt")):
-            found += sorted(p.rglob("model_best.pt"))
+        elif RunDir(p).model_best.is_file():
+            found.append(RunDir(p).model_best)
+        elif p.is_dir() and sorted(p.rglob(MODEL_BEST)):
+            found += sorted(p.rglob(MODEL_BEST))
         else:
-            raise FileNotFoundError(f"no checkpoint at {p}: expected model_best.pt, a run folder or a CV folder")
+            raise FileNotFoundError(f"no checkpoint at {p}: expected {MODEL_BEST}, a run folder or a CV folder")
     return found
 
 

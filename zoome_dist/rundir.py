@@ -9,6 +9,7 @@ this type, so a file's name lives here and nowhere else.
     metrics.jsonl          one JSON line per epoch (loss, lr, img/s, data wait, validation metrics)
     predictions.csv        out-of-fold probabilities of the best epoch; predictions_last.csv: the last
     model_best.pt          best epoch's weights + config + metadata encoding (``zoome predict``)
+    best.json              the best epoch, its checkpoint tag and metrics
     summary.json           written last: the run finished
     checkpoints/latest     names the newest DeepSpeed checkpoint checkpoints/stepNNNNNNN/
     tensorboard/           DeepSpeed's TensorBoard monitor
@@ -19,6 +20,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+
+MODEL_BEST = "model_best.pt"  # also what ``zoome predict`` looks for under a folder of runs
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,8 @@ class RunDir:
     run_info = property(lambda self: self.path / "run.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     summary = property(lambda self: self.path / "summary.json")
-    model_best = property(lambda self: self.path / "model_best.pt")
+    model_best = property(lambda self: self.path / MODEL_BEST)
+    best = property(lambda self: self.path / "best.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     latest = property(lambda self: self.path / "checkpoints" / "latest")
     tensorboard = property(lambda self: self.path / "tensorboard")

@@ -16,14 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zoome tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="zoome tune", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override")
     p.add_argument("--shards", required=True)
-    p.add_argument("--folds", default="0,1,2", help="validation folds every configuration is trained on")
+    p.add_argument("--folds", default="0,1,2", help="validation folds every configuration is trained on (0-2 or 0,1,2)")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="zoome_tune", help="experiment name (re-run to resume)")
@@ -42,18 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from zoome_dist.config import load_config, parse_set
-    from zoome_dist.data.manifest import load_manifest
     from zoome_dist.train.engine import validate
     from zoome_dist.tuning import base_tree, check_pickles_are_ours, search_space, trainable, write_results
 
     try:
         cfg = load_config(a.config, parse_set(a.set))
         validate(cfg)
-        folds = [int(x) for x in a.folds.split(",") if x.strip()]
-        valid = [f["fold"] for f in load_manifest(a.shards)["folds"]]
-        bad = [k for k in folds if k not in valid]
-        if bad or not folds:
-            raise ValueError(f"--folds {a.folds!r}: fold(s) {bad} do not exist; valid folds: {valid}")
+        folds = parse_folds(a.folds)
+        check_folds(folds, a.shards)
         space = search_space(tuple(int(x) for x in a.pool_sizes.split(",")), cfg.model.name,
                              tuple(int(x) for x in a.batch_sizes.split(",")))
         if a.search == "optuna":
@@ -69,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment = Path(a.out).resolve() / "ray" / a.name
         if experiment.is_dir():
             check_pickles_are_ours(experiment)  # Ray unpickles a resumed experiment's state
-    except (ValueError, FileNotFoundError) as e:
-        print(f"zoome tune: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return error("zoome tune", e)
 
     import ray
     from ray import tune

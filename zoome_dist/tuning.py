@@ -30,6 +30,7 @@ import yaml
 from zoome_dist.config import Config, apply_overrides, check_keys
 from zoome_dist.launch import local_rank_commands
 from zoome_dist.procs import die_with_parent
+from zoome_dist.rundir import RunDir
 
 
 
@@ -64,36 +65,34 @@ def trial_config(base: dict, overrides: dict[str, Any]) -> Config:
 
 def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: int, gpus: int,
                threads: int) -> Iterator[dict]:
-    """Run one fold as ``workers`` ranks; yield each new ``metrics.jsonl`` record as it appears."""
+    """Run one fold as ``workers`` ranks; yield each new epoch's metrics record as it appears."""
+    run = RunDir(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     args = ["--config", str(cfg_path), "--shards", shards, "--fold", str(fold), "--out", str(fold_dir),
             "--no-progress"]
-    if (fold_dir / "checkpoints" / "latest").is_file():
+    if run.resumable:
         args.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if gpus == 0:  # a trial without GPUs never touches CUDA, whatever the node has
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     procs = []
-    for rank, (cmd, rank_env) in enumerate(local_rank_commands(args, workers, fold_dir / ".rendezvous", env)):
-        log = open(fold_dir / f"rank{rank}.log", "a")
+    for rank, (cmd, rank_env) in enumerate(local_rank_commands(args, workers, run.rendezvous, env)):
+        log = open(run.rank_log(rank), "a")
         procs.append(subprocess.Popen(cmd, env=rank_env, stdout=log, stderr=subprocess.STDOUT,
                                       preexec_fn=die_with_parent))
         log.close()
-    metrics, seen = fold_dir / "metrics.jsonl", 0
+    seen = 0
     try:
         while True:
-            lines = metrics.read_text().splitlines() if metrics.is_file() else []
-            for line in lines[seen:]:
-                yield json.loads(line)
-            seen = len(lines)
+            records = run.read_metrics()
+            yield from records[seen:]
+            seen = len(records)
             codes = [p.poll() for p in procs]
             if any(c not in (None, 0) for c in codes):
                 bad = next(i for i, c in enumerate(codes) if c not in (None, 0))
-                raise RuntimeError(f"fold {fold}: rank {bad} exited with {codes[bad]}; see {fold_dir}/rank{bad}.log")
+                raise RuntimeError(f"fold {fold}: rank {bad} exited with {codes[bad]}; see {run.rank_log(bad)}")
             if all(c == 0 for c in codes):
-                lines = metrics.read_text().splitlines() if metrics.is_file() else []
-                for line in lines[seen:]:
-                    yield json.loads(line)
+                yield from run.read_metrics()[seen:]
                 return
             time.sleep(0.5)
     finally:
@@ -118,7 +117,7 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
     trial_dir = Path(run_root) / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     cfg = trial_config(base, config)
-    cfg_path = trial_dir / "config.yaml"
+    cfg_path = trial_dir / "trial_config.yaml"
     cfg.dump(cfg_path)
     node, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
     for fold in folds:

@@ -17,6 +17,7 @@ from zoome_dist.config import load_config
 from zoome_dist.losses import make_loss
 from zoome_dist.train.amp import OverflowFlag
 from zoome_dist.train.engine import build_model, build_optimizer, build_scheduler, deepspeed_config, setup_distributed
+from zoome_dist.rundir import RunDir
 from zoome_dist.train.run import restore, save
 
 parser = argparse.ArgumentParser()
@@ -61,9 +62,9 @@ step(1.0)
 res["lr_after_next"] = engine.get_lr()[0]
 state = engine.torch_autocast_z0_gradscaler.state_dict()
 res["saved_scale"], res["saved_tracker"] = state["scale"], state["_growth_tracker"]
-save(engine, out / "ckpt", {"epoch": 0, "micro_step": 3, "best": None}, keep=2)
+save(engine, RunDir(out / "run"), {"epoch": 0, "micro_step": 3, "best": None}, keep=2)
 engine, flag = make_engine()
-restore(engine, out / "ckpt")
+restore(engine, RunDir(out / "run"))
 state = engine.torch_autocast_z0_gradscaler.state_dict()
 res["restored_scale"], res["restored_tracker"] = state["scale"], state["_growth_tracker"]
 (out / "result.json").write_text(json.dumps(res))

@@ -8,7 +8,6 @@ loaders, checkpoints) is measured as its share of the sequential wall time minus
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -21,6 +20,7 @@ import yaml
 
 from zoome_dist.data.synth import synthesize
 from zoome_dist.data.writer import BuildOptions, build
+from zoome_dist.rundir import RunDir
 
 TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
         "data": {"image_size": 32, "num_threads": 1},
@@ -70,8 +70,8 @@ def bench_cv(folds: int = 3, n: int = 144, cores: int | None = None, **projectio
         seq = _cv(cfg, root / "shards", root / "seq", folds, "--cpus-per-job", str(cores))
         conc = _cv(cfg, root / "shards", root / "conc", folds, "--jobs", str(cores), "--cpus-per-job", "1")
         jobs = 2 * folds
-        epoch_s = [json.loads(line)["epoch_seconds"] for f in (root / "seq").glob("*/fold-*/metrics.jsonl")
-                   for line in f.read_text().splitlines()]
+        epoch_s = [m["epoch_seconds"] for d in (root / "seq").glob("*/fold-*")
+                   for m in RunDir(d).read_metrics()]
         startup = seq / jobs - sum(epoch_s) / jobs
     return {"jobs": jobs, "cores": cores, "sequential_s": round(seq, 1), "concurrent_s": round(conc, 1),
             "concurrent_speedup": round(seq / conc, 2), "job_fixed_cost_s": round(startup, 1),

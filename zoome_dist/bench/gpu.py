@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from zoome_dist.bench import machine
+from zoome_dist.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,8 +196,7 @@ def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 2, 
     if r.returncode:
         out["error"] = (r.stdout + r.stderr)[-2000:]
         return out
-    for line in (work / "train" / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
+    for m in RunDir(work / "train").read_metrics():
         out[f"epoch{m['epoch']}"] = {"img_s": round(m["train_img_s_per_rank"], 1),
                                      "data_wait": round(m["data_wait"], 4),
                                      "val_auc": round(m["val_auc"], 4)}

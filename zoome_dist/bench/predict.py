@@ -11,6 +11,7 @@ from zoome_dist.bench.shards import reused_dataset
 from zoome_dist.config import load_config
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.predict import load_member, predict
+from zoome_dist.rundir import RunDir
 from zoome_dist.train.engine import build_model
 from zoome_dist.train.run import save_model
 
@@ -28,8 +29,8 @@ def bench_predict(model: str = "zoome", image_size: int = 224, n: int = 64, sour
         root = Path(tmp)
         imgs = reused_dataset(root / "src", n, source_size, 2)
         cfg = load_config(overrides={"model.name": model, "data.image_size": image_size})
-        save_model(root / "model_best.pt", cfg, build_model(cfg), MetadataEncoding().to_dict(), 0, {})
-        member = load_member(root / "model_best.pt", dev)
+        save_model(RunDir(root).model_best, cfg, build_model(cfg), MetadataEncoding().to_dict(), 0, {})
+        member = load_member(RunDir(root).model_best, dev)
         predict([member], root / "src" / "train.csv", imgs, tta=1, batch_size=batch_size, loader=loader)  # warm-up
         best = {t: 0.0 for t in ttas}
         for _ in range(rounds):

@@ -5,7 +5,6 @@ the life of a process, so one process trains one run).
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from zoome_dist.bench.shards import reused_dataset
 from zoome_dist.config import load_config
 from zoome_dist.data.writer import BuildOptions, build
 from zoome_dist.launch import train_command
+from zoome_dist.rundir import RunDir
 
 
 def bench_train(model: str = "zoome", image_size: int = 224, n: int = 192, source_size: int = 512,
@@ -36,7 +36,7 @@ def bench_train(model: str = "zoome", image_size: int = 224, n: int = 192, sourc
             for k, v in overrides.items():
                 args += ["--set", f"{k}={v}"]
             subprocess.run(train_command(args), check=True)
-            m = json.loads((root / f"run-{prec}" / "metrics.jsonl").read_text().splitlines()[-1])
+            m = RunDir(root / f"run-{prec}").read_metrics()[-1]
             out[prec] = {"train_img_s_per_rank": round(m["train_img_s_per_rank"], 2),
                          "data_wait": round(m["data_wait"], 4)}
     out["bf16_vs_fp32"] = round(out["bf16"]["train_img_s_per_rank"] / out["fp32"]["train_img_s_per_rank"], 3) \

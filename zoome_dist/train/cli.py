@@ -25,12 +25,12 @@ import os
 import socket
 import sys
 
+from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, error
 from zoome_dist.config import load_config, parse_set
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zoome train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="zoome train", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML/JSON config (default: built-in paper recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--shards", required=True, help="zoome-shards build folder")
@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config, parse_set(a.set))
         run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress,
             allow_changes=a.allow_config_change)
-    except (ValueError, OSError, FloatingPointError) as e:  # OSError: unwritable/full --out, unreadable input
+    except USER_ERRORS as e:
         rank = os.environ.get("RANK", "0")
         # every rank reports (a rank-local error, e.g. LOCAL_RANK beyond the GPUs, must not go unseen)
         if rank == "0" or not same_on_every_rank(e):
             where = f"[rank {rank} on {socket.gethostname()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            print(f"zoome train: error: {where}{e}", file=sys.stderr)
+            return error("zoome train", f"{where}{e}")
         return 2
     except RuntimeError as e:  # torch.distributed errors (DistBackendError) are RuntimeErrors
         if not lost_peer(e):

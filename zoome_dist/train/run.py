@@ -1,10 +1,12 @@
 """``run(cfg, shards, fold, out)``: train on every fold but ``fold``, evaluate on ``fold`` each epoch.
 
-Writes into ``out``: ``config.yaml`` and ``deepspeed.json`` (resolved), ``metrics.jsonl`` (one line per
-epoch), ``tensorboard/``, ``checkpoints/`` (DeepSpeed, every epoch and every
-``train.checkpoint_every_steps`` optimizer steps), and for the best epoch by AUC ``predictions.csv``
-(out-of-fold), ``model_best.pt`` and ``best.json``; ``predictions_last.csv`` for the latest epoch;
-``summary.json`` at the end.
+Writes the run folder ``out`` (``zoome_dist.rundir.RunDir`` names its files): the resolved config and
+DeepSpeed config, one metrics line per epoch, TensorBoard events, DeepSpeed checkpoints (every epoch and
+every ``train.checkpoint_every_steps`` optimizer steps), the best epoch's (by AUC) out-of-fold
+predictions and weights, the last epoch's predictions, and the summary at the end.
+
+Phases: ``_setup`` (loaders, model, engine, resume) → ``_epoch`` per epoch (train, evaluate, record,
+checkpoint) → ``_finish`` (ranks agree, summary).
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -26,13 +29,12 @@ from zoome_dist.data.manifest import load_manifest
 from zoome_dist.losses import make_loss
 from zoome_dist.metrics import binary_metrics, youden_threshold
 from zoome_dist.pipeline import Augment, make_loader, resolve_loader
+from zoome_dist.rundir import RunDir
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
-from zoome_dist.train.engine import (DistInfo, accelerator, build_model, build_optimizer, build_scheduler,
-                                     batch_plan, deepspeed_config, setup_distributed, validate)
+from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
+                                     build_scheduler, deepspeed_config, setup_distributed, validate)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
-from zoome_dist.train.safe_checkpoint import TAG, UnsafeCheckpointError, install, latest_tag
-
-CKPT = "checkpoints"
+from zoome_dist.train.safe_checkpoint import TAG, UnsafeCheckpointError, install, latest_tag, step_tag
 
 
 def log0(msg: str) -> None:
@@ -52,15 +54,14 @@ RESUMABLE_KEYS = ("train.epochs", "train.log_every", "train.keep_checkpoints", "
                   "train.eval_batch_size", "data.num_threads")
 
 
-def _check_run_folder(out: Path, resume: bool) -> bool:
+def _check_run_folder(run: RunDir, resume: bool) -> bool:
     """True when there is a checkpoint to resume from."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a run folder")
-    has_ckpt = (out / CKPT / "latest").is_file()
-    if has_ckpt and not resume:
-        raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or "
+    if run.path.exists() and not run.path.is_dir():
+        raise FileExistsError(f"--out {run.path} is a file, not a run folder")
+    if run.resumable and not resume:
+        raise FileExistsError(f"{run.path} already holds a training run; pass --resume to continue it or "
                               "choose another --out")
-    return has_ckpt and resume
+    return run.resumable and resume
 
 
 def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: bool,
@@ -70,10 +71,11 @@ def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: 
     Returns the changed keys."""
     from zoome_dist.config import flatten, load_config
 
-    old = flatten(load_config(out / "config.yaml").to_dict())
+    run = RunDir(out)
+    old = flatten(load_config(run.config).to_dict())
     new = flatten(cfg.to_dict())
     changed = sorted(k for k in new if old.get(k) != new[k])
-    run_json = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    run_json = json.loads(run.run_info.read_text()) if run.run_info.is_file() else {}
     if run_json.get("world_size", world_size) != world_size:
         raise ValueError(f"{out} was trained with {run_json['world_size']} rank(s); resuming with {world_size} "
                          "would change every batch. Resume with the same number of ranks")
@@ -87,7 +89,7 @@ def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: 
         hint = (f"; --allow-config-change accepts changes of {list(RESUMABLE_KEYS)} only" if allow_changes else
                 f"; pass --allow-config-change to change any of {list(RESUMABLE_KEYS)}")
         raise ValueError(f"resuming {out} with a different config ({detail}): use the run's own config "
-                         f"({out / 'config.yaml'}) or a new --out{hint}")
+                         f"({run.config}) or a new --out{hint}")
     return changed
 
 
@@ -99,31 +101,32 @@ def _prune(ckpt_dir: Path, keep: int, protect: set[str]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save(engine, ckpt_dir: Path, state: dict, keep: int) -> str:
+def save(engine, run: RunDir, state: dict, keep: int) -> str:
     """DeepSpeed checkpoint ``step{N}`` with our state (and the fp16 GradScaler's) as client state.
 
     DeepSpeed saves rank 0's module, BatchNorm buffers included, and every rank resumes from it: the
     buffers are averaged over the ranks first, so an uninterrupted run and a resumed one hold the same
     buffers on every rank from here on (exact resume)."""
     average_buffers(engine.module)
-    tag = f"step{engine.global_steps:07d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag,
+    tag = step_tag(engine.global_steps)
+    engine.save_checkpoint(str(run.checkpoints), tag=tag,
                            client_state={"zoome": {**state, "grad_scaler": scaler_state(engine)}})
     dist.barrier()
     if dist.get_rank() == 0:
-        _prune(ckpt_dir, keep, {tag, (state.get("best") or {}).get("tag")})
+        _prune(run.checkpoints, keep, {tag, (state.get("best") or {}).get("tag")})
     return tag
 
 
-def restore(engine, ckpt_dir: Path) -> dict:
+def restore(engine, run: RunDir) -> dict:
     """Load the newest intact checkpoint into ``engine`` (all ranks agree on which); returns our state.
 
     Loading is safe (``safe_checkpoint``): a file holding pickled code is refused on every rank. A
     newest checkpoint that cannot be read (truncated, missing files) is reported and the previous one
     is tried; with none left, the error names what failed."""
+    ckpt_dir = run.checkpoints
     on_disk = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.fullmatch(p.name)), reverse=True)
     try:
-        newest = latest_tag(ckpt_dir)
+        newest = latest_tag(run)
     except FileNotFoundError as e:  # `latest` empty or naming a folder that is gone (a crash while writing it)
         if not on_disk:
             raise
@@ -177,12 +180,11 @@ def save_model(path: Path, cfg: Config, model: torch.nn.Module, metadata_encodin
     tmp.replace(path)
 
 
-def _write_best(out: Path, cfg: Config, engine, manifest: dict, folds: pd.DataFrame, best: dict,
+def _write_best(run: RunDir, cfg: Config, engine, manifest: dict, folds: pd.DataFrame, best: dict,
                 sids: np.ndarray, probs: np.ndarray) -> None:
-    _write_predictions(out / "predictions.csv", folds, sids, probs)
-    save_model(out / "model_best.pt", cfg, engine.module, manifest["metadata_encoding"], best["epoch"],
-               best["metrics"])
-    (out / "best.json").write_text(json.dumps(best, indent=1))
+    _write_predictions(run.predictions("best"), folds, sids, probs)
+    save_model(run.model_best, cfg, engine.module, manifest["metadata_encoding"], best["epoch"], best["metrics"])
+    run.best.write_text(json.dumps(best, indent=1))
 
 
 def to_channels_last(engine, cfg: Config) -> None:
@@ -203,7 +205,7 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     fold_ids = [f["fold"] for f in manifest["folds"]]
     if fold not in fold_ids:
         raise ValueError(f"fold {fold} does not exist in {shards}; valid folds: {fold_ids}")
-    resuming = _check_run_folder(out, resume)
+    resuming = _check_run_folder(RunDir(out), resume)
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any work
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: not writable")
@@ -216,8 +218,12 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
             changed = check_resume_config(out, cfg, info.world_size, allow_changes, job)
             if changed:
                 log0(f"resuming with changed {changed} (--allow-config-change)")
-        summary = _run(cfg, shards, fold, out, manifest, [k for k in fold_ids if k != fold], info, resuming,
-                       progress)
+        t = _setup(cfg, shards, fold, RunDir(out), manifest, [k for k in fold_ids if k != fold], info, resuming,
+                   progress)
+        last: dict[str, Any] = {}
+        for epoch in range(t.state["epoch"], cfg.train.epochs):
+            last = _epoch(t, epoch)
+        summary = _finish(t, last)
         ok = True
         return summary
     finally:
@@ -227,15 +233,42 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_folds: list[int],
-         info: DistInfo, resuming: bool, progress: bool) -> dict[str, Any]:
+@dataclass
+class _Training:
+    """One fold's training between its phases."""
+
+    cfg: Config
+    info: DistInfo
+    run: RunDir
+    fold: int
+    manifest: dict
+    plan: BatchPlan
+    engine: Any
+    train_loader: Callable[[int], tuple[Any, int]]
+    train_it: Any
+    val_it: Any
+    steps: int                     # micro-steps per epoch
+    expected_val: int
+    loss_fn: Callable
+    overflow: OverflowFlag | None
+    state: dict[str, Any]          # epoch, micro_step, best: what a checkpoint carries
+    folds_table: pd.DataFrame | None
+    progress: bool
+
+    @property
+    def rank0(self) -> bool:
+        return self.info.rank == 0
+
+
+def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, train_folds: list[int],
+           info: DistInfo, resuming: bool, progress: bool) -> _Training:
+    """Loaders, model, DeepSpeed engine, restored state, and the run's description files."""
     import deepspeed
 
-    rank0 = info.rank == 0
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     plan = batch_plan(cfg, info.world_size)
-    ds_cfg = deepspeed_config(cfg, info.world_size, out / "tensorboard")
+    ds_cfg = deepspeed_config(cfg, info.world_size, run.tensorboard)
     gas, micro = plan.accumulation, plan.micro
     loader = resolve_loader(cfg.data.loader)
     data_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if accelerator() == "cuda" else "cpu")
@@ -255,8 +288,6 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     if steps_per_epoch == 0:
         raise ValueError(f"training folds {train_folds} give {micro_steps} micro-batches per rank, fewer than "
                          f"one global batch ({gas} accumulation steps); lower train.global_batch_size")
-    steps = steps_per_epoch * gas
-    expected_val = next(f["samples"] for f in manifest["folds"] if f["fold"] == fold)
 
     model = build_model(cfg)
     if cfg.model.sync_bn and info.world_size > 1:
@@ -272,88 +303,94 @@ def _run(cfg: Config, shards: Path, fold: int, out: Path, manifest: dict, train_
     overflow = OverflowFlag(optimizer) if grad_scaler(engine) is not None else None
     if cfg.model.compile:
         engine.compile()
-    loss_fn = make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma)
-    ckpt_dir = out / CKPT
 
     state: dict[str, Any] = {"epoch": 0, "micro_step": 0, "best": None}
     if resuming:
-        state.update(restore(engine, ckpt_dir))
-        log0(f"resumed from {ckpt_dir} at epoch {state['epoch']}, micro-step {state['micro_step']} "
+        state.update(restore(engine, run))
+        log0(f"resumed from {run.checkpoints} at epoch {state['epoch']}, micro-step {state['micro_step']} "
              f"(optimizer step {engine.global_steps})")
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.dump(out / "config.yaml")
-        (out / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=1))
-        (out / "run.json").write_text(json.dumps({"shards": str(shards.resolve()), "fold": fold,
-                                                  "train_folds": train_folds, "world_size": info.world_size,
-                                                  "loader": loader, "steps_per_epoch": steps_per_epoch,
-                                                  "global_batch": plan.global_batch, "lr": plan.lr}, indent=1))
-        metrics_path = out / "metrics.jsonl"
-        if metrics_path.exists():  # drop epochs the resumed run will redo
-            kept = [ln for ln in metrics_path.read_text().splitlines()
+    folds_table = None
+    if info.rank == 0:
+        run.path.mkdir(parents=True, exist_ok=True)
+        cfg.dump(run.config)
+        run.deepspeed.write_text(json.dumps(ds_cfg, indent=1))
+        run.run_info.write_text(json.dumps({"shards": str(shards.resolve()), "fold": fold,
+                                            "train_folds": train_folds, "world_size": info.world_size,
+                                            "loader": loader, "steps_per_epoch": steps_per_epoch,
+                                            "global_batch": plan.global_batch, "lr": plan.lr}, indent=1))
+        if run.metrics.exists():  # drop epochs the resumed run will redo
+            kept = [ln for ln in run.metrics.read_text().splitlines()
                     if ln and json.loads(ln)["epoch"] < state["epoch"]]
-            metrics_path.write_text("".join(k + "\n" for k in kept))
+            run.metrics.write_text("".join(k + "\n" for k in kept))
         folds_table = pd.read_csv(shards / "folds.csv")
     log0(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
          f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
          f"lr {plan.lr:.3g}), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
+    return _Training(cfg, info, run, fold, manifest, plan, engine, train_loader, train_it, val_it,
+                     steps_per_epoch * gas, next(f["samples"] for f in manifest["folds"] if f["fold"] == fold),
+                     make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma), overflow, state, folds_table, progress)
 
+
+def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
+    """Train one epoch (from a mid-epoch checkpoint's micro-step when resuming), evaluate, record,
+    checkpoint; returns the epoch's metrics record."""
+    cfg, engine, state = t.cfg, t.engine, t.state
+    skip = state["micro_step"] if epoch == state["epoch"] else 0
+    if epoch > 0:
+        t.train_it = None  # release the previous epoch's loader (and its workers) first
+        t.train_it, _ = t.train_loader(epoch)
     every = cfg.train.checkpoint_every_steps
-    last: dict[str, Any] = {}
-    for epoch in range(state["epoch"], cfg.train.epochs):
-        skip = state["micro_step"] if epoch == state["epoch"] else 0
-        if epoch > 0:
-            del train_it
-            train_it, _ = train_loader(epoch)
 
-        def on_step(micro: int, epoch: int = epoch) -> None:
-            if every and micro % gas == 0 and micro < steps and engine.global_steps % every == 0:
-                save(engine, ckpt_dir, {"epoch": epoch, "micro_step": micro, "best": state["best"]},
-                      cfg.train.keep_checkpoints)
+    def on_step(micro: int) -> None:
+        if every and micro % t.plan.accumulation == 0 and micro < t.steps and engine.global_steps % every == 0:
+            save(engine, t.run, {"epoch": epoch, "micro_step": micro, "best": state["best"]},
+                 cfg.train.keep_checkpoints)
 
-        t0 = time.perf_counter()
-        tr = train_one_epoch(engine, train_it, loss_fn, epoch=epoch, steps=steps, skip=skip,
-                             channels_last=cfg.model.channels_last, on_step=on_step,
-                             progress=progress and rank0, log_every=cfg.train.log_every,
-                             before_step=overflow.arm if overflow else None)
-        sids, probs, labels = evaluate(engine, val_it, expected=expected_val,
-                                       channels_last=cfg.model.channels_last, progress=progress and rank0)
-        threshold = youden_threshold(tr["train_labels"], tr["train_probs"]) if len(tr["train_labels"]) else 0.5
-        val = binary_metrics(labels, probs, threshold)
-        record = {"epoch": epoch, "global_step": engine.global_steps, "lr": engine.get_lr()[0],
-                  **{k: v for k, v in tr.items() if k not in ("train_probs", "train_labels")},
-                  "epoch_seconds": time.perf_counter() - t0,
-                  **{f"val_{k}": v for k, v in val.items()}}
-        is_best = state["best"] is None or val["auc"] > state["best"]["metrics"]["auc"]
-        tag = f"step{engine.global_steps:07d}"
+    t0 = time.perf_counter()
+    tr = train_one_epoch(engine, t.train_it, t.loss_fn, epoch=epoch, steps=t.steps, skip=skip,
+                         channels_last=cfg.model.channels_last, on_step=on_step,
+                         progress=t.progress and t.rank0, log_every=cfg.train.log_every,
+                         before_step=t.overflow.arm if t.overflow else None)
+    sids, probs, labels = evaluate(engine, t.val_it, expected=t.expected_val,
+                                   channels_last=cfg.model.channels_last, progress=t.progress and t.rank0)
+    threshold = youden_threshold(tr["train_labels"], tr["train_probs"]) if len(tr["train_labels"]) else 0.5
+    val = binary_metrics(labels, probs, threshold)
+    record = {"epoch": epoch, "global_step": engine.global_steps, "lr": engine.get_lr()[0],
+              **{k: v for k, v in tr.items() if k not in ("train_probs", "train_labels")},
+              "epoch_seconds": time.perf_counter() - t0,
+              **{f"val_{k}": v for k, v in val.items()}}
+    is_best = state["best"] is None or val["auc"] > state["best"]["metrics"]["auc"]
+    if is_best:
+        state["best"] = {"epoch": epoch, "tag": step_tag(engine.global_steps), "metrics": val}
+    state.update(epoch=epoch + 1, micro_step=0)
+    save(engine, t.run, dict(state), cfg.train.keep_checkpoints)
+    if t.rank0:
+        with open(t.run.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if engine.monitor.enabled:
+            engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
+                                         for k, v in val.items() if isinstance(v, float)])
+        _write_predictions(t.run.predictions("last"), t.folds_table, sids, probs)
         if is_best:
-            state["best"] = {"epoch": epoch, "tag": tag, "metrics": val}
-        state.update(epoch=epoch + 1, micro_step=0)
-        save(engine, ckpt_dir, dict(state), cfg.train.keep_checkpoints)
-        if rank0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if engine.monitor.enabled:
-                engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
-                                             for k, v in val.items() if isinstance(v, float)])
-            _write_predictions(out / "predictions_last.csv", folds_table, sids, probs)
-            if is_best:
-                _write_best(out, cfg, engine, manifest, folds_table, state["best"], sids, probs)
-            log0(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
-                 f"acc/sens/spec@0.5 {val['acc']:.3f}/{val['sens']:.3f}/{val['spec']:.3f} "
-                 f"@t={threshold:.3f} {val['acc_t']:.3f}/{val['sens_t']:.3f}/{val['spec_t']:.3f} | "
-                 f"{tr['train_img_s_per_rank']:.1f} img/s/rank, data wait {100 * tr['data_wait']:.1f}%"
-                 + (" *best*" if is_best else ""))
-        last = record
+            _write_best(t.run, cfg, engine, t.manifest, t.folds_table, state["best"], sids, probs)
+        log0(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
+             f"acc/sens/spec@0.5 {val['acc']:.3f}/{val['sens']:.3f}/{val['spec']:.3f} "
+             f"@t={threshold:.3f} {val['acc_t']:.3f}/{val['sens_t']:.3f}/{val['spec_t']:.3f} | "
+             f"{tr['train_img_s_per_rank']:.1f} img/s/rank, data wait {100 * tr['data_wait']:.1f}%"
+             + (" *best*" if is_best else ""))
+    return record
 
-    digests: list = [None] * info.world_size
-    dist.all_gather_object(digests, _params_digest(engine.module))
-    summary = {"fold": fold, "epochs": cfg.train.epochs, "global_steps": int(engine.global_steps),
-               "world_size": info.world_size, "best": state["best"],
+
+def _finish(t: _Training, last: dict[str, Any]) -> dict[str, Any]:
+    """Check that every rank ends with the same parameters; write the summary (the run's last file)."""
+    digests: list = [None] * t.info.world_size
+    dist.all_gather_object(digests, _params_digest(t.engine.module))
+    summary = {"fold": t.fold, "epochs": t.cfg.train.epochs, "global_steps": int(t.engine.global_steps),
+               "world_size": t.info.world_size, "best": t.state["best"],
                "last": last, "ranks_identical": len(set(digests)) == 1,
-               "skipped_steps": int(engine.skipped_steps)}  # fp16 steps skipped on inf/NaN gradients
-    if rank0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+               "skipped_steps": int(t.engine.skipped_steps)}  # fp16 steps skipped on inf/NaN gradients
+    if t.rank0:
+        t.run.summary.write_text(json.dumps(summary, indent=1))
     if not summary["ranks_identical"]:
         raise RuntimeError(f"parameters differ between ranks after training: {digests}")
     return summary

@@ -10,13 +10,13 @@ too: it must name a checkpoint folder inside the checkpoint directory.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from zoome_dist.rundir import RunDir
 from zoome_dist.safe_load import DamagedCheckpointError, UnsafeCheckpointError, safe_load
 
 # What DeepSpeed 0.19 writes besides tensors and builtins (ZeRO 1/2 optimizer state files):
@@ -40,9 +40,14 @@ def install(engine) -> None:
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
 
 
-def latest_tag(ckpt_dir: Path) -> str:
-    """The tag ``latest`` names, checked to be one of ours (``stepNNNNNNN``) and present."""
-    latest = ckpt_dir / "latest"
+def step_tag(global_step: int) -> str:
+    """The checkpoint tag of optimizer step ``global_step`` (what ``TAG`` matches)."""
+    return f"step{global_step:07d}"
+
+
+def latest_tag(run: RunDir) -> str:
+    """The tag ``run``'s ``latest`` names, checked to be one of ours (``stepNNNNNNN``) and present."""
+    latest, ckpt_dir = run.latest, run.checkpoints
     tag = latest.read_text(errors="replace").strip()
     if not tag:
         raise FileNotFoundError(f"{latest} is empty")

@@ -1,0 +1,49 @@
+"""What every ``zoome`` / ``zoome-shards`` command line shares: help that shows each default, one set of
+user errors answered by one ``PROG: error: ...`` line and exit status 2, and one meaning of ``--folds``
+(a selection of existing folds: ``0-9`` or ``0,3,5``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and ``(default: ...)`` after every option's help."""
+
+
+# Bad values, missing/unreadable/unwritable files and full disks, training that went non-finite.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def error(prog: str, e: BaseException | str) -> int:
+    """Report a user error as one line; returns the exit status (2)."""
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def parse_folds(spec: str) -> list[int]:
+    """``"0-9"`` or ``"0,3,5"`` (or both: ``"0-2,5"``) → list of ints."""
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-")
+                out += list(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"--folds {spec!r}: expected fold numbers like 0-9 or 0,3,5") from None
+    if not out:
+        raise ValueError(f"--folds {spec!r} selects no fold")
+    return out
+
+
+def check_folds(folds: list[int], shards: str | Path) -> None:
+    """Every selected fold exists in the shard build ``shards``."""
+    from zoome_dist.data.manifest import load_manifest
+
+    valid = [f["fold"] for f in load_manifest(shards)["folds"]]
+    bad = [k for k in folds if k not in valid]
+    if bad:
+        raise ValueError(f"fold(s) {bad} do not exist in {shards}; valid folds: {valid}")
