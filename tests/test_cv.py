@@ -43,7 +43,7 @@ def test_concurrent_jobs_equal_sequential_and_rerun_retrains_nothing(cv_sequenti
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert len(finished(out)) == 4
     same_table(out, cv_sequential)
-    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG" and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     logs = sorted(out.glob("*/fold-*/job.log"))
     assert len(logs) == 4 and all("zoome_dist.train" in p.read_text() for p in logs)
     before = finished(out)

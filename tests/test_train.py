@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -290,3 +291,7 @@ def test_batch_policy_micro_on_two_ranks(tiny_cfg, shards_dir, tmp_path):
     assert run["global_batch"] == ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 1
     assert run["lr"] == pytest.approx(0.004)
     assert "global batch 16 = 8 × 1 accumulation × 2" in r.stdout + r.stderr
+    # logging: time, rank and level on each line; the story from rank 0 only; curves redrawn per epoch
+    info = [ln for ln in r.stdout.splitlines() if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d .*INFO ", ln)]
+    assert info and all("[rank 0] INFO" in ln for ln in info), info
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,7 +14,7 @@ run again, so re-running the same command resumes a CV. CPU: ranks are CPU proce
 (DS_ACCELERATOR=cpu) and ``--cpus-per-job`` sets their threads.
 
 Then OUT/table.md and OUT/table.csv (mean ± std over folds), OUT/folds.csv (per-fold rows) and
-OUT/roc.png (pooled out-of-fold ROC). ``--select last`` (default) reports each fold's final epoch;
+OUT/roc.png (pooled out-of-fold ROC), OUT/curves.png (every job's training curves). ``--select last`` (default) reports each fold's final epoch;
 ``best`` reports its best-AUC epoch, which is selected on the fold being scored and therefore optimistic.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoome_dist.jobs import Job, Resources, run_local, run_ray
     from zoome_dist.launch import Launch
     from zoome_dist.models import MODELS
-    from zoome_dist.report import fold_rows, plot_roc, pooled, table_markdown
+    from zoome_dist.report import fold_rows, plot_curves, plot_roc, pooled, table_markdown
     from zoome_dist.rundir import RunDir
     from zoome_dist.train.engine import accelerator, validate
 
@@ -115,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoome cv: {len(failed)} of {len(jobs)} job(s) failed; rerun the same command to resume them "
               "(finished jobs are not retrained)", file=sys.stderr)
         return 1
-    rows, preds = [], {v: [] for v in variants}
+    rows, preds, curves = [], {v: [] for v in variants}, {}
     for variant in variants:
         for fold in folds:
             run = RunDir(out / variant / f"fold-{fold:02d}")
             rows.append(fold_rows(variant, fold, run.fold_metrics(a.select)))
             preds[variant].append(pd.read_csv(run.predictions(a.select)))
+            curves[f"{variant} fold {fold}"] = run.read_metrics()
     table = pd.DataFrame(rows)
     table.to_csv(out / "folds.csv", index=False)
     md = table_markdown(table)
@@ -129,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     summary_rows.columns = [f"{k}_{s}" for k, s in summary_rows.columns]
     summary_rows.to_csv(out / "table.csv")
     plot_roc({v: pooled(ps) for v, ps in preds.items()}, out / "roc.png")
+    plot_curves(curves, out / "curves.png")
     print(f"\n{len(folds)}-fold CV ({a.select} epoch), % mean ± std:\n{md}")
-    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'folds.csv'}, {out / 'roc.png'}")
+    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'folds.csv'}, {out / 'roc.png'}, {out / 'curves.png'}")
     return 0
 
 

@@ -46,6 +46,30 @@ def plot_roc(predictions: dict[str, pd.DataFrame], path: str | Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(runs: dict[str, list[dict]], path: str | Path) -> None:
+    """Training curves, one line per run (label → its metrics records): training loss, validation
+    AUC and learning rate per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
+    for label, records in runs.items():
+        epochs = [r["epoch"] for r in records]
+        for ax, key in zip(axes, ("train_loss", "val_auc", "lr")):
+            ax.plot(epochs, [r[key] for r in records], "-o", ms=3, label=label)
+    for ax, title in zip(axes, ("training loss", "validation AUC", "learning rate (end of epoch)")):
+        ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def pooled(predictions: list[pd.DataFrame]) -> pd.DataFrame:
     df = pd.concat(predictions, ignore_index=True)
     if df["image_name"].duplicated().any():

@@ -7,6 +7,7 @@ this type, so a file's name lives here and nowhere else.
     deepspeed.json         the DeepSpeed config derived from it
     run.json               the job: shards, fold, train folds, world size, loader, batch plan
     metrics.jsonl          one JSON line per epoch (loss, lr, img/s, data wait, validation metrics)
+    curves.png             training loss, validation AUC and lr per epoch (redrawn every epoch)
     predictions.csv        out-of-fold probabilities of the best epoch; predictions_last.csv: the last
     model_best.pt          best epoch's weights + config + metadata encoding (``zoome predict``)
     best.json              the best epoch, its checkpoint tag and metrics
@@ -39,6 +40,7 @@ class RunDir:
     deepspeed = property(lambda self: self.path / "deepspeed.json")
     run_info = property(lambda self: self.path / "run.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
+    curves = property(lambda self: self.path / "curves.png")
     summary = property(lambda self: self.path / "summary.json")
     model_best = property(lambda self: self.path / MODEL_BEST)
     best = property(lambda self: self.path / "best.json")

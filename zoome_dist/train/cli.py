@@ -27,6 +27,7 @@ import sys
 
 from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, error
 from zoome_dist.config import load_config, parse_set
+from zoome_dist.logs import LEVELS, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a changed train.epochs, train.log_every, train.keep_checkpoints, "
                         "train.checkpoint_every_steps, train.eval_batch_size or data.num_threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--log-level", default="info", choices=LEVELS,
+                   help="rank 0's log level (other ranks: warnings and errors); debug also shows DeepSpeed's INFO")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    from zoome_dist.train.run import run
+    from zoome_dist.train.run import run  # imports DeepSpeed, which sets its logger up: configure after it
+
+    setup_logging(a.log_level)
 
     try:
         cfg = load_config(a.config, parse_set(a.set))

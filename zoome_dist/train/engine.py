@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from zoome_dist.config import Config, DistConfig
+from zoome_dist.logs import get_logger
 from zoome_dist.losses import LOSSES
 from zoome_dist.models import MODELS, create_model, model_options
 from zoome_dist.pipeline import DEVICES, LOADERS
@@ -187,9 +187,9 @@ def micro_and_accumulation(global_batch: int, micro: int, world_size: int) -> tu
     share = global_batch // world_size
     m = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
     if m * 2 <= min(micro, share):
-        print(f"warning: micro batch {m} per rank (train.micro_batch_size {micro}): {share} per rank only divides "
-              f"into micro batches of {m}; choose a global batch with more divisors (e.g. a power of 2)",
-              file=sys.stderr, flush=True)
+        get_logger(__name__).warning(f"micro batch {m} per rank (train.micro_batch_size {micro}): {share} per rank "
+                                     f"only divides into micro batches of {m}; choose a global batch with more "
+                                     "divisors (e.g. a power of 2)")
     return m, share // m
 
 

@@ -26,9 +26,11 @@ import torch.distributed as dist
 
 from zoome_dist.config import Config
 from zoome_dist.data.manifest import load_manifest
+from zoome_dist.logs import get_logger
 from zoome_dist.losses import make_loss
 from zoome_dist.metrics import binary_metrics, youden_threshold
 from zoome_dist.pipeline import Augment, make_loader, resolve_loader
+from zoome_dist.report import plot_curves
 from zoome_dist.rundir import RunDir
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
@@ -37,9 +39,7 @@ from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
 from zoome_dist.train.safe_checkpoint import TAG, UnsafeCheckpointError, install, latest_tag, step_tag
 
 
-def log0(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(msg, flush=True)
+log = get_logger(__name__)  # INFO on rank 0 only (zoome_dist.logs)
 
 
 def _params_digest(model: torch.nn.Module) -> str:
@@ -131,7 +131,7 @@ def restore(engine, run: RunDir) -> dict:
         if not on_disk:
             raise
         newest = on_disk[0]
-        log0(f"warning: {e}; starting from the newest checkpoint folder, {newest}")
+        log.warning(f"{e}; starting from the newest checkpoint folder, {newest}")
     tags = [newest] + [t for t in on_disk if t < newest]
     failures = []
     for tag in tags:
@@ -148,7 +148,7 @@ def restore(engine, run: RunDir) -> dict:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         if worst.item() == 0:
             if failures:
-                log0(f"resumed from the older checkpoint {tag}: newer ones could not be read ({'; '.join(failures)})")
+                log.warning(f"resumed from the older checkpoint {tag}: newer ones could not be read ({'; '.join(failures)})")
             state = dict(client["zoome"])
             restore_scaler(engine, state.pop("grad_scaler", None))
             return state
@@ -156,7 +156,7 @@ def restore(engine, run: RunDir) -> dict:
             raise UnsafeCheckpointError(why or f"checkpoint {ckpt_dir / tag} was refused on another rank "
                                         "(it holds more than tensors and plain data)")
         failures.append(f"{tag}: {why or 'unreadable on another rank'}")
-        log0(f"warning: checkpoint {ckpt_dir / tag} cannot be loaded ({failures[-1]}); trying the previous one")
+        log.warning(f"checkpoint {ckpt_dir / tag} cannot be loaded ({failures[-1]}); trying the previous one")
     raise ValueError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(failures)}")
 
 
@@ -217,7 +217,7 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
                    "loader": resolve_loader(cfg.data.loader)}
             changed = check_resume_config(out, cfg, info.world_size, allow_changes, job)
             if changed:
-                log0(f"resuming with changed {changed} (--allow-config-change)")
+                log.info(f"resuming with changed {changed} (--allow-config-change)")
         t = _setup(cfg, shards, fold, RunDir(out), manifest, [k for k in fold_ids if k != fold], info, resuming,
                    progress)
         last: dict[str, Any] = {}
@@ -307,7 +307,7 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
     state: dict[str, Any] = {"epoch": 0, "micro_step": 0, "best": None}
     if resuming:
         state.update(restore(engine, run))
-        log0(f"resumed from {run.checkpoints} at epoch {state['epoch']}, micro-step {state['micro_step']} "
+        log.info(f"resumed from {run.checkpoints} at epoch {state['epoch']}, micro-step {state['micro_step']} "
              f"(optimizer step {engine.global_steps})")
     folds_table = None
     if info.rank == 0:
@@ -323,7 +323,7 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
                     if ln and json.loads(ln)["epoch"] < state["epoch"]]
             run.metrics.write_text("".join(k + "\n" for k in kept))
         folds_table = pd.read_csv(shards / "folds.csv")
-    log0(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
+    log.info(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
          f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
          f"lr {plan.lr:.3g}), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
     return _Training(cfg, info, run, fold, manifest, plan, engine, train_loader, train_it, val_it,
@@ -367,13 +367,14 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
     if t.rank0:
         with open(t.run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+        plot_curves({f"fold {t.fold}": t.run.read_metrics()}, t.run.curves)
         if engine.monitor.enabled:
             engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
                                          for k, v in val.items() if isinstance(v, float)])
         _write_predictions(t.run.predictions("last"), t.folds_table, sids, probs)
         if is_best:
             _write_best(t.run, cfg, engine, t.manifest, t.folds_table, state["best"], sids, probs)
-        log0(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
+        log.info(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
              f"acc/sens/spec@0.5 {val['acc']:.3f}/{val['sens']:.3f}/{val['spec']:.3f} "
              f"@t={threshold:.3f} {val['acc_t']:.3f}/{val['sens_t']:.3f}/{val['spec_t']:.3f} | "
              f"{tr['train_img_s_per_rank']:.1f} img/s/rank, data wait {100 * tr['data_wait']:.1f}%"
