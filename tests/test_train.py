@@ -271,7 +271,8 @@ def test_batch_policy_micro_scales_global_batch_and_lr():
 
     for key, value, message in (("train.batch_policy", "fixed", "Valid choices: ['global', 'micro']"),
                                 ("optim.lr_scaling", "cubic", "Valid choices: ['linear', 'sqrt', 'none']"),
-                                ("model.sync_bn", True, "model.sync_bn needs CUDA")):
+                                ("model.sync_bn", True, "model.sync_bn needs CUDA"),
+                                ("monitor.flops_profile_step", -1, "monitor.flops_profile_step must be 0")):
         with pytest.raises(ValueError) as e:
             validate(load_config(overrides={key: value}))
         assert message in str(e.value)
@@ -282,7 +283,8 @@ def test_batch_policy_micro_on_two_ranks(tiny_cfg, shards_dir, tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(ds_cmd(2, str(ROOT / "launchers" / "train.py"), *train_args(
         tiny_cfg, shards_dir, out, "--set", "train.epochs=1", "--set", "train.batch_policy=micro",
-        "--set", "train.micro_batch_size=8", "--set", "optim.lr_scaling=linear")),
+        "--set", "train.micro_batch_size=8", "--set", "optim.lr_scaling=linear",
+        "--set", "monitor.csv=true", "--set", "monitor.flops_profile_step=2")),
         env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
@@ -295,3 +297,6 @@ def test_batch_policy_micro_on_two_ranks(tiny_cfg, shards_dir, tmp_path):
     info = [ln for ln in r.stdout.splitlines() if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d .*INFO ", ln)]
     assert info and all("[rank 0] INFO" in ln for ln in info), info
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # DeepSpeed's own monitors and profiler from the config
+    assert {"Val_auc.csv", "Train_Samples_lr.csv"} <= {p.name for p in (out / "monitor" / "train").iterdir()}
+    assert "Flops Profiler" in (out / "flops.txt").read_text()

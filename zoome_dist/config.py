@@ -91,6 +91,16 @@ class DistConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """DeepSpeed's own monitors and profiler, beside its TensorBoard monitor (always on)."""
+
+    csv: bool = False                   # DeepSpeed csv_monitor: <run>/monitor/train/*.csv
+    wandb_project: str = ""             # Weights & Biases project ("" off; needs wandb and a login)
+    comet_project: str = ""             # Comet project ("" off; needs comet_ml and an API key)
+    flops_profile_step: int = 0         # DeepSpeed flops profiler at this optimizer step (0 off): <run>/flops.txt
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -98,6 +108,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,8 +121,7 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 def _section_types(section: str) -> dict[str, Any]:
-    cls = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig,
-           "train": TrainConfig, "dist": DistConfig}[section]
+    cls = typing.get_type_hints(Config)[section]  # the section's dataclass
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

@@ -13,7 +13,8 @@ this type, so a file's name lives here and nowhere else.
     best.json              the best epoch, its checkpoint tag and metrics
     summary.json           written last: the run finished
     checkpoints/latest     names the newest DeepSpeed checkpoint checkpoints/stepNNNNNNN/
-    tensorboard/           DeepSpeed's TensorBoard monitor
+    tensorboard/           DeepSpeed's TensorBoard monitor; monitor/: its CSV monitor (monitor.csv)
+    flops.txt              DeepSpeed's flops profile (monitor.flops_profile_step)
     job.log, rank<R>.log   output of a CV job / a Ray trial's ranks; .rendezvous: their rendezvous file
 """
 from __future__ import annotations
@@ -47,6 +48,8 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     latest = property(lambda self: self.path / "checkpoints" / "latest")
     tensorboard = property(lambda self: self.path / "tensorboard")
+    monitor_csv = property(lambda self: self.path / "monitor")
+    flops = property(lambda self: self.path / "flops.txt")
     job_log = property(lambda self: self.path / "job.log")
     rendezvous = property(lambda self: self.path / ".rendezvous")
 

@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="zoome train", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML/JSON config (default: built-in paper recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--shards", required=True, help="zoome-shards build folder")
-    p.add_argument("--fold", type=int, required=True, help="validation fold; the others train")
-    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--shards", help="zoome-shards build folder (required)")
+    p.add_argument("--fold", type=int, help="validation fold; the others train (required)")
+    p.add_argument("--out", help="run folder (required)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved, validated config (file + --set) as YAML, and the DeepSpeed config "
+                        "derived from it for WORLD_SIZE ranks (default 1); train nothing")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a changed train.epochs, train.log_every, train.keep_checkpoints, "
@@ -46,12 +49,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="rank 0's log level (other ranks: warnings and errors); debug also shows DeepSpeed's INFO")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if not a.print_config:
+        missing = [f"--{k}" for k in ("shards", "fold", "out") if getattr(a, k) is None]
+        if missing:
+            p.error(f"the following arguments are required: {', '.join(missing)}")
     from zoome_dist.train.run import run  # imports DeepSpeed, which sets its logger up: configure after it
 
     setup_logging(a.log_level)
 
     try:
         cfg = load_config(a.config, parse_set(a.set))
+        if a.print_config:
+            return _print_config(cfg)
         run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress,
             allow_changes=a.allow_config_change)
     except USER_ERRORS as e:
@@ -69,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
               f"or its node during a collective ({first}). Bring every node back, then rerun the same "
               "command with --resume", file=sys.stderr)
         return 1
+    return 0
+
+
+def _print_config(cfg) -> int:
+    import json
+
+    import yaml
+
+    from zoome_dist.train.engine import deepspeed_config, validate
+
+    validate(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(f"# DeepSpeed config derived for {world} rank(s):")
+    print("# " + json.dumps(deepspeed_config(cfg, world)))
     return 0
 
 

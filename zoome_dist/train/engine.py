@@ -1,11 +1,11 @@
 """Distributed setup, the DeepSpeed config derived from ``Config``, model/optimizer/scheduler."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from zoome_dist.logs import get_logger
 from zoome_dist.losses import LOSSES
 from zoome_dist.models import MODELS, create_model, model_options
 from zoome_dist.pipeline import DEVICES, LOADERS
+from zoome_dist.rundir import RunDir
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -172,6 +173,13 @@ def validate(cfg: Config) -> None:
     if cfg.data.device == "gpu" and accelerator() != "cuda":
         raise ValueError(f"data.device gpu needs DeepSpeed's cuda accelerator; it runs on {accelerator()} "
                          "(DS_ACCELERATOR): use data.device auto or cpu")
+    for key, module in (("wandb_project", "wandb"), ("comet_project", "comet_ml")):
+        if getattr(cfg.monitor, key) and importlib.util.find_spec(module) is None:
+            raise ValueError(f"monitor.{key} needs the {module} package (pip install {module.replace('_', '-')}); "
+                             f"or set monitor.{key} to ''")
+    if cfg.monitor.flops_profile_step < 0:
+        raise ValueError(f"monitor.flops_profile_step must be 0 (off) or a positive step, got "
+                         f"{cfg.monitor.flops_profile_step}")
     if cfg.dist.timeout_s <= 0:
         raise ValueError(f"dist.timeout_s must be positive, got {cfg.dist.timeout_s}")
 
@@ -221,8 +229,9 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
     return BatchPlan(t.global_batch_size, m, gas, cfg.optim.lr)
 
 
-def deepspeed_config(cfg: Config, world_size: int, tensorboard_dir: str | Path | None = None) -> dict:
-    """The DeepSpeed config dict, derived from ``cfg`` for ``world_size`` ranks (its only source)."""
+def deepspeed_config(cfg: Config, world_size: int, run: RunDir | None = None) -> dict:
+    """The DeepSpeed config dict, derived from ``cfg`` for ``world_size`` ranks (its only source); with
+    the run folder ``run``, the monitors that write into it."""
     plan = batch_plan(cfg, world_size)
     ds: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
@@ -240,8 +249,18 @@ def deepspeed_config(cfg: Config, world_size: int, tensorboard_dir: str | Path |
         # mode breaks BatchNorm models (docs/stack.md). fp16 adds a GradScaler at ZeRO 0.
         ds["torch_autocast"] = {"enabled": True,
                                 "dtype": {"bf16": "bfloat16", "fp16": "float16"}[cfg.train.precision]}
-    if tensorboard_dir is not None:
-        ds["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir), "job_name": "train"}
+    m = cfg.monitor
+    if run is not None:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(run.tensorboard), "job_name": "train"}
+        if m.csv:
+            ds["csv_monitor"] = {"enabled": True, "output_path": str(run.monitor_csv), "job_name": "train"}
+        if m.flops_profile_step:
+            ds["flops_profiler"] = {"enabled": True, "profile_step": m.flops_profile_step, "module_depth": -1,
+                                    "top_modules": 3, "detailed": False, "output_file": str(run.flops)}
+    if m.wandb_project:
+        ds["wandb"] = {"enabled": True, "project": m.wandb_project}
+    if m.comet_project:
+        ds["comet"] = {"enabled": True, "project": m.comet_project}
     return ds
 
 

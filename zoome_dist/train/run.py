@@ -51,7 +51,8 @@ def _params_digest(model: torch.nn.Module) -> str:
 
 # Keys a resumed run may change with ``allow_changes`` (they do not alter what the run computes).
 RESUMABLE_KEYS = ("train.epochs", "train.log_every", "train.keep_checkpoints", "train.checkpoint_every_steps",
-                  "train.eval_batch_size", "data.num_threads")
+                  "train.eval_batch_size", "data.num_threads", "monitor.csv", "monitor.wandb_project",
+                  "monitor.comet_project", "monitor.flops_profile_step")
 
 
 def _check_run_folder(run: RunDir, resume: bool) -> bool:
@@ -268,7 +269,7 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     plan = batch_plan(cfg, info.world_size)
-    ds_cfg = deepspeed_config(cfg, info.world_size, run.tensorboard)
+    ds_cfg = deepspeed_config(cfg, info.world_size, run)
     gas, micro = plan.accumulation, plan.micro
     loader = resolve_loader(cfg.data.loader)
     data_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if accelerator() == "cuda" else "cpu")
