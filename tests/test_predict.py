@@ -186,3 +186,19 @@ def test_explain_csv_never_follows_unsafe_names(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0 and "not explained: ../secret: unsafe image name" in err
     assert "secret: P(melanoma)" not in err and "T_001: P(melanoma)" in err
+
+
+def test_explain_reports_the_probability_predict_writes(checkpoint, tmp_path, capsys):
+    """One decode path: the P(melanoma) an explanation shows is the one `zoome predict` writes."""
+    root = write_images(tmp_path / "imgs", 3)
+    assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"),
+                       "--images", str(root), "--out", str(tmp_path / "pred.csv")]) == 0
+    pred = pd.read_csv(tmp_path / "pred.csv").set_index("image_name")["target"]
+    capsys.readouterr()
+    assert zoome_main(["explain", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"),
+                       "--images", str(root), "--out", str(tmp_path / "why.png")]) == 0
+    shown = {ln.split(":")[0]: float(ln.split("P(melanoma) ")[1].split(",")[0])
+             for ln in capsys.readouterr().err.splitlines() if "P(melanoma)" in ln}
+    assert sorted(shown) == sorted(pred.index)
+    for name, p in shown.items():
+        assert p == pytest.approx(pred[name], abs=1e-4), name

@@ -81,14 +81,11 @@ def write_csv_atomic(df: pd.DataFrame, out: Path) -> None:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    import torch
-
-    from zoome_dist.pipeline import resolve_device
-    from zoome_dist.predict import find_checkpoints, load_member, predict
+    from zoome_dist.predict import find_checkpoints, load_member, predict, torch_device
 
     out = Path(a.out)
     check_writable(out)  # before the inference, not after it
-    dev = torch.device("cuda") if resolve_device(a.device) == "gpu" else torch.device("cpu")
+    _, dev = torch_device(a.device)
     members = [load_member(p, dev) for p in find_checkpoints(a.checkpoint)]
     print(f"ensemble of {len(members)} checkpoint(s), TTA {a.tta} view(s)", file=sys.stderr)
     pred, problems = predict(members, a.csv, a.images, tta=a.tta, batch_size=a.batch_size, device=a.device,
@@ -134,14 +131,13 @@ def _explain(a: argparse.Namespace) -> int:
     from torchvision.io import ImageReadMode, decode_image
 
     from zoome_dist.explain import explain, render
-    from zoome_dist.pipeline.augment import Augment
-    from zoome_dist.pipeline.torch_loader import make_transform
-    from zoome_dist.predict import find_checkpoints, load_member, read_test_csv
+    from zoome_dist.predict import find_checkpoints, image_batches, load_member, read_test_csv, torch_device
 
     paths = find_checkpoints([a.checkpoint])
     if len(paths) != 1:
         raise ValueError(f"explain takes one checkpoint; {a.checkpoint} holds {len(paths)}")
-    member = load_member(paths[0], torch.device("cpu"))
+    _, dev = torch_device(a.device)
+    member = load_member(paths[0], dev)
     threshold = member.metrics.get("threshold", 0.5)
     enc, size = member.encoding, member.cfg.data.image_size
     check_writable(Path(a.out))
@@ -158,14 +154,14 @@ def _explain(a: argparse.Namespace) -> int:
         jobs = [(Path(p).stem, Path(p), vec) for p in a.image]
     if not jobs:
         raise ValueError("nothing to explain: give --image PATH (repeatable) or --csv CSV --images DIR")
-    tf = make_transform(False, size, Augment())
     items = []
     for name, path, meta in jobs:
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
-        raw = decode_image(str(path), mode=ImageReadMode.RGB)
-        e = explain(member.model, tf(raw)[None], torch.from_numpy(np.asarray(meta))[None], enc, a.zoom_blocks,
+        _, x = next(image_batches([str(path)], size, 1, a.device, a.loader, a.threads))  # predict's decode
+        e = explain(member.model, x.to(dev), torch.from_numpy(np.asarray(meta))[None].to(dev), enc, a.zoom_blocks,
                     threshold)
+        raw = decode_image(str(path), mode=ImageReadMode.RGB)  # what the report shows
         rgb = torch.nn.functional.interpolate(raw[None].float(), size=(size, size), mode="bilinear",
                                               antialias=True)[0].permute(1, 2, 0).clamp(0, 255).byte().numpy()
         items.append((name, rgb, e))
@@ -224,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--limit", type=int, default=8, help="at most this many CSV rows")
     ex.add_argument("--zoom-blocks", type=int, default=2, help="last Zoom-SE blocks to show")
     ex.add_argument("--out", required=True, help="PNG report")
+    ex.add_argument("--device", default="auto", choices=DEVICES, help="as zoome predict")
+    ex.add_argument("--loader", default=LOADERS[0], choices=LOADERS, help="image decoding, as zoome predict")
+    ex.add_argument("--threads", type=int, default=2)
     s = sub.add_parser("score", help="score predictions against ground truth", formatter_class=HelpFormatter)
     s.add_argument("--truth", required=True, help="CSV with image_name,target (or image,MEL)")
     s.add_argument("--pred", required=True, help="CSV with image_name,target probabilities (or image,MEL)")

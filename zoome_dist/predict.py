@@ -120,6 +120,23 @@ def tta_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
     return views
 
 
+def torch_device(device: str) -> tuple[str, torch.device]:
+    """``--device`` (auto | gpu | cpu) → (where images decode: gpu/cpu, the model's torch device): the one
+    device resolution of ``zoome predict`` and ``zoome explain``."""
+    kind = resolve_device(device)
+    return kind, torch.device("cuda") if kind == "gpu" else torch.device("cpu")
+
+
+def image_batches(files: list[str], image_size: int, batch_size: int, device: str = "auto",
+                  loader: str = LOADERS[0], threads: int = 2) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The model inputs of ``files`` as ``(indices, batch)``, in order: the one decode path of ``zoome
+    predict`` and ``zoome explain`` (so an explanation's probability is the prediction's)."""
+    kind, dev = torch_device(device)
+    if loader == "dali":
+        return _dali_images(files, image_size, batch_size, kind, 0, threads)
+    return _torch_images(files, image_size, batch_size, dev)
+
+
 def _dali_images(files: list[str], image_size: int, batch: int, device: str, device_id: int,
                  threads: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     from nvidia.dali import fn, pipeline_def
@@ -186,13 +203,11 @@ def predict(members: list[Member], csv: str | Path, images: str | Path, tta: int
             problems.append({"image_name": name, "reason": why})
         else:
             keep.append(i)
-    dev_kind = resolve_device(device)
-    dev = torch.device("cuda") if dev_kind == "gpu" else torch.device("cpu")
+    _, dev = torch_device(device)
     files = [str(images / f"{df['image_name'].iloc[i]}.jpg") for i in keep]
     probs = np.zeros(len(keep))
     if files:
-        batches = (_dali_images(files, size, batch_size, dev_kind, 0, threads) if loader == "dali"
-                   else _torch_images(files, size, batch_size, dev))
+        batches = image_batches(files, size, batch_size, device, loader, threads)
         meta_t = torch.from_numpy(meta[keep])
         for idx, image in batches:
             image = image.to(dev)

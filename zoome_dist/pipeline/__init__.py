@@ -36,7 +36,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if device == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("data device 'gpu' requested but no CUDA GPU is visible; use 'cpu' or 'auto'")
+        raise ValueError("device gpu requested, but no CUDA GPU is visible; use cpu or auto")
     return device
 
 
