@@ -267,11 +267,16 @@ def test_batch_policy_micro_scales_global_batch_and_lr():
         ds = deepspeed_config(cfg, 32)
         assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
             256, 8, 1)
-    from zoome_dist.train.engine import validate
+    from zoome_dist.config import choices
+    from zoome_dist.train.engine import LR_SCALING, validate
 
+    assert set(LR_SCALING) == set(choices("optim.lr_scaling"))
     for key, value, message in (("train.batch_policy", "fixed", "Valid choices: ['global', 'micro']"),
-                                ("optim.lr_scaling", "cubic", "Valid choices: ['linear', 'sqrt', 'none']"),
-                                ("model.sync_bn", True, "model.sync_bn needs CUDA"),
+                                ("train.zero_stage", 3, "Valid choices: [0, 1, 2]")):
+        with pytest.raises(ValueError, match=re.escape(message)):  # refused where the value is parsed
+            load_config(overrides={key: value})
+
+    for key, value, message in (("model.sync_bn", True, "model.sync_bn needs CUDA"),
                                 ("monitor.flops_profile_step", -1, "monitor.flops_profile_step must be 0")):
         with pytest.raises(ValueError) as e:
             validate(load_config(overrides={key: value}))

@@ -19,6 +19,11 @@ from typing import Any
 import yaml
 
 
+def choice(default: Any, choices: tuple) -> Any:
+    """A config field whose valid values are ``choices``: checked when the value is parsed."""
+    return field(default=default, metadata={"choices": choices})
+
+
 @dataclass
 class ModelConfig:
     name: str = "zoome"
@@ -47,17 +52,17 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"                  # adam | adamw | sgd
+    name: str = choice("adam", ("adam", "adamw", "sgd"))
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9               # sgd only
-    schedule: str = "cosine"            # cosine | constant (after warm-up)
+    schedule: str = choice("cosine", ("cosine", "constant"))  # after the warm-up
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     clip_grad: float = 1.0              # 0 disables
-    lr_scaling: str = "linear"          # train.batch_policy micro: lr × (global / train.global_batch_size)
-                                        # (linear), its square root (sqrt), or none
+    # train.batch_policy micro: lr × (global / train.global_batch_size) (linear), its square root, or none
+    lr_scaling: str = choice("linear", ("linear", "sqrt", "none"))
 
 
 @dataclass
@@ -72,12 +77,12 @@ class TrainConfig:
     epochs: int = 20
     global_batch_size: int = 64
     micro_batch_size: int = 32          # per rank and step; accumulation = global / (micro × world)
-    batch_policy: str = "global"        # global: global_batch_size fixed whatever the ranks (the paper);
-                                        # micro: micro_batch_size per rank fixed, global = micro × ranks,
-                                        # optim.lr set for global_batch_size and scaled (optim.lr_scaling)
+    # global: global_batch_size fixed whatever the ranks (the paper); micro: micro_batch_size per rank
+    # fixed, global = micro × ranks, optim.lr set for global_batch_size and scaled (optim.lr_scaling)
+    batch_policy: str = choice("global", ("global", "micro"))
     eval_batch_size: int = 0            # 0: same as micro_batch_size
-    precision: str = "bf16"             # fp32 | bf16 | fp16 (fp16 on CUDA, ZeRO 0)
-    zero_stage: int = 0                 # 0, 1 or 2
+    precision: str = choice("bf16", ("fp32", "bf16", "fp16"))  # fp16: CUDA, ZeRO 0
+    zero_stage: int = choice(0, (0, 1, 2))
     seed: int = 0
     checkpoint_every_steps: int = 0     # optimizer steps between mid-epoch checkpoints; 0: epochs only
     keep_checkpoints: int = 2           # newest checkpoints kept (the best epoch's is always kept)
@@ -110,6 +115,11 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any], where: str = "") -> "Config":
+        """A nested dict (a config file's content, a checkpoint's config) over the defaults, type-checked."""
+        return apply_overrides(cls(), flatten(tree, where))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -124,6 +134,13 @@ def _section_types(section: str) -> dict[str, Any]:
     cls = typing.get_type_hints(Config)[section]  # the section's dataclass
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def choices(key: str) -> tuple | None:
+    """The valid values of ``section.key``, where the config restricts them."""
+    section, name = key.split(".", 1)
+    cls = typing.get_type_hints(Config)[section]
+    return next(f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == name)
 
 
 def valid_keys() -> list[str]:
@@ -179,7 +196,11 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     check_keys(list(overrides))
     for key, value in overrides.items():
         section, name = key.split(".", 1)
-        setattr(getattr(cfg, section), name, _coerce(key, value, _section_types(section)[name]))
+        value = _coerce(key, value, _section_types(section)[name])
+        valid = choices(key)
+        if valid is not None and value not in valid:
+            raise ValueError(f"Invalid {key} {value!r}. Valid choices: {list(valid)}")
+        setattr(getattr(cfg, section), name, value)
     return cfg
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from zoome_dist.config import Config, apply_overrides, flatten
+from zoome_dist.config import Config
 from zoome_dist.data.isic import check_image_name, parse_age, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.pipeline import LOADERS, resolve_device
@@ -60,7 +60,7 @@ def load_member(path: Path, device: torch.device) -> Member:
             raise ValueError(f"{path}: not a zoome_dist model_best.pt (no {key!r})")
     tree = state["config"]
     tree["model"]["pretrained"] = None  # the weights below replace any initialisation
-    cfg = apply_overrides(Config(), flatten(tree))
+    cfg = Config.from_tree(tree)
     model = build_model(cfg)
     model.load_state_dict(state["state_dict"], strict=True)
     return Member(path, model.to(device).eval(), cfg, MetadataEncoding.from_dict(state["metadata_encoding"]),

@@ -57,10 +57,7 @@ def search_space(pool_sizes: tuple[int, ...] = (1, 2, 4, 8), base_model: str = "
 
 def trial_config(base: dict, overrides: dict[str, Any]) -> Config:
     """Base config (nested dict) + a trial's flat overrides, type-checked."""
-    from zoome_dist.config import flatten
-
-    cfg = apply_overrides(Config(), flatten(base))
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(Config.from_tree(base), overrides)
 
 
 def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: int, gpus: int,

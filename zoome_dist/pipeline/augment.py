@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zoome_dist.config import DataConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -11,6 +13,8 @@ def loader_seed(seed: int, epoch: int, rank: int, bits: int = 63) -> int:
     """The random seed of one rank's loader for one epoch: a function of ``(seed, epoch, rank)`` only,
     which is what makes a resumed run replay the same augmented batches (DALI takes 31 bits)."""
     return (seed * 1_000_003 + epoch * 7919 + rank) % 2**bits
+
+_DEFAULTS = DataConfig()
 
 
 @dataclass(frozen=True)
@@ -22,9 +26,9 @@ class Augment:
     the whole image resized to ``image_size`` × ``image_size``.
     """
 
-    zoom: tuple[float, float] = (0.8, 1.0)
-    rotate: float = 30.0
-    flip: float = 0.5
+    zoom: tuple[float, float] = tuple(_DEFAULTS.zoom)  # the config's defaults (data.zoom/rotate/flip)
+    rotate: float = _DEFAULTS.rotate
+    flip: float = _DEFAULTS.flip
 
     def validate(self) -> None:
         lo, hi = self.zoom

@@ -18,9 +18,6 @@ from zoome_dist.models import MODELS, create_model, model_options
 from zoome_dist.pipeline import DEVICES, LOADERS
 from zoome_dist.rundir import RunDir
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -135,21 +132,17 @@ def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that name the bad value and the valid choices."""
+    """Checks that need the registries (models, losses, loaders), the machine (accelerator) or several
+    keys at once, and ranges; each names the bad value and the valid ones. The config's own choices
+    (``config.choice`` fields) are checked when a value is parsed."""
     def choose(key: str, value: Any, choices: tuple | list) -> None:
         if value not in choices:
             raise ValueError(f"Invalid {key} {value!r}. Valid choices: {list(choices)}")
 
     choose("model.name", cfg.model.name, sorted(MODELS))
-    choose("train.precision", cfg.train.precision, PRECISIONS)
-    choose("train.zero_stage", cfg.train.zero_stage, (0, 1, 2))
-    choose("optim.name", cfg.optim.name, OPTIMIZERS)
-    choose("optim.schedule", cfg.optim.schedule, SCHEDULES)
     choose("loss.name", cfg.loss.name, LOSSES)
     choose("data.loader", cfg.data.loader, ("auto",) + LOADERS)
     choose("data.device", cfg.data.device, DEVICES)
-    choose("train.batch_policy", cfg.train.batch_policy, BATCH_POLICIES)
-    choose("optim.lr_scaling", cfg.optim.lr_scaling, tuple(LR_SCALING))
     if cfg.model.sync_bn and accelerator() != "cuda":
         raise ValueError(f"model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs on "
                          f"{accelerator()}: set model.sync_bn false")
@@ -201,8 +194,7 @@ def micro_and_accumulation(global_batch: int, micro: int, world_size: int) -> tu
     return m, share // m
 
 
-BATCH_POLICIES = ("global", "micro")
-LR_SCALING = {"linear": lambda r: r, "sqrt": math.sqrt, "none": lambda r: 1.0}
+LR_SCALING = {"linear": lambda r: r, "sqrt": math.sqrt, "none": lambda r: 1.0}  # optim.lr_scaling's choices
 
 
 @dataclass(frozen=True)
