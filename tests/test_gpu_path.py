@@ -17,6 +17,7 @@ import yaml
 
 from zoome_dist.data import wds_index
 from zoome_dist.pipeline import LOADERS, Augment, make_loader
+from zoome_dist.pipeline.augment import LoaderSpec
 from zoome_dist.pipeline.batch_augment import BatchAugment
 from zoome_dist.pipeline.selection import select_folds
 from zoome_dist.pipeline.torch_loader import torch_loader
@@ -27,9 +28,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def _loader(shards, *, train, batch_decode, device="cpu", aug=Augment(), rank=0, world=1, epoch=0):
-    return torch_loader(select_folds(shards, [0, 1]), train=train, batch_size=5, image_size=32, rank=rank,
-                        world_size=world, device=device, device_id=0, aug=aug, seed=4, num_threads=1,
-                        epoch=epoch, batch_decode=batch_decode)
+    spec = LoaderSpec(train=train, batch_size=5, image_size=32, rank=rank, world_size=world, device=device,
+                      aug=aug, seed=4, num_threads=1, epoch=epoch)
+    return torch_loader(select_folds(shards, [0, 1]), spec, batch_decode=batch_decode)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -147,13 +147,13 @@ def _loader_rate(it, limit: int) -> float:
 
 def _decode_rate(shards: Path, folds: list[int], batch: int, limit: int, threads: int) -> float:
     """nvJPEG decode alone: the same byte-reading workers, no resize/augment."""
-    from zoome_dist.pipeline.augment import Augment
+    from zoome_dist.pipeline.augment import Augment, LoaderSpec
     from zoome_dist.pipeline.batch_augment import BatchAugment
     from zoome_dist.pipeline.selection import select_folds
     from zoome_dist.pipeline.torch_loader import torch_loader
 
-    it, _ = torch_loader(select_folds(shards, folds), train=True, batch_size=batch, image_size=224, rank=0,
-                         world_size=1, device="gpu", device_id=0, aug=Augment(), seed=0, num_threads=threads)
+    it, _ = torch_loader(select_folds(shards, folds), LoaderSpec(train=True, batch_size=batch, image_size=224,
+                                                                 device="gpu", num_threads=threads))
     dec = BatchAugment(True, 224, Augment(), torch.device("cuda"))
     it.decode = lambda raws: torch.stack([x[:, :8, :8] for x in dec.decode(raws)])
     return _loader_rate(it, limit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from zoome_dist.pipeline.augment import Augment
+from zoome_dist.pipeline.augment import Augment, LoaderSpec
 from zoome_dist.pipeline.selection import Selection, select_folds
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -60,21 +60,20 @@ def make_loader(shards: str | Path, folds: list[int], *, train: bool, batch_size
     sel = select_folds(shards, folds)
     if train:
         sel = sel.shuffled(seed, epoch)
-    dev = resolve_device(device)
-    kwargs = dict(train=train, batch_size=batch_size, image_size=image_size, rank=rank,
-                  world_size=world_size, device=dev, device_id=local_rank, aug=aug, seed=seed,
-                  num_threads=num_threads, epoch=epoch)
+    spec = LoaderSpec(train=train, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
+                      device=resolve_device(device), device_id=local_rank, aug=aug, seed=seed,
+                      num_threads=num_threads, epoch=epoch)
     if train and sel.samples // world_size < batch_size:
         raise ValueError(f"folds {folds} hold {sel.samples} samples: fewer than one batch of {batch_size} "
                          f"per rank over {world_size} rank(s)")
     if loader == "dali":
         from zoome_dist.pipeline.dali import dali_loader
 
-        return dali_loader(sel, **kwargs)
+        return dali_loader(sel, spec)
     from zoome_dist.pipeline.torch_loader import torch_loader
 
-    return torch_loader(sel, **kwargs)
+    return torch_loader(sel, spec)
 
 
-__all__ = ["make_loader", "Augment", "Selection", "select_folds", "LOADERS", "DEVICES", "resolve_device",
+__all__ = ["make_loader", "Augment", "LoaderSpec", "Selection", "select_folds", "LOADERS", "DEVICES", "resolve_device",
            "resolve_loader"]

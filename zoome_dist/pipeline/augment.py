@@ -38,3 +38,21 @@ class Augment:
             raise ValueError(f"augment rotate must lie in [0, 180] degrees, got {self.rotate}")
         if not 0 <= self.flip <= 1:
             raise ValueError(f"augment flip probability must lie in [0, 1], got {self.flip}")
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What one rank's loader delivers, for either backend: ``device`` is resolved (gpu | cpu) and
+    ``device_id`` the rank's GPU."""
+
+    train: bool
+    batch_size: int
+    image_size: int = 224
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    device_id: int | None = 0
+    aug: Augment = Augment()
+    seed: int = 0
+    num_threads: int = 2
+    epoch: int = 0

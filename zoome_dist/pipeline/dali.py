@@ -16,7 +16,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, loader_seed
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, LoaderSpec, loader_seed
 from zoome_dist.pipeline.selection import Selection
 
 OUTPUTS = ["image", "meta", "label", "sid"]
@@ -79,16 +79,15 @@ class DaliLoader:
             yield d["image"], d["meta"], d["label"].view(-1).long(), d["sid"].view(-1)
 
 
-def dali_loader(sel: Selection, *, train: bool, batch_size: int, image_size: int, rank: int,
-                world_size: int, device: str, device_id: int | None, aug: Augment, seed: int,
-                num_threads: int, epoch: int = 0) -> tuple[DaliLoader, int]:
-    pipe = shard_pipeline(tars=sel.tars, indexes=sel.indexes, shard_id=rank, num_shards=world_size,
-                          train=train, image_size=image_size, aug=aug, device=device,
-                          batch_size=batch_size, num_threads=num_threads,
-                          device_id=device_id if device == "gpu" else None,
-                          seed=loader_seed(seed, epoch, rank, bits=31))
+def dali_loader(sel: Selection, spec: LoaderSpec) -> tuple[DaliLoader, int]:
+    s = spec
+    pipe = shard_pipeline(tars=sel.tars, indexes=sel.indexes, shard_id=s.rank, num_shards=s.world_size,
+                          train=s.train, image_size=s.image_size, aug=s.aug, device=s.device,
+                          batch_size=s.batch_size, num_threads=s.num_threads,
+                          device_id=s.device_id if s.device == "gpu" else None,
+                          seed=loader_seed(s.seed, s.epoch, s.rank, bits=31))
     pipe.build()
     it = DALIGenericIterator(pipe, OUTPUTS, reader_name="Reader", auto_reset=True,
-                             last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+                             last_batch_policy=LastBatchPolicy.DROP if s.train else LastBatchPolicy.PARTIAL)
     loader = DaliLoader(it)
     return loader, len(loader)

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from zoome_dist.data.wds_index import read_index
-from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, loader_seed
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, LoaderSpec, loader_seed
 from zoome_dist.pipeline.batch_augment import BatchAugment
 from zoome_dist.pipeline.selection import Selection
 
@@ -114,11 +114,13 @@ class TorchLoader:
                 yield (self.decode(raws), *(t.to(self.device, non_blocking=True) for t in rest))
 
 
-def torch_loader(sel: Selection, *, train: bool, batch_size: int, image_size: int, rank: int,
-                 world_size: int, device: str, device_id: int | None, aug: Augment, seed: int,
-                 num_threads: int, epoch: int = 0, batch_decode: bool | None = None) -> tuple[TorchLoader, int]:
+def torch_loader(sel: Selection, spec: LoaderSpec, batch_decode: bool | None = None) -> tuple[TorchLoader, int]:
     """``batch_decode`` (default: on a GPU) decodes and augments whole batches in the main process
     on the target device instead of per sample in the workers."""
+    train, batch_size, image_size, rank, world_size = (spec.train, spec.batch_size, spec.image_size, spec.rank,
+                                                        spec.world_size)
+    device, device_id, aug, seed, num_threads, epoch = (spec.device, spec.device_id, spec.aug, spec.seed,
+                                                        spec.num_threads, spec.epoch)
     target = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
     batch_decode = device == "gpu" if batch_decode is None else batch_decode
     decode = BatchAugment(train, image_size, aug, target, seed, epoch, rank) if batch_decode else None
