@@ -89,7 +89,7 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
     On a GPU node each concurrent job gets its own ``res.ranks`` of the visible devices."""
     todo = [j for j in jobs if not j.done]
     slots: list[dict[str, str]] = [{} for _ in range(concurrent)]
-    if gpu:
+    if gpu and not res.hostfile:  # a hostfile job's GPUs are its hostfile's slots
         import torch
 
         devices = visible_devices() or [str(i) for i in range(torch.cuda.device_count())]
