@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -113,3 +114,31 @@ def test_cv_argument_errors(cv_config, shards_dir, tmp_path, extra, message):
     args = [str(hosts) if x == "HOSTFILE" else x for x in extra]
     r = zoome_cv(*cv_args(cv_config, shards_dir, tmp_path / "cv", *args), timeout=120)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_fold_selection_is_parsed_once_and_strictly():
+    from zoome_dist.cliutil import parse_folds
+
+    assert parse_folds("0-2,1") == [0, 1, 2] and parse_folds(" 0 - 2") == [0, 1, 2] and parse_folds("0,,2") == [0, 2]
+    for bad in ("3-1", "a", "1-x", ","):
+        with pytest.raises(ValueError, match="--folds"):
+            parse_folds(bad)
+
+
+def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path):
+    """SIGINT (Ctrl-C) to `zoome cv`: every running job's process group ends, nothing is retried, exit 130."""
+    out = tmp_path / "cv"
+    p = subprocess.Popen([sys.executable, "-m", "zoome_dist.cv",
+                          *cv_args(cv_config, shards_dir, out, "--jobs", "2", "--set", "train.epochs=20")],
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(out.glob("*/fold-*/metrics.jsonl")):
+        time.sleep(0.2)
+    assert list(out.glob("*/fold-*/metrics.jsonl")), "no job got to its first epoch"
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in stderr, stderr[-2000:]
+    assert "retry" not in stdout
+    time.sleep(1)
+    left = [q for q in psutil.process_iter(["cmdline"]) if any(str(out) in c for c in (q.info["cmdline"] or []))]
+    assert not left, [q.info["cmdline"] for q in left]

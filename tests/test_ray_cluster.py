@@ -46,8 +46,8 @@ def cluster_yaml(c: Cluster, project: Path) -> dict:
     cfg["provider"].update(head_ip=c.addrs[0], worker_ips=c.addrs[1:])
     cfg["auth"] = {"ssh_user": getpass.getuser(), "ssh_private_key": str(c.dir / "id_ed25519")}
     cfg["min_workers"] = cfg["max_workers"] = len(c.addrs) - 1
-    assert "/opt/zoome_dist" in cfg["file_mounts"], "the yaml no longer syncs the project to /opt/zoome_dist"
-    cfg["file_mounts"] = {(str(project) if k == "/opt/zoome_dist" else k): v for k, v in cfg["file_mounts"].items()}
+    assert "~/zoome_dist" in cfg["file_mounts"], "the yaml no longer syncs the project to ~/zoome_dist"
+    cfg["file_mounts"] = {(str(project) if k == "~/zoome_dist" else k): v for k, v in cfg["file_mounts"].items()}
     install = [s for s in cfg["setup_commands"] if "pip install" in s or "-m venv" in s]
     assert len(install) == 2, cfg["setup_commands"]
     cfg["setup_commands"] = [f"ln -sfn {VENV} ~/zoome-venv"] + [s for s in cfg["setup_commands"] if s not in install]
@@ -127,6 +127,10 @@ def ray_cluster(tmp_path_factory):
 def test_ray_up_starts_every_node_with_token_auth(ray_cluster):
     c, client = ray_cluster
     # every command Ray runs on a node gets the project's Python and token authentication
+    # the whole package was synced (the excludes name top-level folders only: not zoome_dist/data)
+    synced = {p.relative_to(client.yaml.parent / "project").as_posix() for p in (client.yaml.parent / "project").rglob("*.py")}
+    assert {"zoome_dist/data/__init__.py", "zoome_dist/pipeline/dali.py", "tuning/tune.py"} <= synced
+    assert not any(p.startswith((".venv/", "runs/")) for p in synced)
     r = client.ray("exec", str(client.yaml), "which python; echo mode=$RAY_AUTH_MODE", timeout=60)
     assert "/zoome-venv/bin/python" in r.stdout and "mode=token" in r.stdout, r.stdout[-2000:]
     for i in range(2):

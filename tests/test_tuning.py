@@ -102,5 +102,5 @@ def test_cluster_yaml_passes_ray_schema():
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "tuning" / "cluster.yaml").read_text())
     validate_config(prepare_config(cfg))
-    assert cfg["provider"]["type"] == "local" and "/opt/zoome_dist" in cfg["file_mounts"]
+    assert cfg["provider"]["type"] == "local" and "~/zoome_dist" in cfg["file_mounts"]
     assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])

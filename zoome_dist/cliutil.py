@@ -28,15 +28,17 @@ def parse_folds(spec: str) -> list[int]:
     try:
         for part in spec.split(","):
             if "-" in part.strip()[1:]:
-                lo, hi = part.split("-")
-                out += list(range(int(lo), int(hi) + 1))
+                lo, hi = (int(x) for x in part.split("-"))
+                if hi < lo:
+                    raise ValueError
+                out += list(range(lo, hi + 1))
             elif part.strip():
                 out.append(int(part))
     except ValueError:
         raise ValueError(f"--folds {spec!r}: expected fold numbers like 0-9 or 0,3,5") from None
     if not out:
         raise ValueError(f"--folds {spec!r} selects no fold")
-    return out
+    return list(dict.fromkeys(out))  # each fold once, in the order given
 
 
 def check_folds(folds: list[int], shards: str | Path) -> None:

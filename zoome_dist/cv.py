@@ -29,10 +29,11 @@ from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, p
 
 
 def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> tuple[str, ...]:
-    args = ["--shards", a.shards, "--fold", str(fold), "--out", str(run_dir), "--set", f"model.name={variant}",
-            "--no-progress"]
+    """A job's ``zoome train`` arguments, with absolute paths (a Ray task runs in another folder)."""
+    args = ["--shards", str(Path(a.shards).resolve()), "--fold", str(fold), "--out", str(run_dir),
+            "--set", f"model.name={variant}", "--no-progress"]
     if a.config:
-        args += ["--config", a.config]
+        args += ["--config", str(Path(a.config).resolve())]
     for s in a.set:
         args += ["--set", s]
     return tuple(args)
@@ -68,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     from zoome_dist.jobs import Job, Resources, run_local, run_ray
     from zoome_dist.launch import Launch
     from zoome_dist.models import MODELS
-    from zoome_dist.report import fold_rows, plot_curves, plot_roc, pooled, table_markdown
-    from zoome_dist.rundir import RunDir
     from zoome_dist.train.engine import accelerator, validate
 
     try:
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.ray_address and a.jobs > 1:
             raise ValueError("--jobs is for this node; with --ray-address the cluster's free resources decide "
                              "how many jobs run at once")
-        variants = [v for v in a.variants.split(",") if v] or [cfg.model.name]
+        variants = list(dict.fromkeys(v for v in a.variants.split(",") if v)) or [cfg.model.name]
         unknown = [v for v in variants if v not in MODELS]
         if unknown:
             raise ValueError(f"Unknown variant(s) {unknown}. Valid models: {sorted(MODELS)}")
@@ -98,29 +97,46 @@ def main(argv: list[str] | None = None) -> int:
         return error("zoome cv", e)
 
     out = Path(a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [Job(f"{variant} fold {fold}", out / variant / f"fold-{fold:02d}",
-                fold_args(a, variant, fold, out / variant / f"fold-{fold:02d}"))
-            for variant in variants for fold in folds]
-    res = Resources(ranks=a.ranks, cpus=a.cpus_per_job, hostfile=a.hostfile, master_addr=a.master_addr)
-    print(f"== {len(jobs)} job(s), {sum(j.done for j in jobs)} finished before", flush=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        if a.hostfile:
+            a.hostfile = str(Path(a.hostfile).resolve())
+        jobs = [Job(f"{variant} fold {fold}", out / variant / f"fold-{fold:02d}",
+                    fold_args(a, variant, fold, out / variant / f"fold-{fold:02d}"))
+                for variant in variants for fold in folds]
+        res = Resources(ranks=a.ranks, cpus=a.cpus_per_job, hostfile=a.hostfile, master_addr=a.master_addr)
+        print(f"== {len(jobs)} job(s), {sum(j.done for j in jobs)} finished before", flush=True)
         failed = (run_ray(jobs, res, a.ray_address, a.max_retries) if a.ray_address
                   else run_local(jobs, res, a.jobs, a.max_retries, gpu=accelerator() == "cuda"))
-    except USER_ERRORS as e:
+        if failed:
+            for name, why in failed.items():
+                print(f"zoome cv: {name} failed: {why}", file=sys.stderr)
+            print(f"zoome cv: {len(failed)} of {len(jobs)} job(s) failed; rerun the same command to resume them "
+                  "(finished jobs are not retrained)", file=sys.stderr)
+            return 1
+        md = report(out, variants, folds, a.select)
+    except KeyboardInterrupt:
+        print("zoome cv: interrupted; every running job was stopped. Rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (*USER_ERRORS, KeyError) as e:  # KeyError: a run folder's summary without what it should hold
         return error("zoome cv", e)
-    if failed:
-        for name, why in failed.items():
-            print(f"zoome cv: {name} failed: {why}", file=sys.stderr)
-        print(f"zoome cv: {len(failed)} of {len(jobs)} job(s) failed; rerun the same command to resume them "
-              "(finished jobs are not retrained)", file=sys.stderr)
-        return 1
+    print(f"\n{len(folds)}-fold CV ({a.select} epoch), % mean ± std:\n{md}")
+    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'folds.csv'}, {out / 'roc.png'}, {out / 'curves.png'}")
+    return 0
+
+
+def report(out: Path, variants: list[str], folds: list[int], select: str) -> str:
+    """The CV's tables, ROC and curves from its finished run folders; returns the markdown table."""
+    from zoome_dist.report import fold_rows, plot_curves, plot_roc, pooled, table_markdown
+    from zoome_dist.rundir import RunDir
+
     rows, preds, curves = [], {v: [] for v in variants}, {}
     for variant in variants:
         for fold in folds:
             run = RunDir(out / variant / f"fold-{fold:02d}")
-            rows.append(fold_rows(variant, fold, run.fold_metrics(a.select)))
-            preds[variant].append(pd.read_csv(run.predictions(a.select)))
+            rows.append(fold_rows(variant, fold, run.fold_metrics(select)))
+            preds[variant].append(pd.read_csv(run.predictions(select)))
             curves[f"{variant} fold {fold}"] = run.read_metrics()
     table = pd.DataFrame(rows)
     table.to_csv(out / "folds.csv", index=False)
@@ -131,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     summary_rows.to_csv(out / "table.csv")
     plot_roc({v: pooled(ps) for v, ps in preds.items()}, out / "roc.png")
     plot_curves(curves, out / "curves.png")
-    print(f"\n{len(folds)}-fold CV ({a.select} epoch), % mean ± std:\n{md}")
-    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'folds.csv'}, {out / 'roc.png'}, {out / 'curves.png'}")
-    return 0
-
+    return md
 
 if __name__ == "__main__":
     sys.exit(main())

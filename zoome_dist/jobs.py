@@ -10,7 +10,9 @@ independent 1-GPU jobs keep every GPU busy (README "Cross-validation on a cluste
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -64,23 +66,39 @@ class Resources:
         return env
 
 
+_RUNNING: set[subprocess.Popen] = set()  # this process's training jobs (their process groups)
+_STOP = threading.Event()                # set on Ctrl-C: no retries, no new jobs
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """End a job's whole process group (a DeepSpeed launcher and its ranks)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def _attempt(job: Job, res: Resources, gpu: bool, extra_env: dict[str, str], stream: bool, where: str = "") -> int:
-    """Run ``job`` once on this node; its output goes to ``run_dir/job.log`` (or the console)."""
+    """Run ``job`` once on this node; its output goes to ``run_dir/job.log`` (or the console). The job is
+    its own process group, ended as a whole when this attempt ends early (its launcher and ranks too)."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **res.env(gpu), **extra_env}
     cmd = job.command(res.launch, env)
-    if stream:
-        return subprocess.run(cmd, env=env).returncode
-    with open(RunDir(job.run_dir).job_log, "a") as log:
-        log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {where}{' '.join(cmd)}\n")
-        log.flush()
-        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    with (contextlib.nullcontext() if stream else open(RunDir(job.run_dir).job_log, "a")) as log:
+        if not stream:
+            log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {where}{' '.join(cmd)}\n")
+            log.flush()
+        out = None if stream else log
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=None if stream else subprocess.STDOUT,
+                             start_new_session=True, preexec_fn=die_with_parent)
+        _RUNNING.add(p)
         try:
             return p.wait()
         finally:
             if p.poll() is None:
-                p.kill()
-                p.wait()
+                _kill_group(p)
+            _RUNNING.discard(p)
 
 
 def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int = 0,
@@ -102,10 +120,14 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
     stream = concurrent == 1
 
     def one(job: Job) -> None:
+        if _STOP.is_set():
+            return
         with lock:
             slot = free.pop()
         try:
             for attempt in range(retries + 1):
+                if _STOP.is_set():
+                    return
                 print(f"== {job.name}: {'started' if attempt == 0 else f'retry {attempt}'} → {job.run_dir}",
                       flush=True)
                 rc = _attempt(job, res, gpu, slots[slot], stream)
@@ -119,8 +141,16 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
             with lock:
                 free.append(slot)
 
-    with ThreadPoolExecutor(concurrent) as pool:
+    pool = ThreadPoolExecutor(concurrent)
+    try:
         list(pool.map(one, todo))
+    except KeyboardInterrupt:  # Ctrl-C: stop every job now (each resumes from its checkpoint on a re-run)
+        _STOP.set()
+        for p in list(_RUNNING):
+            _kill_group(p)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return failed
 
 
@@ -148,11 +178,18 @@ def run_ray(jobs: list[Job], res: Resources, address: str, retries: int = 2) -> 
         return {}
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        gpu = ray.cluster_resources().get("GPU", 0) > 0
-        task = ray.remote(_ray_job).options(num_cpus=max(res.cpus, res.ranks), num_gpus=res.ranks if gpu else 0,
-                                            max_retries=retries, retry_exceptions=True)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        gpu = any(n.get("GPU", 0) > 0 for n in nodes)
+        need = {"CPU": max(res.cpus, res.ranks), "GPU": res.ranks if gpu else 0}
+        if not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+            raise ValueError(f"no node of the Ray cluster has {need['GPU']} GPU(s) and {need['CPU']} CPU(s) for one job "
+                             f"(its nodes: {[{k: n.get(k, 0) for k in need} for n in nodes]}); lower "
+                             "--gpus-per-job / --cpus-per-job")
+        task = ray.remote(_ray_job).options(num_cpus=need["CPU"], num_gpus=need["GPU"], max_retries=retries,
+                                            retry_exceptions=True)
         refs = {task.remote(j, res, gpu): j for j in todo}
-        print(f"== {len(refs)} job(s) submitted to the Ray cluster at {address}", flush=True)
+        print(f"== {len(refs)} job(s) submitted to the Ray cluster at {address}, each with {need['GPU']} GPU(s) "
+              f"and {need['CPU']} CPU(s){'' if gpu else ' (the cluster shows no GPU: CPU ranks)'}", flush=True)
         failed, pending = {}, list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a changed train.epochs, train.log_every, train.keep_checkpoints, "
-                        "train.checkpoint_every_steps, train.eval_batch_size or data.num_threads")
+                        "train.checkpoint_every_steps, train.eval_batch_size, data.num_threads or monitor.* key")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--log-level", default="info", choices=LEVELS,
                    help="rank 0's log level (other ranks: warnings and errors); debug also shows DeepSpeed's INFO")

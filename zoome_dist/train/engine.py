@@ -221,10 +221,10 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
     return BatchPlan(t.global_batch_size, m, gas, cfg.optim.lr)
 
 
-def deepspeed_config(cfg: Config, world_size: int, run: RunDir | None = None) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, run: RunDir | None = None, plan: BatchPlan | None = None) -> dict:
     """The DeepSpeed config dict, derived from ``cfg`` for ``world_size`` ranks (its only source); with
-    the run folder ``run``, the monitors that write into it."""
-    plan = batch_plan(cfg, world_size)
+    the run folder ``run``, the monitors that write into it (``plan``: ``batch_plan``'s, if made)."""
+    plan = plan or batch_plan(cfg, world_size)
     ds: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro,

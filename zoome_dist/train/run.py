@@ -42,6 +42,12 @@ from zoome_dist.train.safe_checkpoint import TAG, UnsafeCheckpointError, install
 log = get_logger(__name__)  # INFO on rank 0 only (zoome_dist.logs)
 
 
+def warn0(msg: str) -> None:
+    """A warning every rank would give alike: logged once, by rank 0."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(msg)
+
+
 def _params_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for p in model.state_dict().values():
@@ -132,7 +138,7 @@ def restore(engine, run: RunDir) -> dict:
         if not on_disk:
             raise
         newest = on_disk[0]
-        log.warning(f"{e}; starting from the newest checkpoint folder, {newest}")
+        warn0(f"{e}; starting from the newest checkpoint folder, {newest}")
     tags = [newest] + [t for t in on_disk if t < newest]
     failures = []
     for tag in tags:
@@ -149,7 +155,7 @@ def restore(engine, run: RunDir) -> dict:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         if worst.item() == 0:
             if failures:
-                log.warning(f"resumed from the older checkpoint {tag}: newer ones could not be read ({'; '.join(failures)})")
+                warn0(f"resumed from the older checkpoint {tag}: newer ones could not be read ({'; '.join(failures)})")
             state = dict(client["zoome"])
             restore_scaler(engine, state.pop("grad_scaler", None))
             return state
@@ -157,7 +163,7 @@ def restore(engine, run: RunDir) -> dict:
             raise UnsafeCheckpointError(why or f"checkpoint {ckpt_dir / tag} was refused on another rank "
                                         "(it holds more than tensors and plain data)")
         failures.append(f"{tag}: {why or 'unreadable on another rank'}")
-        log.warning(f"checkpoint {ckpt_dir / tag} cannot be loaded ({failures[-1]}); trying the previous one")
+        warn0(f"checkpoint {ckpt_dir / tag} cannot be loaded ({failures[-1]}); trying the previous one")
     raise ValueError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(failures)}")
 
 
@@ -221,7 +227,8 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
                 log.info(f"resuming with changed {changed} (--allow-config-change)")
         t = _setup(cfg, shards, fold, RunDir(out), manifest, [k for k in fold_ids if k != fold], info, resuming,
                    progress)
-        last: dict[str, Any] = {}
+        done = t.run.read_metrics()  # a run resumed after its last epoch's checkpoint trains no epoch
+        last: dict[str, Any] = done[-1] if done else {}
         for epoch in range(t.state["epoch"], cfg.train.epochs):
             last = _epoch(t, epoch)
         summary = _finish(t, last)
@@ -269,7 +276,7 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     plan = batch_plan(cfg, info.world_size)
-    ds_cfg = deepspeed_config(cfg, info.world_size, run)
+    ds_cfg = deepspeed_config(cfg, info.world_size, run, plan)
     gas, micro = plan.accumulation, plan.micro
     loader = resolve_loader(cfg.data.loader)
     data_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if accelerator() == "cuda" else "cpu")
@@ -319,10 +326,9 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
                                             "train_folds": train_folds, "world_size": info.world_size,
                                             "loader": loader, "steps_per_epoch": steps_per_epoch,
                                             "global_batch": plan.global_batch, "lr": plan.lr}, indent=1))
-        if run.metrics.exists():  # drop epochs the resumed run will redo
-            kept = [ln for ln in run.metrics.read_text().splitlines()
-                    if ln and json.loads(ln)["epoch"] < state["epoch"]]
-            run.metrics.write_text("".join(k + "\n" for k in kept))
+        if run.metrics.exists():  # drop epochs the resumed run will redo (and a line cut by a crash)
+            kept = [r for r in run.read_metrics() if r["epoch"] < state["epoch"]]
+            run.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         folds_table = pd.read_csv(shards / "folds.csv")
     log.info(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
          f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
@@ -364,8 +370,7 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
     if is_best:
         state["best"] = {"epoch": epoch, "tag": step_tag(engine.global_steps), "metrics": val}
     state.update(epoch=epoch + 1, micro_step=0)
-    save(engine, t.run, dict(state), cfg.train.keep_checkpoints)
-    if t.rank0:
+    if t.rank0:  # the epoch's files first, then the checkpoint that marks the epoch done
         with open(t.run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves({f"fold {t.fold}": t.run.read_metrics()}, t.run.curves)
@@ -380,6 +385,7 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
              f"@t={threshold:.3f} {val['acc_t']:.3f}/{val['sens_t']:.3f}/{val['spec_t']:.3f} | "
              f"{tr['train_img_s_per_rank']:.1f} img/s/rank, data wait {100 * tr['data_wait']:.1f}%"
              + (" *best*" if is_best else ""))
+    save(engine, t.run, dict(state), cfg.train.keep_checkpoints)
     return record
 
 
