@@ -27,6 +27,7 @@ import yaml
 
 from cluster import Cluster, unavailable
 from conftest import cv_args
+from zoome_dist.rundir import RunDir
 from test_cv import finished, same_table
 
 pytestmark = [pytest.mark.usefixtures("deepspeed_shm_op"),
@@ -224,8 +225,7 @@ def test_lost_worker_node_mid_trial(ray_cluster, shards_dir, tmp_path):
                 except OSError:
                     continue
                 for fold_dir in (Path(a.decode()) for a in cmd if b"/trials/" in a):
-                    metrics = fold_dir / "metrics.jsonl"
-                    if metrics.is_file() and metrics.read_text().strip():
+                    if RunDir(fold_dir).read_metrics() and RunDir(fold_dir).resumable:  # epoch 0 done
                         victim = fold_dir
             time.sleep(0.2)
         assert victim is not None, "no trial on the worker node finished an epoch"

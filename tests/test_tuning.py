@@ -70,7 +70,7 @@ def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             for metrics in out.glob("trials/*/fold-00/metrics.jsonl"):
-                if metrics.read_text().strip():
+                if metrics.read_text().strip() and (metrics.parent / "checkpoints" / "latest").is_file():  # epoch 0 done
                     for p in psutil.process_iter(["cmdline"]):
                         if any(str(metrics.parent) == c for c in (p.info["cmdline"] or [])):
                             p.kill()
