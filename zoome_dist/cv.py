@@ -26,6 +26,12 @@ from pathlib import Path
 import pandas as pd
 
 from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
+from zoome_dist.rundir import RunDir
+
+
+def fold_dir(out: Path, variant: str, fold: int) -> Path:
+    """Where the CV's job (variant, fold) trains: its run folder."""
+    return out / variant / f"fold-{fold:02d}"
 
 
 def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> tuple[str, ...]:
@@ -101,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if a.hostfile:
             a.hostfile = str(Path(a.hostfile).resolve())
-        jobs = [Job(f"{variant} fold {fold}", out / variant / f"fold-{fold:02d}",
-                    fold_args(a, variant, fold, out / variant / f"fold-{fold:02d}"))
+        jobs = [Job(f"{variant} fold {fold}", RunDir(fold_dir(out, variant, fold)),
+                    fold_args(a, variant, fold, fold_dir(out, variant, fold)))
                 for variant in variants for fold in folds]
         res = Resources(ranks=a.ranks, cpus=a.cpus_per_job, hostfile=a.hostfile, master_addr=a.master_addr)
         print(f"== {len(jobs)} job(s), {sum(j.done for j in jobs)} finished before", flush=True)
@@ -129,12 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 def report(out: Path, variants: list[str], folds: list[int], select: str) -> str:
     """The CV's tables, ROC and curves from its finished run folders; returns the markdown table."""
     from zoome_dist.report import fold_rows, plot_curves, plot_roc, pooled, table_markdown
-    from zoome_dist.rundir import RunDir
 
     rows, preds, curves = [], {v: [] for v in variants}, {}
     for variant in variants:
         for fold in folds:
-            run = RunDir(out / variant / f"fold-{fold:02d}")
+            run = RunDir(fold_dir(out, variant, fold))
             rows.append(fold_rows(variant, fold, run.fold_metrics(select)))
             preds[variant].append(pd.read_csv(run.predictions(select)))
             curves[f"{variant} fold {fold}"] = run.read_metrics()

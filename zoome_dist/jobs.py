@@ -19,30 +19,26 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from zoome_dist.launch import Launch, train_command, visible_devices
+from zoome_dist.launch import Launch, job_env, train_command, visible_devices
 from zoome_dist.procs import die_with_parent
 from zoome_dist.rundir import RunDir
 
 
 @dataclass(frozen=True)
 class Job:
-    """One training run: ``train_args`` (without ``--resume``) writing the run folder ``run_dir``."""
+    """One training run: ``train_args`` (without ``--resume``) writing the run folder ``run``."""
 
     name: str
-    run_dir: Path
+    run: RunDir
     train_args: tuple[str, ...]
 
     @property
     def done(self) -> bool:
-        return RunDir(self.run_dir).finished
+        return self.run.finished
 
     def command(self, launch: Launch, env: dict[str, str] | None = None) -> list[str]:
-        args = list(self.train_args)
-        if RunDir(self.run_dir).resumable:
-            args.append("--resume")  # a killed or failed earlier attempt: continue where it stopped
-        return train_command(args, launch, env)
+        return train_command([*self.train_args, *self.run.resume_args()], launch, env)
 
 
 @dataclass(frozen=True)
@@ -60,10 +56,7 @@ class Resources:
         return Launch(ranks=self.ranks, hostfile=self.hostfile, master_addr=self.master_addr)
 
     def env(self, gpu: bool) -> dict[str, str]:
-        env = {} if gpu else {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-        if self.cpus:
-            env["OMP_NUM_THREADS"] = str(max(1, self.cpus // self.ranks))
-        return env
+        return job_env(gpu, max(1, self.cpus // self.ranks) if self.cpus else 0)
 
 
 _RUNNING: set[subprocess.Popen] = set()  # this process's training jobs (their process groups)
@@ -82,10 +75,10 @@ def _kill_group(p: subprocess.Popen) -> None:
 def _attempt(job: Job, res: Resources, gpu: bool, extra_env: dict[str, str], stream: bool, where: str = "") -> int:
     """Run ``job`` once on this node; its output goes to ``run_dir/job.log`` (or the console). The job is
     its own process group, ended as a whole when this attempt ends early (its launcher and ranks too)."""
-    job.run_dir.mkdir(parents=True, exist_ok=True)
+    job.run.path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **res.env(gpu), **extra_env}
     cmd = job.command(res.launch, env)
-    with (contextlib.nullcontext() if stream else open(RunDir(job.run_dir).job_log, "a")) as log:
+    with (contextlib.nullcontext() if stream else open(job.run.job_log, "a")) as log:
         if not stream:
             log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {where}{' '.join(cmd)}\n")
             log.flush()
@@ -128,13 +121,13 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
             for attempt in range(retries + 1):
                 if _STOP.is_set():
                     return
-                print(f"== {job.name}: {'started' if attempt == 0 else f'retry {attempt}'} → {job.run_dir}",
+                print(f"== {job.name}: {'started' if attempt == 0 else f'retry {attempt}'} → {job.run.path}",
                       flush=True)
                 rc = _attempt(job, res, gpu, slots[slot], stream)
                 if rc == 0:
                     print(f"== {job.name}: done", flush=True)
                     return
-                print(f"== {job.name}: exit {rc}" + ("" if stream else f"; see {RunDir(job.run_dir).job_log}"),
+                print(f"== {job.name}: exit {rc}" + ("" if stream else f"; see {job.run.job_log}"),
                       file=sys.stderr, flush=True)
             failed[job.name] = f"exit {rc} after {retries + 1} attempt(s)"
         finally:
@@ -162,7 +155,7 @@ def _ray_job(job: Job, res: Resources, gpu: bool) -> str:
     node = ray.util.get_node_ip_address()
     rc = _attempt(job, res, gpu, {}, stream=False, where=f"[node {node}] ")
     if rc != 0:
-        raise RuntimeError(f"{job.name}: training exited with {rc} on {node}; see {RunDir(job.run_dir).job_log}")
+        raise RuntimeError(f"{job.name}: training exited with {rc} on {node}; see {job.run.job_log}")
     return node
 
 

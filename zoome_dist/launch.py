@@ -40,6 +40,15 @@ class Launch:
                              "other nodes reach (not localhost)")
 
 
+def job_env(gpu: bool, threads: int = 0) -> dict[str, str]:
+    """Environment for a job's ranks: without GPUs they never touch CUDA, whatever the node has;
+    ``threads`` (0: not set) is each rank's OpenMP threads."""
+    env = {} if gpu else {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def visible_devices(env: dict[str, str] | None = None) -> list[str] | None:
     """``CUDA_VISIBLE_DEVICES`` (of ``env``, default this process's) as a list, or None when unset (all devices)."""
     value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")

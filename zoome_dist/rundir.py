@@ -72,6 +72,10 @@ class RunDir:
         """A checkpoint exists to ``--resume`` from."""
         return self.latest.is_file()
 
+    def resume_args(self) -> list[str]:
+        """``zoome train`` arguments that continue a killed or failed earlier attempt where it stopped."""
+        return ["--resume"] if self.resumable else []
+
     def read_summary(self) -> dict:
         return json.loads(self.summary.read_text())
 

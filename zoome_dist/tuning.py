@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import yaml
 
 from zoome_dist.config import Config, apply_overrides, check_keys
-from zoome_dist.launch import local_rank_commands
+from zoome_dist.launch import job_env, local_rank_commands
 from zoome_dist.procs import die_with_parent
 from zoome_dist.rundir import RunDir
 
@@ -66,12 +66,8 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
     run = RunDir(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     args = ["--config", str(cfg_path), "--shards", shards, "--fold", str(fold), "--out", str(fold_dir),
-            "--no-progress"]
-    if run.resumable:
-        args.append("--resume")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if gpus == 0:  # a trial without GPUs never touches CUDA, whatever the node has
-        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+            "--no-progress", *run.resume_args()]
+    env = {**os.environ, **job_env(gpus > 0, threads)}
     procs = []
     for rank, (cmd, rank_env) in enumerate(local_rank_commands(args, workers, run.rendezvous, env)):
         log = open(run.rank_log(rank), "a")
