@@ -2,7 +2,16 @@
 
     zoome-shards synth  --out data/synth --n 600 --seed 0
     zoome-shards build  --csv data/synth/train.csv --images data/synth/jpeg/train --out data/shards
+    zoome-shards build  --csv isic-download/ --out data/shards            # an `isic image download` folder
+    zoome-shards build  --csv isic2020/train.csv --images isic2020/jpeg/train \
+                        --csv isic2019/ISIC_2019_Training_GroundTruth.csv --images isic2019/images \
+                        --exclude isic2020/ISIC_2020_Training_Duplicates.csv --out data/shards
     zoome-shards verify data/shards
+
+Layouts (detected from the CSV header): ISIC 2020 train.csv; ISIC 2019 ground truth (+ metadata CSV
+beside it); ISIC 2024 train-metadata.csv (images: train-image.hdf5 or train-image/image/ beside it, or
+--images); ISIC Archive metadata.csv (`isic image download`; images beside it). docs/data.md maps
+every layout's columns.
 """
 from __future__ import annotations
 
@@ -23,9 +32,9 @@ def _build(a: argparse.Namespace) -> int:
         a.folds = a.folds_deprecated
     opts = BuildOptions(folds=a.folds, seed=a.seed, max_side=a.max_side,
                         samples_per_shard=a.samples_per_shard, jpeg_quality=a.jpeg_quality,
-                        strict=a.strict)
+                        strict=a.strict, dup_distance=a.dup_distance)
     manifest = build(a.csv, a.images, a.out, opts, metadata_csv=a.metadata_csv, workers=a.workers,
-                     resume=a.resume, progress=not a.quiet)
+                     resume=a.resume, progress=not a.quiet, exclude=a.exclude)
     print("\n".join(summary_lines(manifest)))
     print(f"wrote {a.out}/manifest.json")
     return 0
@@ -57,9 +66,17 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoome-shards", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", formatter_class=HelpFormatter, help="CSV + images → fold-partitioned WebDataset shards")
-    b.add_argument("--csv", required=True, help="ISIC 2020 train.csv or ISIC 2019 ground-truth CSV")
-    b.add_argument("--metadata-csv", help=f"ISIC 2019 metadata CSV (default: {ISIC2019_META_NAME} beside --csv)")
-    b.add_argument("--images", required=True, help="folder holding <image_name>.jpg")
+    b.add_argument("--csv", required=True, action="append",
+                   help="a source: ISIC 2020 train.csv, ISIC 2019 ground truth, ISIC 2024 train-metadata.csv, or an "
+                        "ISIC Archive metadata.csv / download folder; repeat for several sources in one build")
+    b.add_argument("--metadata-csv", help=f"ISIC 2019 metadata CSV (default: {ISIC2019_META_NAME} beside its --csv)")
+    b.add_argument("--images", action="append",
+                   help="images of a source: a folder of <image_name>.jpg/.JPG/.jpeg/.png or an .hdf5 file; one per "
+                        "--csv in the same order, or none where the layout has them beside the CSV (Archive, 2024)")
+    b.add_argument("--exclude", help="file of image names to leave out (one per line, or a CSV with image_name / "
+                                     "isic_id; ISIC's duplicate list image_name_1,image_name_2 drops the second)")
+    b.add_argument("--dup-distance", type=int, default=DEFAULTS.dup_distance,
+                   help="near duplicates: perceptual-hash bits apart (of 256) at most; -1 finds exact copies only")
     b.add_argument("--out", required=True)
     b.add_argument("--num-folds", type=int, default=DEFAULTS.folds, dest="folds",
                    help="how many folds to partition into (elsewhere --folds selects existing folds)")

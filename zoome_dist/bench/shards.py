@@ -21,7 +21,7 @@ DISTINCT = 32  # rendered images per size; the N rows reuse their bytes (renderi
 
 
 def _prepare(args: tuple[Path, int]) -> int:
-    return len(prepare_image(args[0], args[1])[0])
+    return len(prepare_image(args[0].read_bytes(), args[0].name, args[1])[0])
 
 
 def reused_dataset(root: Path, n: int, size: int, workers: int) -> Path:

@@ -7,16 +7,20 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 
 def assign_folds(table: pd.DataFrame, n_folds: int = 10, seed: int = 0) -> np.ndarray:
-    """Fold index per row: no patient in two folds, positives spread as evenly as patients allow."""
+    """Fold index per row: no group (``group`` column where there is one: patients joined by shared lesions
+    and duplicates, ``dedup.groups``; else ``patient_id``) in two folds, positives spread as evenly as
+    the groups allow."""
     if n_folds < 2:
-        raise ValueError(f"--folds must be at least 2, got {n_folds}")
-    n_patients = table["patient_id"].nunique()
+        raise ValueError(f"--num-folds must be at least 2, got {n_folds}")
+    key = "group" if "group" in table.columns else "patient_id"
+    n_patients = table[key].nunique()
     if n_patients < n_folds:
-        raise ValueError(f"{n_folds} folds need at least {n_folds} patients; the table has {n_patients}")
+        raise ValueError(f"{n_folds} folds need at least {n_folds} patients; the table has {n_patients}"
+                         + (" (after joining patients that share lesions or duplicate images)" if key == "group" else ""))
     folds = np.full(len(table), -1, dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, idx) in enumerate(splitter.split(np.zeros(len(table)), table["target"].to_numpy(),
-                                                table["patient_id"].to_numpy())):
+                                                table[key].to_numpy())):
         folds[idx] = k
     return folds
 

@@ -7,7 +7,6 @@ import re
 import sys
 import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -51,8 +50,8 @@ def libjpeg_damage(raw: bytes) -> str | None:
     return "; ".join(damage) if damage else None
 
 
-def prepare_image(path: Path, max_side: int = 0, quality: int = 95) -> tuple[bytes, list[str], bool]:
-    """Return ``(jpeg_bytes, conversion_notes, resized)``.
+def prepare_image(raw: bytes, name: str, max_side: int = 0, quality: int = 95) -> tuple[bytes, list[str], bool]:
+    """Return ``(jpeg_bytes, conversion_notes, resized)`` for the image file ``name`` holding ``raw``.
 
     A baseline RGB JPEG that needs no resize is kept byte for byte; anything else that decodes
     (PNG or another format under ``.jpg``, grayscale, CMYK, palette, alpha) is converted to an RGB
@@ -60,12 +59,6 @@ def prepare_image(path: Path, max_side: int = 0, quality: int = 95) -> tuple[byt
     Every JPEG is also decoded in full by libjpeg, whose warnings (truncated data, a header promising
     more than the data holds) make it a ``BadImage``: damage is a skip, never a grey image.
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise BadImage(f"missing image file {path}") from None
-    except OSError as e:
-        raise BadImage(f"unreadable image file {path}: {e}") from None
     notes: list[str] = []
     try:
         with Image.open(io.BytesIO(raw)) as im:
@@ -78,11 +71,12 @@ def prepare_image(path: Path, max_side: int = 0, quality: int = 95) -> tuple[byt
             im.load()  # full decode: raises on truncated or corrupt data
             damage = libjpeg_damage(raw) if fmt == "JPEG" else None
             if damage:
-                raise BadImage(f"damaged JPEG {path.name}: {damage}")
+                raise BadImage(f"damaged JPEG {name}: {damage}")
             if fmt == "JPEG" and mode == "RGB" and scale == 1:
                 return raw, notes, False
             if fmt != "JPEG":
-                notes.append(f"{fmt} file under .jpg, re-encoded as JPEG")
+                notes.append(f"{fmt} file{' under .jpg' if re.search(r'[.]jpe?g$', name, re.I) else ''}, "
+                             "re-encoded as JPEG")
             if im.mode != "RGB":
                 notes.append(f"{mode} image converted to RGB")
                 im = im.convert("RGB")
@@ -94,7 +88,7 @@ def prepare_image(path: Path, max_side: int = 0, quality: int = 95) -> tuple[byt
     except BadImage:
         raise
     except Image.UnidentifiedImageError:
-        raise BadImage(f"cannot decode {path.name}: not an image format Pillow recognises") from None
+        raise BadImage(f"cannot decode {name}: not an image format Pillow recognises") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # reasons go into the manifest: no object reprs (their addresses differ between builds)
-        raise BadImage(f"cannot decode {path.name}: {re.sub(r'<[^<>]* at 0x[0-9a-fA-F]+>', 'the data', str(e))}") from None
+        raise BadImage(f"cannot decode {name}: {re.sub(r'<[^<>]* at 0x[0-9a-fA-F]+>', 'the data', str(e))}") from None

@@ -1,7 +1,7 @@
-"""ISIC 2020 / 2019 CSVs → one canonical table.
+"""ISIC 2020 / 2019 CSVs → one canonical table (the ISIC Archive and ISIC 2024 layouts: ``archive.py``).
 
-Canonical columns: ``image_name, patient_id, sex, age_approx, anatom_site, site, target,
-diagnosis, source`` (``site`` is the raw site mapped onto the ISIC 2020 vocabulary). Rows that cannot
+Canonical columns: ``CANONICAL_COLUMNS`` (``site`` is the raw site mapped onto the ISIC 2020
+vocabulary; ``patient_id`` falls back to the lesion, then to the image, when unknown). Rows that cannot
 be used are returned as ``Skipped`` records with a reason, never dropped silently.
 """
 from __future__ import annotations
@@ -21,8 +21,11 @@ ISIC2020_REQUIRED = ("image_name", "patient_id", "sex", "age_approx",
 ISIC2019_GT_REQUIRED = ("image", "MEL")
 ISIC2019_META_REQUIRED = ("image", "age_approx", "anatom_site_general", "sex")
 ISIC2019_META_NAME = "ISIC_2019_Training_Metadata.csv"
-CANONICAL_COLUMNS = ["image_name", "patient_id", "sex", "age_approx", "anatom_site", "site",
-                     "target", "diagnosis", "source"]
+CANONICAL_COLUMNS = ["image_name", "patient_id", "lesion_id", "sex", "age_approx", "anatom_site", "site",
+                     "target", "diagnosis", "fitzpatrick_skin_type", "source", "attribution", "copyright_license"]
+# optional columns carried from any layout that has them (ISIC 2024, the Archive)
+OPTIONAL_COLUMNS = ("lesion_id", "fitzpatrick_skin_type", "attribution", "copyright_license")
+UNKNOWN_IDS = frozenset({"", "-1", "nan", "none", "null", "na", "n/a", "unknown"})
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -113,10 +116,19 @@ def parse_age(raw: str) -> float | None:
     return age
 
 
+def known_id(raw: object) -> str:
+    """A patient or lesion id, or "" when the CSV marks it unknown (blank, ``-1``, ``NaN`` ...): unknown
+    ids never pool rows into one giant "patient"."""
+    value = "" if raw is None else str(raw).strip()
+    return "" if value.lower() in UNKNOWN_IDS else value
+
+
 def _finish(rows: list[dict], skipped: list[Skipped], path: Path, enc: MetadataEncoding,
             source: str) -> ReadResult:
     unknown = Counter()
     for r in rows:
+        if r.get("site"):  # mapped by the reader (the Archive's hierarchical sites)
+            continue
         site, ok = enc.canonical_site(r["anatom_site"])
         if not ok:
             unknown[str(r["anatom_site"])] += 1
@@ -131,8 +143,10 @@ def _finish(rows: list[dict], skipped: list[Skipped], path: Path, enc: MetadataE
 
 
 def _row(name: str, patient: str, sex: str, age_raw: str, site: str, target: int, diagnosis: str,
-         source: str, skipped: list[Skipped]) -> dict | None:
-    name = re.sub(r"\.jpe?g$", "", name.strip(), flags=re.IGNORECASE)
+         source: str, skipped: list[Skipped], extra: dict | None = None) -> dict | None:
+    """One canonical row, or None (and a ``Skipped`` record). ``extra``: the optional columns
+    (``OPTIONAL_COLUMNS``) and a pre-mapped ``site``."""
+    name = re.sub(r"\.(jpe?g|png)$", "", name.strip(), flags=re.IGNORECASE)
     why = check_image_name(name)
     if why:
         skipped.append(Skipped(name, why))
@@ -141,9 +155,17 @@ def _row(name: str, patient: str, sex: str, age_raw: str, site: str, target: int
     if age is None:
         skipped.append(Skipped(name, f"malformed age_approx {age_raw!r}"))
         return None
-    return {"image_name": name, "patient_id": patient.strip() or name, "sex": sex.strip(),
-            "age_approx": age, "anatom_site": site.strip(), "target": target,
-            "diagnosis": diagnosis.strip(), "source": source}
+    extra = {k: str(v).strip() for k, v in (extra or {}).items()}
+    lesion = known_id(extra.pop("lesion_id", ""))
+    return {"image_name": name, "patient_id": known_id(patient) or lesion or name, "lesion_id": lesion,
+            "sex": sex.strip(), "age_approx": age, "anatom_site": site.strip(), "target": target,
+            "diagnosis": diagnosis.strip(), "source": source, "site": "",
+            **{c: "" for c in OPTIONAL_COLUMNS if c != "lesion_id"}, **extra}
+
+
+def optional_fields(rec: dict) -> dict:
+    """The ``OPTIONAL_COLUMNS`` a CSV row has."""
+    return {c: rec[c] for c in OPTIONAL_COLUMNS if c in rec}
 
 
 def _bad_line_records(bad: list[list[str]], path: Path) -> list[Skipped]:
@@ -167,7 +189,7 @@ def read_isic2020(path: str | Path, enc: MetadataEncoding | None = None) -> Read
             continue
         row = _row(rec["image_name"], rec["patient_id"], rec["sex"], rec["age_approx"],
                    rec["anatom_site_general_challenge"], tgt,
-                   rec["diagnosis"] if has_diag else "", "isic2020", skipped)
+                   rec["diagnosis"] if has_diag else "", "isic2020", skipped, optional_fields(rec))
         if row:
             rows.append(row)
     return _finish(rows, skipped, path, enc, "isic2020")
@@ -196,9 +218,9 @@ def read_isic2019(gt_path: str | Path, meta_path: str | Path | None = None,
             continue
         diagnosis = max(onehot, key=onehot.get)
         m = meta_by_image.get(name, {})
-        row = _row(name, m.get("lesion_id", ""), m.get("sex", ""), m.get("age_approx", ""),
+        row = _row(name, "", m.get("sex", ""), m.get("age_approx", ""),
                    m.get("anatom_site_general", ""), int(onehot["MEL"] >= 0.5), diagnosis,
-                   "isic2019", skipped)
+                   "isic2019", skipped, {"lesion_id": m.get("lesion_id", "")})
         if row:
             rows.append(row)
     return _finish(rows, skipped, gt_path, enc, "isic2019")
@@ -206,14 +228,39 @@ def read_isic2019(gt_path: str | Path, meta_path: str | Path | None = None,
 
 def read_isic(csv: str | Path, metadata_csv: str | Path | None = None,
               enc: MetadataEncoding | None = None) -> ReadResult:
-    """Detect the layout from the header and read it."""
+    """Detect the layout from the header (``LAYOUTS``) and read it."""
+    from zoome_dist.data import archive
+
     csv = Path(csv)
     if not csv.is_file():
         raise FileNotFoundError(f"CSV file not found: {csv}")
-    header = read_csv_text(csv, nrows=0).columns
-    if "image_name" in header:
+    kind = detect_layout(csv)
+    if kind == "isic2020":
         return read_isic2020(csv, enc)
-    if "image" in header and "MEL" in header:
+    if kind == "isic2019":
         return read_isic2019(csv, metadata_csv, enc)
-    raise ValueError(f"{csv}: not an ISIC 2020 train.csv (needs {list(ISIC2020_REQUIRED)}) nor an "
-                     f"ISIC 2019 ground truth (needs {list(ISIC2019_GT_REQUIRED)}); found {list(header)}")
+    if kind == "isic2024":
+        return archive.read_isic2024(csv, enc)
+    return archive.read_archive(csv, enc)
+
+
+LAYOUTS = {"isic2020": "Kaggle ISIC 2020 train.csv (image_name, patient_id, sex, age_approx, "
+                       "anatom_site_general_challenge, target)",
+           "isic2019": "ISIC 2019 ground truth (image, MEL, ... one-hot) + ISIC_2019_Training_Metadata.csv",
+           "isic2024": "ISIC 2024 train-metadata.csv (isic_id, target, patient_id, ...)",
+           "archive": "ISIC Archive metadata.csv from `isic image download` (isic_id, diagnosis_1..5, ...)"}
+
+
+def detect_layout(csv: Path) -> str:
+    """Which of ``LAYOUTS`` a CSV is, from its header."""
+    header = set(read_csv_text(csv, nrows=0).columns)
+    if "image_name" in header:
+        return "isic2020"
+    if {"image", "MEL"} <= header:
+        return "isic2019"
+    if {"isic_id", "target"} <= header:
+        return "isic2024"
+    if "isic_id" in header:
+        return "archive"
+    raise ValueError(f"{csv}: not a layout zoome-shards reads; found columns {sorted(header)}. Layouts: "
+                     + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()))

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,10 +23,12 @@ import pandas as pd
 import webdataset as wds
 from tqdm import tqdm
 
+from zoome_dist.data import dedup
 from zoome_dist.data.folds import assign_folds, fold_summary
 from zoome_dist.data.images import BadImage, prepare_image
-from zoome_dist.data.isic import Skipped, read_isic
+from zoome_dist.data.isic import Skipped, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.sources import Combined, ImageStore, Source, read_sources, resolve_sources
 from zoome_dist.procs import die_with_parent
 from zoome_dist.data.wds_index import create_index
 
@@ -33,7 +36,8 @@ FORMAT_VERSION = 1
 FIELDS = ("cls", "jpg", "json", "label", "meta", "sid")
 FIELD_SPEC = {
     "jpg": "RGB JPEG bytes",
-    "json": "UTF-8 JSON for people: raw CSV fields, encoded meta, target, patient_id, sample_id",
+    "json": "UTF-8 JSON for people: the canonical row (source, raw site, diagnosis, licence, attribution ...), "
+            "encoded meta, target, patient_id, group, sample_id",
     "cls": "target as ASCII text",
     "meta": "little-endian float32 vector, see metadata_encoding",
     "label": "little-endian int32 target (1 = melanoma)",
@@ -54,6 +58,7 @@ class BuildOptions:
     samples_per_shard: int = 1000
     jpeg_quality: int = 95
     strict: bool = False
+    dup_distance: int = dedup.DEFAULT_MAX_DISTANCE  # phash bits; -1: exact duplicates only
 
     def validate(self) -> None:
         if self.samples_per_shard < 1:
@@ -62,6 +67,9 @@ class BuildOptions:
             raise ValueError(f"--max-side must be 0 (keep originals) or positive, got {self.max_side}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"--jpeg-quality must lie in 1..100, got {self.jpeg_quality}")
+        if not -1 <= self.dup_distance <= 64:
+            raise ValueError(f"--dup-distance must lie in -1..64 (bits of the 256-bit phash; -1: exact duplicates "
+                             f"only), got {self.dup_distance}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ def _sample(row: dict, jpg: bytes, enc: MetadataEncoding) -> dict:
             "sid": np.array(row["sample_id"], "<i8").tobytes()}
 
 
-def write_shard(plan: ShardPlan, images: Path, out: Path, enc: MetadataEncoding,
+def write_shard(plan: ShardPlan, stores: dict[str, ImageStore], out: Path, enc: MetadataEncoding,
                 opts: BuildOptions) -> dict:
     """Write one shard atomically (tar, then idx, then its record); return the record."""
     tar_path, idx_path = out / f"{plan.name}.tar", out / f"{plan.name}.idx"
@@ -126,9 +134,10 @@ def write_shard(plan: ShardPlan, images: Path, out: Path, enc: MetadataEncoding,
         sink.tarstream.format = tarfile.USTAR_FORMAT  # TarWriter computes but never applies it
         for row in plan.rows:
             name = row["image_name"]
+            store = stores[row["source"]]
             try:
-                jpg, notes, was_resized = prepare_image(images / f"{name}.jpg", opts.max_side,
-                                                        opts.jpeg_quality)
+                jpg, notes, was_resized = prepare_image(store.read(name), store.filename(name),
+                                                        opts.max_side, opts.jpeg_quality)
             except BadImage as e:
                 if opts.strict:
                     raise StrictError(f"bad sample {name}: {e}") from None
@@ -162,20 +171,6 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def images_fingerprint(images: Path, names: list[str]) -> str:
-    """Identity of the image source: per listed image its name, size and first 4 KiB, hashed."""
-    h = hashlib.sha256()
-    for name in names:
-        path = images / f"{name}.jpg"
-        try:
-            with open(path, "rb") as f:
-                head = f.read(4096)
-            h.update(f"{name}\0{path.stat().st_size}\0".encode() + hashlib.sha256(head).digest())
-        except OSError:
-            h.update(f"{name}\0missing\0".encode())
-    return h.hexdigest()
-
-
 class BuildLock:
     """An exclusive lock on an output folder for the length of a build (``flock``: released by the
     kernel when the process dies, so a killed build never leaves a stale lock)."""
@@ -203,14 +198,14 @@ class BuildLock:
         os.close(self.fd)
 
 
-def _run_plans(plans: list[ShardPlan], images: Path, out: Path, enc: MetadataEncoding,
+def _run_plans(plans: list[ShardPlan], stores: dict[str, ImageStore], out: Path, enc: MetadataEncoding,
                opts: BuildOptions, workers: int) -> Iterator[dict]:
     if workers <= 1:
         for p in plans:
-            yield write_shard(p, images, out, enc, opts)
+            yield write_shard(p, stores, out, enc, opts)
         return
     with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = [pool.submit(write_shard, p, images, out, enc, opts) for p in plans]
+        futures = [pool.submit(write_shard, p, stores, out, enc, opts) for p in plans]
         try:
             for f in as_completed(futures):
                 yield f.result()
@@ -220,45 +215,94 @@ def _run_plans(plans: list[ShardPlan], images: Path, out: Path, enc: MetadataEnc
             raise
 
 
-def build(csv: str | Path, images: str | Path, out: str | Path, opts: BuildOptions = BuildOptions(),
-          metadata_csv: str | Path | None = None, workers: int = 1, resume: bool = False,
-          progress: bool = True) -> dict:
-    """Read the CSV, assign folds, write every shard and the manifest; returns the manifest."""
+def read_exclude(path: str | Path) -> set[str]:
+    """Image names to leave out: a text file with one name per line (``#`` comments), a CSV with an
+    ``image_name`` or ``isic_id`` column, or ISIC's published duplicate list (``image_name_1,
+    image_name_2``: the second of each pair goes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--exclude file not found: {path}")
+    first = path.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+    if "," in first:
+        df = read_csv_text(path, dtype=str, keep_default_na=False)
+        col = next((c for c in ("image_name_2", "image_name", "isic_id", "image") if c in df.columns), None)
+        if col is None:
+            raise ValueError(f"--exclude {path}: a CSV needs an image_name_2 (ISIC duplicate list), image_name, "
+                             f"isic_id or image column; found {list(df.columns)}")
+        names = df[col].tolist()
+    else:
+        names = [ln.split("#", 1)[0] for ln in path.read_text(encoding="utf-8").splitlines()]
+    return {re.sub(r"\.(jpe?g|png)$", "", n.strip(), flags=re.IGNORECASE) for n in names if n.strip()}
+
+
+def _sources_record(sources: list[Source], table: pd.DataFrame) -> list[dict]:
+    out = []
+    for src in sources:
+        names = table["image_name"][table["source"] == src.name].tolist()
+        rec = {"name": src.name, "kind": src.kind, "csv": str(src.csv.resolve()), "csv_sha256": sha256_file(src.csv),
+               "images": str(src.images), "images_fingerprint": src.images.fingerprint(names)}
+        if src.metadata_csv is not None:
+            if not src.metadata_csv.is_file():
+                raise FileNotFoundError(f"CSV file not found: {src.metadata_csv}")
+            rec.update(metadata_csv=str(src.metadata_csv.resolve()), metadata_csv_sha256=sha256_file(src.metadata_csv))
+        out.append(rec)
+    return out
+
+
+def build(csv: str | Path | list, images: str | Path | list | None, out: str | Path,
+          opts: BuildOptions = BuildOptions(), metadata_csv: str | Path | None = None, workers: int = 1,
+          resume: bool = False, progress: bool = True, exclude: str | Path | None = None) -> dict:
+    """Read the sources, drop excluded images and duplicates, assign folds by group, write every shard
+    and the manifest; returns the manifest. ``csv``/``images``: one or a list (``sources.resolve_sources``)."""
     opts.validate()
-    csv, images, out = Path(csv), Path(images), Path(out)
-    if not images.is_dir():
-        raise FileNotFoundError(f"images folder not found: {images}")
+    out = Path(out)
+    csvs = list(csv) if isinstance(csv, (list, tuple)) else [csv]
+    imgs = list(images) if isinstance(images, (list, tuple)) else ([] if images is None else [images])
+    sources = resolve_sources(csvs, imgs, metadata_csv)
     enc = MetadataEncoding()
-    read = read_isic(csv, metadata_csv, enc)
+    read = read_sources(sources, enc)
     if opts.strict and read.skipped:
         raise StrictError(f"bad row {read.skipped[0].image_name!r}: {read.skipped[0].reason}")
-    if read.table.empty:
-        raise ValueError(f"{csv}: no usable rows ({len(read.skipped)} skipped)")
-    table = read.table
+    excluded = read_exclude(exclude) if exclude else set()
+    gone = read.table["image_name"].isin(excluded)
+    read.skipped += [Skipped(n, f"excluded: listed in {Path(exclude).name}") for n in read.table["image_name"][gone]]
+    table = read.table[~gone].reset_index(drop=True)
+    if table.empty:
+        raise ValueError(f"{', '.join(map(str, csvs))}: no usable rows ({len(read.skipped)} skipped)")
+
+    stores = {s.name: s.images for s in sources}
+    hashes = dedup.digests([(stores[src], n) for src, n in zip(table["source"], table["image_name"])],
+                           workers, progress)
+    pairs = dedup.duplicate_pairs([h[0] for h in hashes], [h[1] for h in hashes], opts.dup_distance)
+    table["group"] = dedup.groups(table, pairs)
+    keep, pair_records, dropped = dedup.resolve(table, pairs, {s.name: i for i, s in enumerate(sources)})
+    for d in dropped:
+        read.skipped.append(Skipped(d["dropped"], f"duplicate: of {d['kept']} ({d['kept_source']}), kept there"
+                                    + (" (their targets differ)" if d["label_conflict"] else "")))
+    table = table[keep].reset_index(drop=True)
     folds = assign_folds(table, opts.folds, opts.seed)
     plans = plan_shards(table, folds, opts)
 
-    sources = {"kind": read.source, "csv": str(csv.resolve()), "csv_sha256": sha256_file(csv),
-               "images": str(images.resolve()),
-               "images_fingerprint": images_fingerprint(images, table["image_name"].tolist())}
-    if metadata_csv or read.source == "isic2019":
-        meta_path = Path(metadata_csv) if metadata_csv else csv.parent / "ISIC_2019_Training_Metadata.csv"
-        sources.update(metadata_csv=str(meta_path.resolve()), metadata_csv_sha256=sha256_file(meta_path))
+    records = _sources_record(sources, table)
     plan_key = {"format_version": FORMAT_VERSION, "options": asdict(opts),
-                "csv_sha256": sources["csv_sha256"], "metadata_csv_sha256": sources.get("metadata_csv_sha256"),
-                "images": sources["images"], "images_fingerprint": sources["images_fingerprint"],
+                "csv_sha256": [r["csv_sha256"] for r in records],
+                "metadata_csv_sha256": [r.get("metadata_csv_sha256") for r in records],
+                "images": [r["images"] for r in records], "images_fingerprint": [r["images_fingerprint"] for r in records],
+                "exclude": sorted(excluded),
                 "shards": [[p.name, [r["image_name"] for r in p.rows]] for p in plans]}
+    duplicates = {"max_distance": opts.dup_distance, "pairs": pair_records, "dropped": dropped,
+                  "same_id": read.same_name}
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
     was_empty = not out.exists() or all(p == out / ".build" / "lock" for p in out.rglob("*") if p.is_file())
     with BuildLock(out):
-        return _build(out, plan_key, plans, read, table, folds, images, enc, opts, sources, workers,
+        return _build(out, plan_key, plans, read, table, folds, stores, enc, opts, records, duplicates, workers,
                       resume and not was_empty, was_empty, progress)
 
 
-def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read, table: pd.DataFrame, folds: np.ndarray,
-           images: Path, enc: MetadataEncoding, opts: BuildOptions, sources: dict, workers: int, resume: bool,
-           was_empty: bool, progress: bool) -> dict:
+def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, table: pd.DataFrame, folds: np.ndarray,
+           stores: dict[str, ImageStore], enc: MetadataEncoding, opts: BuildOptions, sources: list[dict],
+           duplicates: dict, workers: int, resume: bool, was_empty: bool, progress: bool) -> dict:
     plan_file = out / ".build" / "plan.json"
     if not was_empty:
         if not resume:
@@ -281,7 +325,7 @@ def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read, table: pd.Da
             todo.append(p)
     bar = tqdm(total=len(table), initial=sum(len(p.rows) for p in plans if p.name in records),
                desc="shards", unit="img", disable=not progress)
-    for rec in _run_plans(todo, images, out, enc, opts, workers):
+    for rec in _run_plans(todo, stores, out, enc, opts, workers):
         records[rec["name"]] = rec
         bar.update(len(rec["written"]) + len(rec["skipped"]))
     bar.close()
@@ -289,10 +333,13 @@ def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read, table: pd.Da
     ordered = [records[p.name] for p in plans]
     written = {n: (r["fold"], r["path"]) for r in ordered for n in r["written"]}
     keep = table["image_name"].map(lambda n: n in written).to_numpy()
+    kept = table[keep]
     fold_table = pd.DataFrame({
-        "sample_id": np.flatnonzero(keep), "image_name": table["image_name"][keep],
-        "patient_id": table["patient_id"][keep], "target": table["target"][keep],
-        "fold": folds[keep], "shard": [written[n][1] for n in table["image_name"][keep]]})
+        "sample_id": np.flatnonzero(keep), "image_name": kept["image_name"], "patient_id": kept["patient_id"],
+        "group": kept["group"], "target": kept["target"], "fold": folds[keep],
+        "shard": [written[n][1] for n in kept["image_name"]], "source": kept["source"], "sex": kept["sex"],
+        "age_approx": kept["age_approx"], "site": kept["site"],
+        "fitzpatrick_skin_type": kept["fitzpatrick_skin_type"]})
     fold_table.to_csv(out / "folds.csv.tmp", index=False)
     os.replace(out / "folds.csv.tmp", out / "folds.csv")
 
@@ -301,16 +348,24 @@ def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read, table: pd.Da
         s["shards"] = [{k: r[k] for k in ("path", "index", "samples", "bytes", "sha256")}
                        for r in ordered if r["fold"] == s["fold"] and r["samples"]]
     skipped = [s.to_dict() for s in read.skipped] + [s for r in ordered for s in r["skipped"]]
+    per_source = {src["name"]: {"samples": int((fold_table["source"] == src["name"]).sum()),
+                                "positives": int(fold_table["target"][fold_table["source"] == src["name"]].sum())}
+                  for src in sources}
     manifest = {
-        "format": "zoome-shards", "format_version": FORMAT_VERSION, "source": sources,
+        "format": "zoome-shards", "format_version": FORMAT_VERSION, "source": sources[0], "sources": sources,
         "options": asdict(opts), "fields": FIELD_SPEC, "metadata_encoding": enc.to_dict(),
         "totals": {"samples": int(len(fold_table)), "positives": int(fold_table["target"].sum()),
-                   "patients": int(fold_table["patient_id"].nunique()), "csv_rows_read": int(len(table)),
-                   "skipped": len(skipped), "converted": sum(len(r["converted"]) for r in ordered),
-                   "resized": sum(r["resized"] for r in ordered)},
-        "folds": summary, "skipped": skipped,
+                   "patients": int(fold_table["patient_id"].nunique()), "groups": int(fold_table["group"].nunique()),
+                   "csv_rows_read": int(len(read.table)), "skipped": len(skipped),
+                   "converted": sum(len(r["converted"]) for r in ordered),
+                   "resized": sum(r["resized"] for r in ordered),
+                   "duplicates_dropped": len(duplicates["dropped"]) + len(duplicates["same_id"])},
+        "per_source": per_source, "folds": summary, "skipped": skipped,
         "converted": [c for r in ordered for c in r["converted"]],
         "unknown_sites": dict(sorted(read.unknown_sites.items())),
+        "duplicates": duplicates,
+        "licenses": dict(sorted(Counter(kept["copyright_license"]).items())),
+        "attributions": dict(sorted(Counter(kept["attribution"]).items())),
     }
     _write_json_atomic(out / "manifest.json", manifest)
     return manifest
@@ -322,6 +377,16 @@ def summary_lines(manifest: dict) -> list[str]:
     lines = [f"{t['samples']} samples ({t['positives']} positive, {t['patients']} patients) in "
              f"{len(manifest['folds'])} folds; {t['skipped']} skipped, {t['converted']} converted, "
              f"{t['resized']} resized"]
+    if len(manifest.get("per_source", {})) > 1:
+        lines += [f"  source {name}: {v['samples']} samples, {v['positives']} positive"
+                  for name, v in manifest["per_source"].items()]
+    dups = manifest.get("duplicates", {})
+    if dups.get("pairs") or dups.get("same_id"):
+        conflicts = sum(d["label_conflict"] for d in dups["dropped"])
+        lines.append(f"  duplicates: {len(dups['pairs'])} pair(s) found ("
+                     f"{sum(p['kind'] == 'exact' for p in dups['pairs'])} exact), {len(dups['dropped'])} copies dropped"
+                     + (f", {len(dups['same_id'])} image id(s) in two sources" if dups["same_id"] else "")
+                     + (f"; {conflicts} with conflicting targets" if conflicts else ""))
     for f in manifest["folds"]:
         lines.append(f"  fold {f['fold']:2d}: {f['samples']:6d} samples {f['positives']:5d} positive "
                      f"{f['patients']:5d} patients {len(f['shards']):3d} shards")

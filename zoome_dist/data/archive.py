@@ -1,0 +1,125 @@
+"""The ISIC Archive download layout (``isic image download OUT/``) and ISIC 2024 (SLICE-3D) → the
+canonical table of ``isic.py``.
+
+The vocabulary below is the official one of the ``isic-metadata`` package (6.1.0: ``DiagnosisEnum``,
+``AnatomSiteEnum``, ``AnatomSiteSpecialEnum``), as ``isic-cli`` (12.7) writes it to ``metadata.csv``:
+``isic_id, attribution, copyright_license`` then the sorted clinical/acquisition fields, diagnoses and
+sites split over ``diagnosis_1..5`` and ``anatom_site_1..5`` (levels of one colon-separated path).
+We do not depend on either package (they need Python ≥ 3.12); this module is the one place that reads
+their vocabulary.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from zoome_dist.data.isic import (ReadResult, Skipped, _bad_line_records, _finish, _read_csv, _row, known_id,
+                                  optional_fields, parse_target)
+from zoome_dist.data.metadata import MetadataEncoding
+
+ARCHIVE_REQUIRED = ("isic_id",)
+ISIC2024_REQUIRED = ("isic_id", "target", "patient_id", "age_approx", "sex", "anatom_site_general")
+
+# The target: melanoma = diagnosis_1 "Malignant" and diagnosis_2 this class (every melanoma subtype, in
+# situ, invasive, metastasis and NOS, sits below it). "Indeterminate" lesions are skipped (neither
+# label is known); a row without any diagnosis is skipped.
+MALIGNANT = "Malignant"
+MELANOMA = "Malignant melanocytic proliferations (Melanoma)"
+INDETERMINATE = "Indeterminate"
+DIAGNOSIS_LEVELS = tuple(f"diagnosis_{i}" for i in range(1, 6))
+LEGACY_MELANOMA = "melanoma"  # older downloads: a flat ``diagnosis`` column
+
+# Sites: the hierarchical path (anatom_site_1:anatom_site_2:...) onto the ISIC 2020 vocabulary of
+# ``metadata.SITE_VOCAB``; the longest matching prefix wins. ``anatom_site_special`` overrides it.
+SITE_LEVELS = tuple(f"anatom_site_{i}" for i in range(1, 6))
+ARCHIVE_SITES = {
+    "Head and neck": "head/neck",
+    "Head and neck:Head:Face:Mouth": "oral/genital",
+    "Trunk": "torso",
+    "Upper extremity": "upper extremity",
+    "Upper extremity:Hand:Palm of hand": "palms/soles",
+    "Lower extremity": "lower extremity",
+    "Lower extremity:Foot:Sole of foot": "palms/soles",
+    "Anogenital region": "oral/genital",
+}
+SPECIAL_SITES = {"acral palms or soles": "palms/soles", "oral or genital": "oral/genital"}
+
+
+def archive_target(rec: dict) -> tuple[int | None, str, str]:
+    """``(target, diagnosis path, reason)`` of an Archive row; target None (with the reason) when the
+    row cannot be labelled."""
+    levels = [str(rec.get(c, "")).strip() for c in DIAGNOSIS_LEVELS]
+    path = ":".join(v for v in levels if v)
+    if levels[0]:
+        if levels[0] == INDETERMINATE:
+            return None, path, f"indeterminate diagnosis (neither melanoma nor benign): {path}"
+        return int(levels[0] == MALIGNANT and levels[1] == MELANOMA), path, ""
+    legacy = str(rec.get("diagnosis", "")).strip()
+    if legacy:
+        return int(legacy.lower() == LEGACY_MELANOMA), legacy, ""
+    return None, "", "no diagnosis (diagnosis_1 and diagnosis are empty)"
+
+
+def archive_site(rec: dict, enc: MetadataEncoding) -> tuple[str, str, bool]:
+    """``(site path as given, site in our vocabulary, recognised)`` of an Archive row."""
+    path = ":".join(v for v in (str(rec.get(c, "")).strip() for c in SITE_LEVELS) if v)
+    special = str(rec.get("anatom_site_special", "")).strip()
+    if special in SPECIAL_SITES:
+        return path or special, SPECIAL_SITES[special], True
+    if path:
+        parts = path.split(":")
+        for n in range(len(parts), 0, -1):
+            site = ARCHIVE_SITES.get(":".join(parts[:n]))
+            if site:
+                return path, site, True
+        return path, "unknown", False
+    general = str(rec.get("anatom_site_general", "")).strip()  # older downloads
+    site, ok = enc.canonical_site(general)
+    return general, site, ok
+
+
+def read_archive(path: str | Path, enc: MetadataEncoding | None = None) -> ReadResult:
+    """An ISIC Archive ``metadata.csv``; patient = ``patient_id``, else ``lesion_id``, else the image."""
+    path, enc = Path(path), enc or MetadataEncoding()
+    bad: list[list[str]] = []
+    df = _read_csv(path, ARCHIVE_REQUIRED, bad)
+    if not ({*DIAGNOSIS_LEVELS, "diagnosis"} & set(df.columns)):
+        raise ValueError(f"{path}: an ISIC Archive metadata.csv without diagnoses (no diagnosis_1..5 nor "
+                         f"diagnosis column): the melanoma target cannot be derived; found {list(df.columns)}")
+    skipped = _bad_line_records(bad, path)
+    rows, unknown = [], {}
+    for rec in df.to_dict("records"):
+        name = rec["isic_id"].strip()
+        target, diagnosis, why = archive_target(rec)
+        if target is None:
+            skipped.append(Skipped(name, why))
+            continue
+        raw_site, site, ok = archive_site(rec, enc)
+        row = _row(name, rec.get("patient_id", ""), rec.get("sex", ""), rec.get("age_approx", ""), raw_site,
+                   target, diagnosis, "archive", skipped, {**optional_fields(rec), "site": site})
+        if row:
+            rows.append(row)
+            if not ok:
+                unknown[raw_site] = unknown.get(raw_site, 0) + 1
+    result = _finish(rows, skipped, path, enc, "archive")
+    result.unknown_sites.update(unknown)
+    return result
+
+
+def read_isic2024(path: str | Path, enc: MetadataEncoding | None = None) -> ReadResult:
+    """ISIC 2024 (SLICE-3D) ``train-metadata.csv``: ``target`` as given, sites in the 2020 vocabulary."""
+    path, enc = Path(path), enc or MetadataEncoding()
+    bad: list[list[str]] = []
+    df = _read_csv(path, ISIC2024_REQUIRED, bad)
+    skipped = _bad_line_records(bad, path)
+    rows = []
+    for rec in df.to_dict("records"):
+        name = rec["isic_id"].strip()
+        target = parse_target(rec["target"])
+        if target is None:
+            skipped.append(Skipped(name, f"invalid target {rec['target'].strip()!r} (expected 0 or 1)"))
+            continue
+        row = _row(name, known_id(rec["patient_id"]), rec["sex"], rec["age_approx"], rec["anatom_site_general"],
+                   target, rec.get("iddx_full", ""), "isic2024", skipped, optional_fields(rec))
+        if row:
+            rows.append(row)
+    return _finish(rows, skipped, path, enc, "isic2024")

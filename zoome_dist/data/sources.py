@@ -1,0 +1,218 @@
+"""Where a build's samples come from: one or more (CSV, images) sources → one table, and the image
+store of each source (a folder of ``<name>.jpg|.JPG|.jpeg|.png``, or an HDF5 file of JPEG bytes keyed
+by image name, as ISIC 2024's ``train-image.hdf5``)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from zoome_dist.data.images import BadImage
+from zoome_dist.data.isic import ISIC2019_META_NAME, LAYOUTS, ReadResult, Skipped, detect_layout, read_isic
+from zoome_dist.data.metadata import MetadataEncoding
+
+IMAGE_EXTS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")
+ARCHIVE_CSV = "metadata.csv"  # what `isic image download OUT/` writes beside the images
+ISIC2024_HDF5, ISIC2024_FOLDER = "train-image.hdf5", "train-image/image"
+
+
+@dataclass(frozen=True)
+class FolderImages:
+    """``root/<name><ext>`` for the first of ``IMAGE_EXTS`` that exists."""
+
+    root: Path
+
+    def find(self, name: str) -> Path | None:
+        for ext in IMAGE_EXTS:
+            if (p := self.root / f"{name}{ext}").is_file():
+                return p
+        return None
+
+    def filename(self, name: str) -> str:
+        path = self.find(name)
+        return path.name if path else f"{name}.jpg"
+
+    def read(self, name: str) -> bytes:
+        path = self.find(name)
+        if path is None:
+            raise BadImage(f"missing image file {self.root / name}.jpg (nor {'/'.join(IMAGE_EXTS[1:])})")
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise BadImage(f"unreadable image file {path}: {e}") from None
+
+    def fingerprint(self, names: list[str]) -> str:
+        """Per listed image its name, size and first 4 KiB, hashed (what ``--resume`` compares)."""
+        h = hashlib.sha256()
+        for name in names:
+            path = self.find(name)
+            try:
+                with open(path, "rb") as f:  # type: ignore[arg-type]
+                    head = f.read(4096)
+                h.update(f"{name}\0{path.name}\0{path.stat().st_size}\0".encode() + hashlib.sha256(head).digest())
+            except (OSError, TypeError):
+                h.update(f"{name}\0missing\0".encode())
+        return h.hexdigest()
+
+    def __str__(self) -> str:
+        return str(self.root.resolve())
+
+
+_H5: dict[tuple[int, str], object] = {}  # per process: h5py handles do not survive a fork
+
+
+@dataclass(frozen=True)
+class HDF5Images:
+    """An HDF5 file with one dataset per image name holding the encoded image's bytes."""
+
+    path: Path
+
+    def _file(self):
+        import h5py
+
+        key = (os.getpid(), str(self.path))
+        if key not in _H5:
+            try:
+                _H5[key] = h5py.File(self.path, "r")
+            except OSError as e:
+                raise ValueError(f"{self.path}: not a readable HDF5 file ({e})") from None
+        return _H5[key]
+
+    def filename(self, name: str) -> str:
+        return name
+
+    def read(self, name: str) -> bytes:
+        f = self._file()
+        if name not in f:
+            raise BadImage(f"missing image {name} in {self.path}")
+        value = f[name][()]
+        if hasattr(value, "tobytes"):  # np.void, np.bytes_ or a uint8 array
+            return value.tobytes()
+        return bytes(value)
+
+    def fingerprint(self, names: list[str]) -> str:
+        h = hashlib.sha256()
+        for name in names:
+            try:
+                raw = self.read(name)
+                h.update(f"{name}\0{len(raw)}\0".encode() + hashlib.sha256(raw[:4096]).digest())
+            except BadImage:
+                h.update(f"{name}\0missing\0".encode())
+        return h.hexdigest()
+
+    def __str__(self) -> str:
+        return str(self.path.resolve())
+
+
+ImageStore = FolderImages | HDF5Images
+
+
+def open_images(path: str | Path) -> ImageStore:
+    """A folder, or an ``.h5``/``.hdf5`` file."""
+    path = Path(path)
+    if path.is_dir():
+        return FolderImages(path)
+    if path.is_file() and path.suffix.lower() in (".h5", ".hdf5"):
+        return HDF5Images(path)
+    if path.is_file():
+        raise ValueError(f"--images {path}: a file that is not HDF5 (.h5/.hdf5); give the images folder")
+    raise FileNotFoundError(f"images folder not found: {path}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a build: its layout, a name (the ``source`` of its samples) and its images."""
+
+    name: str
+    kind: str
+    csv: Path
+    images: ImageStore
+    metadata_csv: Path | None = None
+
+    def read(self, enc: MetadataEncoding) -> ReadResult:
+        read = read_isic(self.csv, self.metadata_csv, enc)
+        read.table["source"] = self.name
+        return read
+
+
+def _default_images(kind: str, csv: Path) -> ImageStore:
+    if kind == "archive":
+        return FolderImages(csv.parent)
+    if kind == "isic2024":
+        for cand in (csv.parent / ISIC2024_HDF5, csv.parent / ISIC2024_FOLDER):
+            if cand.exists():
+                return open_images(cand)
+        raise FileNotFoundError(f"{csv}: ISIC 2024 images not found beside it ({ISIC2024_HDF5} or {ISIC2024_FOLDER}/); "
+                                "give --images")
+    raise ValueError(f"{csv}: a {kind} CSV needs --images (the folder with <image_name>.jpg)")
+
+
+def resolve_sources(csvs: list[str | Path], images: list[str | Path] | None = None,
+                    metadata_csv: str | Path | None = None) -> list[Source]:
+    """``--csv`` (repeatable; an Archive download folder stands for its metadata.csv) paired in order with
+    ``--images`` (one per --csv, or none where every layout says where its images are)."""
+    images = list(images or [])
+    if not csvs:
+        raise ValueError("no --csv given")
+    if images and len(images) != len(csvs):
+        raise ValueError(f"{len(csvs)} --csv but {len(images)} --images: give one --images per --csv (in the "
+                         "same order), or none where the layout has its images beside the CSV (ISIC Archive "
+                         "folder, ISIC 2024)")
+    sources, names = [], Counter()
+    for i, csv in enumerate(map(Path, csvs)):
+        if csv.is_dir():
+            if not (csv / ARCHIVE_CSV).is_file():
+                raise FileNotFoundError(f"--csv {csv} is a folder without {ARCHIVE_CSV} (an `isic image download` "
+                                        "folder has one); give the CSV file")
+            csv = csv / ARCHIVE_CSV
+        if not csv.is_file():
+            raise FileNotFoundError(f"CSV file not found: {csv}")
+        kind = detect_layout(csv)
+        store = open_images(images[i]) if images else _default_images(kind, csv)
+        name = f"archive:{csv.resolve().parent.name}" if kind == "archive" else kind
+        names[name] += 1
+        if names[name] > 1:
+            name = f"{name}-{names[name]}"
+        meta = None
+        if kind == "isic2019":
+            meta = Path(metadata_csv) if metadata_csv else csv.parent / ISIC2019_META_NAME
+        sources.append(Source(name, kind, csv, store, meta))
+    if metadata_csv and not any(s.kind == "isic2019" for s in sources):
+        raise ValueError("--metadata-csv is for an ISIC 2019 ground truth; the --csv given are "
+                         + ", ".join(f"{s.csv} ({LAYOUTS[s.kind]})" for s in sources))
+    return sources
+
+
+@dataclass
+class Combined:
+    """Every source's rows in one table (sorted by image name), and what was left out."""
+
+    table: pd.DataFrame
+    skipped: list[Skipped] = field(default_factory=list)
+    unknown_sites: Counter = field(default_factory=Counter)
+    same_name: list[dict] = field(default_factory=list)  # one image name in two sources: kept once
+
+
+def read_sources(sources: list[Source], enc: MetadataEncoding) -> Combined:
+    """Read and concatenate; an image name that appears in an earlier source is kept there only (ISIC ids
+    are global, so the same id is the same image) and recorded in ``same_name``."""
+    tables, out = [], Combined(pd.DataFrame())
+    seen: dict[str, str] = {}
+    for src in sources:
+        read = src.read(enc)
+        out.skipped += read.skipped
+        out.unknown_sites.update(read.unknown_sites)
+        dup = read.table["image_name"].isin(seen)
+        for name in read.table["image_name"][dup]:
+            out.same_name.append({"kept": name, "kept_source": seen[name], "dropped": name,
+                                  "dropped_source": src.name, "kind": "same_id"})
+            out.skipped.append(Skipped(name, f"duplicate: the same image id is in source {seen[name]} "
+                                             f"(kept there), dropped from {src.name}"))
+        tables.append(read.table[~dup])
+        seen.update(dict.fromkeys(read.table["image_name"][~dup], src.name))
+    out.table = pd.concat(tables, ignore_index=True).sort_values("image_name", kind="stable").reset_index(drop=True)
+    return out
