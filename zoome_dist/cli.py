@@ -5,6 +5,7 @@
     zoome tune    --config launchers/configs/zoome.yaml --shards data/shards --folds 0,1,2 --out runs/tune
 
     zoome predict --checkpoint runs/cv/zoome --csv test.csv --images jpeg/test --out pred.csv --tta 8
+    zoome predict --checkpoint runs/cv/zoome --images new-images/ --out pred.csv    # a folder, no CSV
     zoome explain --checkpoint runs/cv/zoome/fold-00 --image lesion.jpg --meta age=55,sex=male,site=torso --out why.png
     zoome score   --truth truth.csv --pred pred.csv
 """
@@ -89,7 +90,7 @@ def _predict(a: argparse.Namespace) -> int:
     members = [load_member(p, dev) for p in find_checkpoints(a.checkpoint)]
     print(f"ensemble of {len(members)} checkpoint(s), TTA {a.tta} view(s)", file=sys.stderr)
     pred, problems = predict(members, a.csv, a.images, tta=a.tta, batch_size=a.batch_size, device=a.device,
-                             loader=a.loader, threads=a.threads)
+                             loader=a.loader, threads=a.threads, progress=not a.no_progress)
     if a.format == "isic":
         pred = pred.rename(columns={"image_name": "image", "prob": "MEL"})
     else:
@@ -199,15 +200,17 @@ def main(argv: list[str] | None = None) -> int:
                         formatter_class=HelpFormatter)
     pr.add_argument("--checkpoint", action="append", required=True,
                     help="model_best.pt, a run folder, or a folder of runs (all are averaged); repeatable")
-    pr.add_argument("--csv", required=True, help="ISIC test CSV: image_name, sex, age_approx, "
-                    "anatom_site_general_challenge (labels not needed)")
-    pr.add_argument("--images", required=True, help="folder with <image_name>.jpg")
+    pr.add_argument("--csv", help="ISIC test CSV: image_name, sex, age_approx, anatom_site_general_challenge "
+                    "(labels not needed). Without it: every image of --images, with the metadata of an ISIC Archive "
+                    "metadata.csv there, else metadata unknown")
+    pr.add_argument("--images", required=True, help="folder with <image_name>.jpg (.JPG/.jpeg/.png)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--tta", type=int, default=1, help="views averaged: 1, 2 (flip) or 8 (flips × transpose)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--device", default="auto", choices=DEVICES)
     pr.add_argument("--loader", default=LOADERS[0], choices=LOADERS, help="image decoding")
     pr.add_argument("--threads", type=int, default=2)
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--format", choices=["kaggle", "isic"], default="kaggle",
                     help="kaggle: image_name,target (zoome score); isic: image,MEL (isic-challenge-scoring)")
     ex = sub.add_parser("explain", help="Grad-CAM, Zoom-SE cells and metadata effect as a PNG report",

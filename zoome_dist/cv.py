@@ -13,8 +13,10 @@ is retried (``--max-retries``) from its checkpoint; a job whose run finished (su
 run again, so re-running the same command resumes a CV. CPU: ranks are CPU processes
 (DS_ACCELERATOR=cpu) and ``--cpus-per-job`` sets their threads.
 
-Then OUT/table.md and OUT/table.csv (mean ± std over folds), OUT/folds.csv (per-fold rows) and
-OUT/roc.png (pooled out-of-fold ROC), OUT/curves.png (every job's training curves). ``--select last`` (default) reports each fold's final epoch;
+Then OUT/table.md and OUT/table.csv (mean ± std over folds; AUC per source where the shards hold several),
+OUT/folds.csv (per-fold rows), OUT/subgroups.md/.csv (pooled out-of-fold AUC per source, sex, age band,
+site, Fitzpatrick type, with counts), OUT/roc.png (pooled out-of-fold ROC), OUT/curves.png (every job's
+training curves). ``--select last`` (default) reports each fold's final epoch;
 ``best`` reports its best-AUC epoch, which is selected on the fold being scored and therefore optimistic.
 """
 from __future__ import annotations
@@ -128,20 +130,24 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, KeyError) as e:  # KeyError: a run folder's summary without what it should hold
         return error("zoome cv", e)
     print(f"\n{len(folds)}-fold CV ({a.select} epoch), % mean ± std:\n{md}")
-    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'folds.csv'}, {out / 'roc.png'}, {out / 'curves.png'}")
+    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'folds.csv'}, {out / 'subgroups.md'}, "
+          f"{out / 'roc.png'}, {out / 'curves.png'}")
     return 0
 
 
 def report(out: Path, variants: list[str], folds: list[int], select: str) -> str:
     """The CV's tables, ROC and curves from its finished run folders; returns the markdown table."""
     from zoome_dist.report import fold_rows, plot_curves, plot_roc, pooled, table_markdown
+    from zoome_dist.subgroups import auc_by_source, subgroup_markdown, subgroup_metrics
 
     rows, preds, curves = [], {v: [] for v in variants}, {}
     for variant in variants:
         for fold in folds:
             run = RunDir(fold_dir(out, variant, fold))
-            rows.append(fold_rows(variant, fold, run.fold_metrics(select)))
-            preds[variant].append(pd.read_csv(run.predictions(select)))
+            fold_preds = pd.read_csv(run.predictions(select), keep_default_na=False, na_values=[""])
+            rows.append({**fold_rows(variant, fold, run.fold_metrics(select)),
+                         **{f"auc:{src}": auc for src, auc in auc_by_source(fold_preds).items()}})
+            preds[variant].append(fold_preds)
             curves[f"{variant} fold {fold}"] = run.read_metrics()
     table = pd.DataFrame(rows)
     table.to_csv(out / "folds.csv", index=False)
@@ -150,8 +156,13 @@ def report(out: Path, variants: list[str], folds: list[int], select: str) -> str
     summary_rows = table.drop(columns=["fold"]).groupby("variant", sort=False).agg(["mean", "std"])
     summary_rows.columns = [f"{k}_{s}" for k, s in summary_rows.columns]
     summary_rows.to_csv(out / "table.csv")
-    plot_roc({v: pooled(ps) for v, ps in preds.items()}, out / "roc.png")
+    pooled_preds = {v: pooled(ps) for v, ps in preds.items()}
+    plot_roc(pooled_preds, out / "roc.png")
     plot_curves(curves, out / "curves.png")
+    groups = {v: subgroup_metrics(p) for v, p in pooled_preds.items()}
+    pd.concat([g.assign(variant=v) for v, g in groups.items()]).to_csv(out / "subgroups.csv", index=False)
+    (out / "subgroups.md").write_text("Pooled out-of-fold AUC per subgroup (% ; – where a subgroup has one class)\n\n"
+                                      + subgroup_markdown(groups))
     return md
 
 if __name__ == "__main__":

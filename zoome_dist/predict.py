@@ -6,6 +6,7 @@ image resized to the training ``image_size``), decoded by DALI where it imports.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,10 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from zoome_dist.config import Config
 from zoome_dist.data.isic import check_image_name, parse_age, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.sources import ARCHIVE_CSV, IMAGE_EXTS, FolderImages
 from zoome_dist.pipeline import LOADERS, resolve_device
 from zoome_dist.rundir import MODEL_BEST, RunDir
 from zoome_dist.safe_load import safe_load
@@ -96,9 +99,46 @@ def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame,
     return df.iloc[keep].reset_index(drop=True), meta, problems
 
 
-def check_image(path: Path) -> str | None:
+def read_image_folder(images: Path, enc: MetadataEncoding) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
+    """Every image of a folder without a test CSV, with its metadata vector. With an ISIC Archive
+    ``metadata.csv`` there (``isic image download``): its rows, in its order, their age, sex and site read
+    as the shard builder reads them; otherwise every ``IMAGE_EXTS`` file sorted by name, metadata unknown
+    (age missing, sex and site ``unknown``)."""
+    from zoome_dist.data.archive import archive_site
+
+    if (images / ARCHIVE_CSV).is_file():
+        df = read_csv_text(images / ARCHIVE_CSV, dtype=str, keep_default_na=False)
+        if "isic_id" not in df.columns:
+            raise ValueError(f"{images / ARCHIVE_CSV}: not an ISIC Archive metadata.csv (no isic_id column); "
+                             f"found {list(df.columns)}")
+        problems, keep, vectors = [], [], []
+        for i, rec in enumerate(df.to_dict("records")):
+            age = parse_age(rec.get("age_approx", ""))
+            why = check_image_name(rec["isic_id"].strip()) or (
+                f"malformed age_approx {rec['age_approx']!r}" if age is None else None)
+            if why:
+                problems.append({"image_name": rec["isic_id"], "reason": why})
+                continue
+            keep.append(i)
+            vectors.append(enc.encode(None if np.isnan(age) else age, rec.get("sex", ""), archive_site(rec, enc)[1]))
+        meta = np.stack(vectors) if vectors else np.zeros((0, enc.dim), np.float32)
+        return pd.DataFrame({"image_name": df["isic_id"].iloc[keep].str.strip().to_numpy()}), meta, problems
+    names = sorted({p.stem for p in images.iterdir() if p.suffix in IMAGE_EXTS and p.is_file()})
+    if not names:
+        raise ValueError(f"--images {images}: no images ({', '.join(IMAGE_EXTS)}) in the folder")
+    meta = np.tile(enc.encode(None, None, None), (len(names), 1))
+    return pd.DataFrame({"image_name": names}), meta, []
+
+
+def uses_metadata(member: Member) -> bool:
+    from zoome_dist.models import MODELS
+
+    return bool(MODELS[member.cfg.model.name][1].get("meta"))
+
+
+def check_image(path: Path | None) -> str | None:
     """Why ``path`` cannot be scored, or None. A reduced-scale decode catches truncation cheaply."""
-    if not path.is_file():
+    if path is None or not path.is_file():
         return "missing image file"
     try:
         with Image.open(path) as im:
@@ -182,11 +222,12 @@ def _torch_images(files: list[str], image_size: int, batch: int, device: torch.d
 
 
 @torch.no_grad()
-def predict(members: list[Member], csv: str | Path, images: str | Path, tta: int = 1, batch_size: int = 32,
-            device: str = "auto", loader: str = LOADERS[0], threads: int = 2
+def predict(members: list[Member], csv: str | Path | None, images: str | Path, tta: int = 1, batch_size: int = 32,
+            device: str = "auto", loader: str = LOADERS[0], threads: int = 2, progress: bool = False
             ) -> tuple[pd.DataFrame, list[dict]]:
     """``(predictions, problems)``: one row per scorable input image in input order (``image_name``,
-    ``prob`` = mean over members and views), and every image that could not be scored with why."""
+    ``prob`` = mean over members and views), and every image that could not be scored with why.
+    ``csv`` None: every image of the folder (``read_image_folder``)."""
     if not members:
         raise ValueError("no checkpoint given")
     enc, size = members[0].encoding, members[0].cfg.data.image_size
@@ -195,20 +236,31 @@ def predict(members: list[Member], csv: str | Path, images: str | Path, tta: int
             raise ValueError(f"{m.path}: ensemble members must share the metadata encoding and image size "
                              f"({members[0].path} has image_size {size})")
     tta_views(torch.zeros(1, 1, 1, 1), tta)  # validate early
-    df, meta, problems = read_test_csv(csv, enc)
-    images, keep = Path(images), []
+    images = Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"--images folder not found: {images}")
+    if csv is not None:
+        df, meta, problems = read_test_csv(csv, enc)
+    else:
+        df, meta, problems = read_image_folder(images, enc)
+        if any(uses_metadata(m) for m in members) and not (images / ARCHIVE_CSV).is_file():
+            print(f"zoome predict: warning: no --csv and no {ARCHIVE_CSV} in {images}: scoring with age, sex and "
+                  "site unknown; models trained with metadata are less accurate without it", file=sys.stderr)
+    store, keep, paths = FolderImages(images), [], []
     for i, name in enumerate(df["image_name"]):
-        why = check_image(images / f"{name}.jpg")
+        path = store.find(name)
+        why = check_image(path)
         if why:
             problems.append({"image_name": name, "reason": why})
         else:
             keep.append(i)
+            paths.append(str(path))
     _, dev = torch_device(device)
-    files = [str(images / f"{df['image_name'].iloc[i]}.jpg") for i in keep]
     probs = np.zeros(len(keep))
-    if files:
-        batches = image_batches(files, size, batch_size, device, loader, threads)
+    if paths:
+        batches = image_batches(paths, size, batch_size, device, loader, threads)
         meta_t = torch.from_numpy(meta[keep])
+        bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
         for idx, image in batches:
             image = image.to(dev)
             m = meta_t[idx].to(dev)
@@ -217,5 +269,7 @@ def predict(members: list[Member], csv: str | Path, images: str | Path, tta: int
                 for view in tta_views(image, tta):
                     total += torch.sigmoid(member.model(view.contiguous(), m).float())
             probs[idx] = (total / (len(members) * tta)).cpu().numpy()
+            bar.update(len(idx))
+        bar.close()
     out = pd.DataFrame({"image_name": df["image_name"].iloc[keep].to_numpy(), "prob": probs})
     return out, problems

@@ -13,7 +13,8 @@ EXTRA = [("acc_t", "ACC@t"), ("sens_t", "SE@t"), ("spec_t", "SP@t"), ("sens_at_s
 
 def table_markdown(folds: pd.DataFrame) -> str:
     """Mean ± std (%) over folds per variant; ``folds`` has one row per (variant, fold)."""
-    cols = COLUMNS + [c for c in EXTRA if c[0] in folds.columns]
+    cols = (COLUMNS + [c for c in EXTRA if c[0] in folds.columns]
+            + [(c, f"AUC {c[4:]}") for c in folds.columns if c.startswith("auc:")])  # per source
     lines = ["| method | folds | " + " | ".join(h for _, h in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for variant, part in folds.groupby("variant", sort=False):

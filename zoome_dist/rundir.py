@@ -9,6 +9,7 @@ this type, so a file's name lives here and nowhere else.
     metrics.jsonl          one JSON line per epoch (loss, lr, img/s, data wait, validation metrics)
     curves.png             training loss, validation AUC and lr per epoch (redrawn every epoch)
     predictions.csv        out-of-fold probabilities of the best epoch; predictions_last.csv: the last
+    subgroups.csv          the last epoch's AUC per source, sex, age band, site (Fitzpatrick type), with counts
     model_best.pt          best epoch's weights + config + metadata encoding (``zoome predict``)
     best.json              the best epoch, its checkpoint tag and metrics
     summary.json           written last: the run finished
@@ -42,6 +43,7 @@ class RunDir:
     run_info = property(lambda self: self.path / "run.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     curves = property(lambda self: self.path / "curves.png")
+    subgroups = property(lambda self: self.path / "subgroups.csv")
     summary = property(lambda self: self.path / "summary.json")
     model_best = property(lambda self: self.path / MODEL_BEST)
     best = property(lambda self: self.path / "best.json")

@@ -32,6 +32,7 @@ from zoome_dist.metrics import binary_metrics, youden_threshold
 from zoome_dist.pipeline import Augment, make_loader, resolve_loader
 from zoome_dist.report import plot_curves
 from zoome_dist.rundir import RunDir
+from zoome_dist.subgroups import SUBGROUP_COLUMNS, auc_by_source, subgroup_metrics
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
                                      build_scheduler, deepspeed_config, setup_distributed, validate)
@@ -167,12 +168,21 @@ def restore(engine, run: RunDir) -> dict:
     raise ValueError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(failures)}")
 
 
-def _write_predictions(path: Path, folds: pd.DataFrame, sids: np.ndarray, probs: np.ndarray) -> None:
-    """``image_name, patient_id, target, prob``: one row per validation image."""
+def _predictions(folds: pd.DataFrame, sids: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """``image_name, patient_id, target, prob`` and the subgroup columns the build recorded
+    (``subgroups.SUBGROUP_COLUMNS``): one row per validation image."""
     rows = folds.set_index("sample_id").loc[sids]
+    df = pd.DataFrame({"image_name": rows["image_name"].to_numpy(), "patient_id": rows["patient_id"].to_numpy(),
+                       "target": rows["target"].to_numpy(), "prob": probs})
+    for col in SUBGROUP_COLUMNS:
+        if col in rows.columns:
+            df[col] = rows[col].to_numpy()
+    return df
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame({"image_name": rows["image_name"].to_numpy(), "patient_id": rows["patient_id"].to_numpy(),
-                  "target": rows["target"].to_numpy(), "prob": probs}).to_csv(tmp, index=False)
+    df.to_csv(tmp, index=False)
     tmp.replace(path)
 
 
@@ -189,7 +199,7 @@ def save_model(path: Path, cfg: Config, model: torch.nn.Module, metadata_encodin
 
 def _write_best(run: RunDir, cfg: Config, engine, manifest: dict, folds: pd.DataFrame, best: dict,
                 sids: np.ndarray, probs: np.ndarray) -> None:
-    _write_predictions(run.predictions("best"), folds, sids, probs)
+    _write_csv(run.predictions("best"), _predictions(folds, sids, probs))
     save_model(run.model_best, cfg, engine.module, manifest["metadata_encoding"], best["epoch"], best["metrics"])
     run.best.write_text(json.dumps(best, indent=1))
 
@@ -371,13 +381,17 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
         state["best"] = {"epoch": epoch, "tag": step_tag(engine.global_steps), "metrics": val}
     state.update(epoch=epoch + 1, micro_step=0)
     if t.rank0:  # the epoch's files first, then the checkpoint that marks the epoch done
+        preds = _predictions(t.folds_table, sids, probs)
+        if by_source := auc_by_source(preds):
+            record["val_auc_by_source"] = by_source
         with open(t.run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves({f"fold {t.fold}": t.run.read_metrics()}, t.run.curves)
         if engine.monitor.enabled:
             engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
                                          for k, v in val.items() if isinstance(v, float)])
-        _write_predictions(t.run.predictions("last"), t.folds_table, sids, probs)
+        _write_csv(t.run.predictions("last"), preds)
+        _write_csv(t.run.subgroups, subgroup_metrics(preds))
         if is_best:
             _write_best(t.run, cfg, engine, t.manifest, t.folds_table, state["best"], sids, probs)
         log.info(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
