@@ -32,7 +32,8 @@ def _build(a: argparse.Namespace) -> int:
         a.folds = a.folds_deprecated
     opts = BuildOptions(folds=a.folds, seed=a.seed, max_side=a.max_side,
                         samples_per_shard=a.samples_per_shard, jpeg_quality=a.jpeg_quality,
-                        strict=a.strict, dup_distance=a.dup_distance)
+                        strict=a.strict, dup_distance=a.dup_distance,
+                        dedup=not a.no_dedup)
     manifest = build(a.csv, a.images, a.out, opts, metadata_csv=a.metadata_csv, workers=a.workers,
                      resume=a.resume, progress=not a.quiet, exclude=a.exclude)
     print("\n".join(summary_lines(manifest)))
@@ -77,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
                                      "isic_id; ISIC's duplicate list image_name_1,image_name_2 drops the second)")
     b.add_argument("--dup-distance", type=int, default=DEFAULTS.dup_distance,
                    help="near duplicates: perceptual-hash bits apart (of 256) at most; -1 finds exact copies only")
+    b.add_argument("--no-dedup", action="store_true",
+                   help="skip the duplicate search: keep every row (folds grouped by patient and lesion only)")
     b.add_argument("--out", required=True)
     b.add_argument("--num-folds", type=int, default=DEFAULTS.folds, dest="folds",
                    help="how many folds to partition into (elsewhere --folds selects existing folds)")

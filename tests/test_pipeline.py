@@ -34,7 +34,7 @@ def unnormalize(img: torch.Tensor) -> torch.Tensor:
 
 
 def pattern_shards(root: Path, pattern: np.ndarray, n: int = 48) -> Path:
-    """``n`` copies of one RGB test pattern, as shards of 2 folds (one patient per image)."""
+    """``n`` copies of one RGB test pattern, as shards of 2 folds (one patient per image; kept as copies)."""
     img_dir = root / "img"
     img_dir.mkdir(parents=True)
     rows = []
@@ -43,8 +43,8 @@ def pattern_shards(root: Path, pattern: np.ndarray, n: int = 48) -> Path:
         rows.append({"image_name": f"P_{i:04d}", "patient_id": f"Q{i}", "sex": "male", "age_approx": 50,
                      "anatom_site_general_challenge": "torso", "target": i % 2})
     pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
-    build(root / "train.csv", img_dir, root / "shards", BuildOptions(folds=2, max_side=0, samples_per_shard=16),
-          progress=False)
+    build(root / "train.csv", img_dir, root / "shards",
+          BuildOptions(folds=2, max_side=0, samples_per_shard=16, dedup=False), progress=False)
     return root / "shards"
 
 

@@ -256,7 +256,7 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, tests
         root = Path(tmp)
         imgs = reused_dataset(root / "src", n, source_size, os.cpu_count() or 2)
         build(root / "src" / "train.csv", imgs, root / "shards",
-              BuildOptions(folds=3, max_side=0, samples_per_shard=128), workers=min(8, os.cpu_count() or 2),
+              BuildOptions(folds=3, max_side=0, samples_per_shard=128, dedup=False), workers=min(8, os.cpu_count() or 2),
               progress=False)
         step("pipeline", lambda: bench_pipeline_gpu(root / "shards"))
         step("train", lambda: bench_train_gpu(root / "shards", root))

@@ -84,7 +84,7 @@ def bench_pipeline(shards: str | None = None, sizes: tuple[int, ...] = (600, 102
             root = Path(tmp) / f"src{size}"
             imgs = reused_dataset(root, n, size, threads)
             build(root / "train.csv", imgs, root / "shards", BuildOptions(folds=2, max_side=0,
-                  samples_per_shard=128), workers=threads, progress=False)
+                  samples_per_shard=128, dedup=False), workers=threads, progress=False)
             results["sizes"][str(size)] = _rates(root / "shards", batch_size, image_size, threads, rounds)
             shutil.rmtree(root)
     results.update(results["sizes"][str(max(sizes))])

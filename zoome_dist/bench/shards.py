@@ -1,7 +1,9 @@
 """Shard build throughput (1 vs 2 workers) against the 2-process image-work ceiling.
 
 The ceiling runs exactly the per-image work a build cannot avoid (``prepare_image``: decode, resize,
-re-encode) in a pool of the same size, without tar writing, indexing, hashing or the manifest.
+re-encode) in a pool of the same size, without tar writing, indexing, hashing or the manifest. The
+duplicate search's hashing pass (SHA-256 + perceptual hash at 1/8 scale) is timed on its own
+(``dedup_hash_img_s``): a build with duplicate search costs both.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from zoome_dist.bench import PeakRSS, timed
+from zoome_dist.data.dedup import digests
 from zoome_dist.data.images import prepare_image
+from zoome_dist.data.sources import FolderImages
 from zoome_dist.data.synth import sample_table, synthesize
 from zoome_dist.data.writer import BuildOptions, build
 
@@ -25,7 +29,8 @@ def _prepare(args: tuple[Path, int]) -> int:
 
 
 def reused_dataset(root: Path, n: int, size: int, workers: int) -> Path:
-    """`n` rows of a synthetic table whose images reuse `DISTINCT` rendered JPEGs; returns the image folder."""
+    """`n` rows of a synthetic table whose images reuse `DISTINCT` rendered JPEGs; returns the image folder.
+    The copies are exact duplicates: build them with ``BuildOptions(dedup=False)``."""
     synthesize(root / "distinct", DISTINCT, seed=0, size=size, workers=workers, progress=False)
     imgs = root / "jpeg"
     imgs.mkdir()
@@ -41,7 +46,7 @@ def bench_shards(n: int = 1536, sizes: tuple[int, ...] = (600, 1024), max_side: 
     """Per source size: build img/s with 1 and ``workers`` workers, the ceiling, peak PSS at N and 2N."""
     results: dict = {"n": n, "max_side": max_side, "workers": workers,
                      "samples_per_shard": samples_per_shard, "sizes": {}}
-    opts = BuildOptions(folds=2, max_side=max_side, samples_per_shard=samples_per_shard)
+    opts = BuildOptions(folds=2, max_side=max_side, samples_per_shard=samples_per_shard, dedup=False)
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             root = Path(tmp) / f"src{size}"
@@ -59,6 +64,11 @@ def bench_shards(n: int = 1536, sizes: tuple[int, ...] = (600, 1024), max_side: 
                     list(pool.map(_prepare, jobs[:workers]))  # workers up before timing
                     t = timed(lambda: list(pool.map(_prepare, jobs, chunksize=8)))
                 row["ceiling_img_s"] = max(row.get("ceiling_img_s", 0), n / t)
+                # the duplicate search's hashing pass (builds above: dedup off, their images are copies)
+                store = FolderImages(imgs)
+                names = pd.read_csv(root / "n.csv")["image_name"].tolist()
+                t = timed(lambda: digests([(store, name) for name in names], workers, progress=False))
+                row[f"dedup_hash_img_s_{workers}w"] = max(row.get(f"dedup_hash_img_s_{workers}w", 0), n / t)
             # Memory in separate, untimed builds: sampling /proc/*/smaps costs CPU.
             for key, csv in (("peak_rss_mb", "n.csv"), ("peak_rss_mb_2n", "train.csv")):
                 with PeakRSS() as mem:

@@ -25,7 +25,7 @@ def bench_train(model: str = "zoome", image_size: int = 224, n: int = 192, sourc
         root = Path(tmp)
         imgs = reused_dataset(root / "src", n, source_size, 2)
         build(root / "src" / "train.csv", imgs, root / "shards", BuildOptions(folds=2, max_side=0,
-              samples_per_shard=64), workers=2, progress=False)
+              samples_per_shard=64, dedup=False), workers=2, progress=False)
         for prec in precisions:
             overrides = {"model.name": model, "data.image_size": image_size, "data.num_threads": threads,
                          "data.loader": loader, "train.epochs": 1, "train.micro_batch_size": micro_batch,

@@ -59,6 +59,7 @@ class BuildOptions:
     jpeg_quality: int = 95
     strict: bool = False
     dup_distance: int = dedup.DEFAULT_MAX_DISTANCE  # phash bits; -1: exact duplicates only
+    dedup: bool = True  # False: no duplicate search (every row kept; folds by patient and lesion only)
 
     def validate(self) -> None:
         if self.samples_per_shard < 1:
@@ -271,9 +272,11 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
         raise ValueError(f"{', '.join(map(str, csvs))}: no usable rows ({len(read.skipped)} skipped)")
 
     stores = {s.name: s.images for s in sources}
-    hashes = dedup.digests([(stores[src], n) for src, n in zip(table["source"], table["image_name"])],
-                           workers, progress)
-    pairs = dedup.duplicate_pairs([h[0] for h in hashes], [h[1] for h in hashes], opts.dup_distance)
+    pairs = []
+    if opts.dedup:
+        hashes = dedup.digests([(stores[src], n) for src, n in zip(table["source"], table["image_name"])],
+                               workers, progress)
+        pairs = dedup.duplicate_pairs([h[0] for h in hashes], [h[1] for h in hashes], opts.dup_distance)
     table["group"] = dedup.groups(table, pairs)
     keep, pair_records, dropped = dedup.resolve(table, pairs, {s.name: i for i, s in enumerate(sources)})
     for d in dropped:
@@ -290,7 +293,7 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
                 "images": [r["images"] for r in records], "images_fingerprint": [r["images_fingerprint"] for r in records],
                 "exclude": sorted(excluded),
                 "shards": [[p.name, [r["image_name"] for r in p.rows]] for p in plans]}
-    duplicates = {"max_distance": opts.dup_distance, "pairs": pair_records, "dropped": dropped,
+    duplicates = {"searched": opts.dedup, "max_distance": opts.dup_distance, "pairs": pair_records, "dropped": dropped,
                   "same_id": read.same_name}
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
