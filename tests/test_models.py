@@ -189,3 +189,55 @@ def test_torch_compile_traces_fused_zoomse():
     out.sum().backward()
     ref.sum().backward()
     torch.testing.assert_close(img.grad, ref_img.grad, rtol=1e-4, atol=1e-5)
+
+
+def _with_backbone_of(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with ``plain``'s backbone weights (its ``.block`` keys mapped), Zoom-SE weights kept."""
+    own = model.state_dict()
+    for k, v in plain.state_dict().items():
+        parts = k.split(".")
+        wrapped = ".".join(parts[:3] + ["block"] + parts[3:]) if parts[1].startswith("layer") else k
+        own[wrapped if wrapped in own else k] = v
+    model.load_state_dict(own)
+    return model
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])  # BasicBlock and Bottleneck
+@pytest.mark.parametrize("placement", ["residual", "output"])
+def test_open_gates_reproduce_the_plain_backbone(backbone, placement):
+    """Gates initialised to 1 (bias 20: sigmoid = 1.0 in float32) leave either placement equal to the
+    backbone without Zoom-SE: what a pretrained backbone should see at the start of fine-tuning."""
+    torch.manual_seed(0)
+    plain = create_model("resnext50", backbone=backbone).eval()  # no Zoom-SE, no metadata
+    model = create_model("zoome_no_meta", backbone=backbone, zoom_se_placement=placement, zoom_se_gate_bias=20.0)
+    model = _with_backbone_of(model, plain).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), plain.features(x), rtol=0, atol=0)
+
+
+def test_output_placement_is_the_default_and_residual_differs():
+    torch.manual_seed(0)
+    default = create_model("zoome_no_meta", backbone="resnet18").eval()
+    torch.manual_seed(0)
+    output = create_model("zoome_no_meta", backbone="resnet18", zoom_se_placement="output").eval()
+    residual = create_model("zoome_no_meta", backbone="resnet18", zoom_se_placement="residual").eval()
+    residual.load_state_dict(default.state_dict())  # same keys, same weights
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(output(x, None), default(x, None), rtol=0, atol=0)
+        # output placement gates the identity path too: 8 gates ≈ 0.5 shrink the last map; residual does not
+        shrink = default.features(x).abs().mean() / residual.features(x).abs().mean()
+    assert shrink < 0.1
+    block = default.backbone.layer1[0]
+    y = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(block(y), block.attn(block.block(y)))
+
+
+def test_gate_bias_sets_every_gate():
+    se = ZoomSE(32, pool_size=2, gate_bias=3.0)
+    x = torch.rand(4, 32, 8, 8) + 0.1
+    torch.testing.assert_close(se(x) / x, torch.full_like(x, torch.sigmoid(torch.tensor(3.0)).item()))
+    with pytest.raises(ValueError, match="zoom_se_placement 'inside'"):
+        create_model("zoome", backbone="resnet18", zoom_se_placement="inside")

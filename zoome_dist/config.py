@@ -30,6 +30,8 @@ class ModelConfig:
     backbone: str = "resnext50_32x4d"   # ResNet-family models only
     pool_size: int = 4                  # Zoom-SE adaptive max-pool size P
     rd_ratio: float = 0.0625            # Zoom-SE reduction 1/r
+    zoom_se_placement: str = choice("output", ("output", "residual"))  # gate the block output (paper) or its branch
+    zoom_se_gate_bias: float | None = None  # None: default init (gates ≈ 0.5); a value: gates start at sigmoid(value)
     meta_hidden: int = 256
     meta_gate: str = "sigmoid"
     dropout: float = 0.0

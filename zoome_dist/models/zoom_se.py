@@ -60,9 +60,14 @@ class _ZoomGate(torch.autograd.Function):
 
 
 class ZoomSE(nn.Module):
+    """``gate_bias``: None keeps PyTorch's initialisation (gates ≈ 0.5 at start); a value zeroes the
+    second layer's weights and sets its bias, so every gate starts at ``sigmoid(gate_bias)`` for every
+    input (3 → 0.95; 20 → 1.0 in float32: the block starts as the identity)."""
+
     def __init__(self, channels: int, pool_size: int = 4, rd_ratio: float = 1 / 16,
                  rd_channels: int | None = None, act_layer: type[nn.Module] = nn.ReLU,
-                 gate_layer: type[nn.Module] = nn.Sigmoid, fused: bool = True) -> None:
+                 gate_layer: type[nn.Module] = nn.Sigmoid, fused: bool = True,
+                 gate_bias: float | None = None) -> None:
         super().__init__()
         if pool_size < 1:
             raise ValueError(f"pool_size must be a positive integer, got {pool_size}")
@@ -73,6 +78,9 @@ class ZoomSE(nn.Module):
         self.act = act_layer(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=True)
         self.gate = gate_layer()
+        if gate_bias is not None:
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.constant_(self.fc2.bias, gate_bias)
         # The fused path hard-codes ReLU and sigmoid; other layers use the reference path.
         self.fused = fused and act_layer is nn.ReLU and gate_layer is nn.Sigmoid
 
@@ -89,7 +97,9 @@ class ZoomSE(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """A residual block followed by its attention module (keys: ``block.*``, ``attn.*``)."""
+    """A residual block followed by its attention module (keys: ``block.*``, ``attn.*``): the gate
+    multiplies the block's *output*, after the residual add and ReLU (our reading of the paper,
+    ``model.zoom_se_placement: output``)."""
 
     def __init__(self, block: nn.Module, attn: nn.Module) -> None:
         super().__init__()
@@ -98,3 +108,19 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn(self.block(x))
+
+
+class ResidualAttnBlock(AttnBlock):
+    """The attention module on the residual *branch*, before the add (SE-Net's place,
+    ``model.zoom_se_placement: residual``): ``relu(attn(branch(x)) + shortcut(x))``. Same keys as
+    ``AttnBlock``; the block is a torchvision ``Bottleneck`` or ``BasicBlock``, whose forward this
+    repeats with the gate inserted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        out = b.relu(b.bn1(b.conv1(x)))
+        out = b.bn2(b.conv2(out))
+        if hasattr(b, "conv3"):  # Bottleneck
+            out = b.bn3(b.conv3(b.relu(out)))
+        identity = x if b.downsample is None else b.downsample(x)
+        return b.relu(self.attn(out) + identity)

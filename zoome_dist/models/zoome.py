@@ -12,9 +12,10 @@ import torchvision
 from torch import nn
 
 from zoome_dist.models.meta_embed import MetaEmbedding
-from zoome_dist.models.zoom_se import AttnBlock, ZoomSE
+from zoome_dist.models.zoom_se import AttnBlock, ResidualAttnBlock, ZoomSE
 
 BACKBONES = ("resnext50_32x4d", "resnet50", "resnet18")
+PLACEMENTS = {"output": AttnBlock, "residual": ResidualAttnBlock}
 
 
 def _block_channels(block: nn.Module) -> int:
@@ -27,15 +28,20 @@ class ZooME(nn.Module):
 
     def __init__(self, backbone: str = "resnext50_32x4d", zoom_se: bool = True, pool_size: int = 4,
                  rd_ratio: float = 1 / 16, meta: bool = True, meta_dim: int = 12, meta_hidden: int = 256,
-                 meta_gate: str = "sigmoid", dropout: float = 0.0) -> None:
+                 meta_gate: str = "sigmoid", dropout: float = 0.0, zoom_se_placement: str = "output",
+                 zoom_se_gate_bias: float | None = None) -> None:
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"Invalid backbone {backbone!r}. Only {list(BACKBONES)} are supported.")
+        if zoom_se_placement not in PLACEMENTS:
+            raise ValueError(f"Invalid zoom_se_placement {zoom_se_placement!r}. Valid: {sorted(PLACEMENTS)}")
         net = getattr(torchvision.models, backbone)(weights=None)
         if zoom_se:
+            wrap = PLACEMENTS[zoom_se_placement]
             for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
                 for i, block in enumerate(stage):
-                    stage[i] = AttnBlock(block, ZoomSE(_block_channels(block), pool_size, rd_ratio))
+                    stage[i] = wrap(block, ZoomSE(_block_channels(block), pool_size, rd_ratio,
+                                                  gate_bias=zoom_se_gate_bias))
         channels = net.fc.in_features
         net.fc = nn.Linear(channels, 1)
         self.backbone = net

@@ -263,7 +263,8 @@ def build_model(cfg: Config) -> nn.Module:
     takes = set(model_options(cfg.model.name))
     defaults = ModelConfig()
     opts = {}
-    for key in ("backbone", "pool_size", "rd_ratio", "meta_hidden", "meta_gate", "dropout"):
+    for key in ("backbone", "pool_size", "rd_ratio", "meta_hidden", "meta_gate", "dropout", "zoom_se_placement",
+                "zoom_se_gate_bias"):
         value = getattr(cfg.model, key)
         if key in takes:
             opts[key] = value
