@@ -2,6 +2,7 @@
 cluster path is in test_ray_cluster.py (real namespace nodes)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import torch
 
 from conftest import cv_args
 
@@ -142,3 +144,45 @@ def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path
     time.sleep(1)
     left = [q for q in psutil.process_iter(["cmdline"]) if any(str(out) in c for c in (q.info["cmdline"] or []))]
     assert not left, [q.info["cmdline"] for q in left]
+
+
+def test_report_has_out_of_fold_threshold_calibration_and_subgroups(cv_sequential):
+    """The report's honest operating point: fold k scored at the threshold of the other folds'
+    out-of-fold predictions; a calibration fit on all of them, stored in each fold's model file."""
+    from zoome_dist.calibration import cross_fit_thresholds
+    from zoome_dist.metrics import youden_threshold
+
+    out = cv_sequential
+    md = (out / "table.md").read_text()
+    assert "ACC@oof" in md and "SE@oof" in md and "ECE" in md
+    rows = pd.read_csv(out / "folds.csv")
+    for variant in ("zoome", "zoome_no_meta"):
+        preds = {f: pd.read_csv(out / variant / f"fold-{f:02d}" / "predictions_last.csv") for f in (0, 1)}
+        expect = cross_fit_thresholds(preds)
+        got = rows[rows["variant"] == variant].set_index("fold")
+        for f in (0, 1):
+            other = preds[1 - f]
+            assert got.loc[f, "threshold_oof"] == pytest.approx(youden_threshold(other["target"], other["prob"]))
+            assert got.loc[f, "sens_oof"] == pytest.approx(expect[f]["sens_oof"])
+        cal = json.loads((out / variant / "calibration.json").read_text())
+        both = pd.concat(preds.values())
+        assert cal["threshold"] == pytest.approx(youden_threshold(both["target"], both["prob"]))
+        assert cal["temperature"] > 0 and cal["select"] == "last"
+        stored = torch.load(out / variant / "fold-00" / "model_last.pt", weights_only=True)["calibration"]
+        assert stored["threshold"] == cal["threshold"] and stored["temperature"] == cal["temperature"]
+    assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| sex |" in (out / "subgroups.md").read_text()
+
+
+def test_paper_comparison_and_expected_time(cv_sequential, shards_dir):
+    from zoome_dist.cv import expected_time
+    from zoome_dist.paper import VARIANTS, comparison_markdown
+
+    rows = pd.read_csv(cv_sequential / "folds.csv")
+    md = comparison_markdown(rows)
+    zoome = next(line for line in md.splitlines() if line.startswith("| zoome |"))
+    auc = 100 * rows[rows["variant"] == "zoome"]["auc"]
+    assert f"{auc.mean():.2f}±{auc.std(ddof=1):.2f} / 92.23±1.69" in zoome and "ACC@oof" in md
+    assert VARIANTS[:3] == ["zoome", "zoome_no_zoomse", "zoome_no_meta"] and len(VARIANTS) == 7
+    text = expected_time(str(shards_dir), list(range(10)), VARIANTS, 20)
+    assert "8 concurrent 1-GPU jobs" in text and " h (" in text

@@ -318,7 +318,7 @@ def no_meta_checkpoint(tmp_path_factory) -> Path:
     cfg = load_config(overrides={"model.name": "zoome_no_meta", "model.backbone": "resnet18", "model.pool_size": 2,
                                  "data.image_size": 48})
     run = tmp_path_factory.mktemp("nometa")
-    save_model(run / "model_best.pt", cfg, build_model(cfg), ENC.to_dict(), 0, {"auc": 0.5})
+    save_model(run / "model_last.pt", cfg, build_model(cfg), ENC.to_dict(), 0, {"auc": 0.5})
     return run
 
 
@@ -339,7 +339,7 @@ def test_predict_on_a_folder_without_csv(no_meta_checkpoint, synth_data, tmp_pat
     assert list(pred["image_name"]) == [f"lesion_{i}" for i in range(7)] and pred["target"].between(0, 1).all()
     assert "warning" not in capsys.readouterr().err  # a model without metadata needs none
     # each image scored alone, from its own bytes, gives the same probability
-    member = load_member(no_meta_checkpoint / "model_best.pt", torch.device("cpu"))
+    member = load_member(no_meta_checkpoint / "model_last.pt", torch.device("cpu"))
     for i in (0, 2):
         one = tmp_path / f"one{i}"
         one.mkdir()

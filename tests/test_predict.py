@@ -24,11 +24,14 @@ ENC = MetadataEncoding()
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A model_best.pt as training writes it (resnet18 ZooME, 48 px, fixed random weights)."""
+    """A run folder's model files as training writes them (resnet18 ZooME, 48 px, fixed random weights;
+    last epoch = best epoch)."""
     torch.manual_seed(0)
     cfg = load_config(overrides={"model.backbone": "resnet18", "model.pool_size": 2, "data.image_size": 48})
     run = tmp_path_factory.mktemp("run")
-    save_model(run / "model_best.pt", cfg, build_model(cfg), ENC.to_dict(), 0, {"auc": 0.5, "threshold": 0.5})
+    model = build_model(cfg)
+    for name in ("model_best.pt", "model_last.pt"):
+        save_model(run / name, cfg, model, ENC.to_dict(), 0, {"auc": 0.5, "threshold": 0.5})
     return run
 
 
@@ -167,7 +170,7 @@ def test_planted_model_best_is_refused(tmp_path, capsys):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
-    torch.save({"config": Payload(), "state_dict": {}, "metadata_encoding": {}}, tmp_path / "model_best.pt")
+    torch.save({"config": Payload(), "state_dict": {}, "metadata_encoding": {}}, tmp_path / "model_last.pt")
     root = write_images(tmp_path / "imgs", 2)
     rc = zoome_main(["predict", "--checkpoint", str(tmp_path), "--csv", str(root / "test.csv"),
                      "--images", str(root), "--out", str(tmp_path / "p.csv")])
@@ -202,3 +205,106 @@ def test_explain_reports_the_probability_predict_writes(checkpoint, tmp_path, ca
     assert sorted(shown) == sorted(pred.index)
     for name, p in shown.items():
         assert p == pytest.approx(pred[name], abs=1e-4), name
+
+
+def test_temperature_scaling_recovers_an_overconfident_model():
+    from zoome_dist.calibration import apply_temperature, fit_temperature
+    from zoome_dist.metrics import ece
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(len(z)) < 1 / (1 + np.exp(-z))).astype(int)
+    p = 1 / (1 + np.exp(-2 * z))  # logits twice too large
+    t = fit_temperature(y, p)
+    assert t == pytest.approx(2.0, rel=0.05)
+    assert ece(y, apply_temperature(p, t)) < 0.3 * ece(y, p)
+
+
+def test_decisions_at_stored_threshold_calibration_selection_and_rank_ensemble(checkpoint, tmp_path, capsys):
+    from zoome_dist.calibration import apply_temperature, stamp_checkpoint
+
+    root = write_images(tmp_path / "imgs", 8)
+    base = ["--csv", str(root / "test.csv"), "--images", str(root)]
+    plain = tmp_path / "plain.csv"
+    assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--out", str(plain), *base]) == 0
+    p = pd.read_csv(plain)["target"].to_numpy()
+    cut = float(np.sort(p)[3] + 1e-9)
+    # a fixed threshold
+    assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "a.csv"),
+                       "--threshold", str(cut), *base]) == 0
+    assert list(pd.read_csv(tmp_path / "a.csv")["decision"]) == list((p >= cut).astype(int))
+    # oof: refused until a CV stored one; then decisions at it, calibrated or not
+    assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b.csv"),
+                       "--threshold", "oof", *base]) == 2
+    assert "no out-of-fold threshold" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    stamp_checkpoint(run / "model_last.pt", {"threshold": cut, "temperature": 1.7})
+    for extra in ([], ["--calibrate"]):
+        out = tmp_path / f"c{len(extra)}.csv"
+        assert zoome_main(["predict", "--checkpoint", str(run), "--out", str(out), "--threshold", "oof",
+                           *extra, *base]) == 0
+        got = pd.read_csv(out)
+        assert list(got["decision"]) == list((p >= cut).astype(int))  # calibration never moves a decision
+        expect = apply_temperature(p, 1.7) if extra else p
+        np.testing.assert_allclose(got["target"], expect, rtol=1e-5, atol=1e-6)
+    assert zoome_main(["predict", "--checkpoint", str(run), "--out", str(tmp_path / "d.csv"), "--threshold", "1.5",
+                       *base]) == 2
+    assert "Invalid --threshold '1.5'" in capsys.readouterr().err
+    # rank averaging of two members: mean of each member's ranks
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    torch.manual_seed(1)
+    cfg = load_config(overrides={"model.backbone": "resnet18", "model.pool_size": 2, "data.image_size": 48})
+    save_model(twin / "model_last.pt", cfg, build_model(cfg), ENC.to_dict(), 0, {})
+    members = [load_member(c / "model_last.pt", torch.device("cpu")) for c in (checkpoint, twin)]
+    singles = [predict([m], root / "test.csv", root)[0]["prob"] for m in members]
+    ranked, _ = predict(members, root / "test.csv", root, ensemble="rank")
+    np.testing.assert_allclose(ranked["prob"], (singles[0].rank(pct=True) + singles[1].rank(pct=True)) / 2)
+    # --select: a run folder with only the best epoch's model says so
+    (run / "model_last.pt").unlink()
+    assert zoome_main(["predict", "--checkpoint", str(run), "--out", str(tmp_path / "e.csv"), *base]) == 2
+    assert "pass --select best" in capsys.readouterr().err
+    assert zoome_main(["predict", "--checkpoint", str(run), "--select", "best", "--out", str(tmp_path / "e.csv"),
+                       *base]) == 0
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
+    """One model and a 2-member ensemble, exported, score real images like ``predict`` does."""
+    import json
+
+    from zoome_dist.calibration import stamp_checkpoint
+
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    torch.manual_seed(1)
+    cfg = load_config(overrides={"model.backbone": "resnet18", "model.pool_size": 2, "data.image_size": 48})
+    save_model(twin / "model_last.pt", cfg, build_model(cfg), ENC.to_dict(), 0, {})
+    stamp_checkpoint(twin / "model_last.pt", {"threshold": 0.3, "temperature": 1.5})
+    root = write_images(tmp_path / "imgs", 5)
+    for ckpts in ([checkpoint], [checkpoint, twin]):
+        out = tmp_path / f"m{len(ckpts)}.{fmt}"
+        args = [x for c in ckpts for x in ("--checkpoint", str(c))]
+        assert zoome_main(["export", *args, "--format", fmt, "--out", str(out)]) == 0
+        info = json.loads(out.with_name(out.name + ".json").read_text())
+        assert info["image_size"] == 48 and info["max_abs_diff_vs_pytorch"] <= 1e-4
+        members = [load_member(next(Path(c).glob("model_last.pt")), torch.device("cpu")) for c in ckpts]
+        expect, _ = predict(members, root / "test.csv", root)
+        images = np.stack([np.asarray(Image.open(root / f"{n}.jpg").convert("RGB").resize((48, 48), Image.BILINEAR),
+                                      dtype=np.float32) / 255 for n in expect["image_name"]]).transpose(0, 3, 1, 2)
+        from zoome_dist.predict import read_test_csv
+
+        _, meta, _ = read_test_csv(root / "test.csv", ENC)
+        if fmt == "onnx":
+            import onnxruntime
+
+            got = onnxruntime.InferenceSession(str(out)).run(None, {"image": images, "metadata": meta})[0]
+        else:
+            got = torch.jit.load(str(out))(torch.from_numpy(images), torch.from_numpy(meta)).numpy()
+        # the same images through our own resize give the exported graph's inputs (antialiased
+        # bilinear in both): probabilities agree closely, not bit for bit
+        np.testing.assert_allclose(got, expect["prob"], atol=2e-3)
+    with pytest.raises(ValueError, match="no out-of-fold temperature"):
+        from zoome_dist.export import export
+        export([load_member(checkpoint / "model_last.pt", torch.device("cpu"))], fmt, tmp_path / "x", calibrate=True)

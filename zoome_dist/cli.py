@@ -1,4 +1,4 @@
-"""``zoome train | cv | tune | predict | explain | score``.
+"""``zoome train | cv | tune | predict | explain | export | score``.
 
     zoome train   --config launchers/configs/zoome.yaml --shards data/shards --fold 0 --out runs/f0
     zoome cv      --config launchers/configs/zoome.yaml --shards data/shards --folds 0-9 --out runs/cv
@@ -7,6 +7,7 @@
     zoome predict --checkpoint runs/cv/zoome --csv test.csv --images jpeg/test --out pred.csv --tta 8
     zoome predict --checkpoint runs/cv/zoome --images new-images/ --out pred.csv    # a folder, no CSV
     zoome explain --checkpoint runs/cv/zoome/fold-00 --image lesion.jpg --meta age=55,sex=male,site=torso --out why.png
+    zoome export  --checkpoint runs/cv/zoome --format onnx --out zoome.onnx     # the fold ensemble, one file
     zoome score   --truth truth.csv --pred pred.csv
 """
 from __future__ import annotations
@@ -87,10 +88,11 @@ def _predict(a: argparse.Namespace) -> int:
     out = Path(a.out)
     check_writable(out)  # before the inference, not after it
     _, dev = torch_device(a.device)
-    members = [load_member(p, dev) for p in find_checkpoints(a.checkpoint)]
+    members = [load_member(p, dev) for p in find_checkpoints(a.checkpoint, a.select)]
     print(f"ensemble of {len(members)} checkpoint(s), TTA {a.tta} view(s)", file=sys.stderr)
     pred, problems = predict(members, a.csv, a.images, tta=a.tta, batch_size=a.batch_size, device=a.device,
-                             loader=a.loader, threads=a.threads, progress=not a.no_progress)
+                             loader=a.loader, threads=a.threads, progress=not a.no_progress, ensemble=a.ensemble,
+                             calibrate=a.calibrate, threshold=a.threshold)
     if a.format == "isic":
         pred = pred.rename(columns={"image_name": "image", "prob": "MEL"})
     else:
@@ -106,6 +108,21 @@ def _predict(a: argparse.Namespace) -> int:
         side.unlink()
     print(f"wrote {len(pred)} prediction(s) to {out}", file=sys.stderr)
     return 1 if problems and pred.empty else 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    import torch
+
+    from zoome_dist.export import export
+    from zoome_dist.predict import find_checkpoints, load_member
+
+    out = Path(a.out)
+    check_writable(out)
+    members = [load_member(p, torch.device("cpu")) for p in find_checkpoints(a.checkpoint, a.select)]
+    info = export(members, a.format, out, calibrate=a.calibrate)
+    print(f"wrote {out} ({a.format}, {len(members)} member(s), {info['image_size']} px; outputs within "
+          f"{info['max_abs_diff_vs_pytorch']:.1e} of PyTorch) and {out.name}.json", file=sys.stderr)
+    return 0
 
 
 def _parse_meta(spec: str) -> dict:
@@ -134,7 +151,7 @@ def _explain(a: argparse.Namespace) -> int:
     from zoome_dist.explain import explain, render
     from zoome_dist.predict import find_checkpoints, image_batches, load_member, read_test_csv, torch_device
 
-    paths = find_checkpoints([a.checkpoint])
+    paths = find_checkpoints([a.checkpoint], a.select)
     if len(paths) != 1:
         raise ValueError(f"explain takes one checkpoint; {a.checkpoint} holds {len(paths)}")
     _, dev = torch_device(a.device)
@@ -188,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return tune_main(argv[1:])
     from zoome_dist.pipeline import DEVICES, LOADERS
+    from zoome_dist.predict import ENSEMBLES
+    from zoome_dist.rundir import SELECT
 
     p = argparse.ArgumentParser(prog="zoome", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,11 +230,28 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--loader", default=LOADERS[0], choices=LOADERS, help="image decoding")
     pr.add_argument("--threads", type=int, default=2)
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--select", choices=SELECT, default="last",
+                    help="each run's last epoch (model_last.pt) or its best-AUC epoch (model_best.pt), as zoome cv")
+    pr.add_argument("--ensemble", choices=ENSEMBLES, default="mean",
+                    help="average the members' probabilities, or their ranks over the scored images")
+    pr.add_argument("--calibrate", action="store_true",
+                    help="apply each member's out-of-fold temperature (stored by zoome cv)")
+    pr.add_argument("--threshold", help="add a decision column: 'oof' (the out-of-fold threshold zoome cv stored) "
+                                        "or a probability, e.g. 0.5")
     pr.add_argument("--format", choices=["kaggle", "isic"], default="kaggle",
                     help="kaggle: image_name,target (zoome score); isic: image,MEL (isic-challenge-scoring)")
+    xp = sub.add_parser("export", help="one model or a fold ensemble → TorchScript / ONNX (image + metadata in, "
+                                       "probability out)", formatter_class=HelpFormatter)
+    xp.add_argument("--checkpoint", action="append", required=True,
+                    help="model file, run folder or folder of runs (all become one ensemble); repeatable")
+    xp.add_argument("--format", choices=["torchscript", "onnx"], required=True)
+    xp.add_argument("--out", required=True, help="the file to write (FILE.json describes its inputs)")
+    xp.add_argument("--select", choices=SELECT, default="last", help="as zoome predict")
+    xp.add_argument("--calibrate", action="store_true", help="bake in each member's out-of-fold temperature")
     ex = sub.add_parser("explain", help="Grad-CAM, Zoom-SE cells and metadata effect as a PNG report",
                         formatter_class=HelpFormatter)
     ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--select", choices=SELECT, default="last", help="as zoome predict")
     ex.add_argument("--image", action="append", default=[], help="image file; repeatable")
     ex.add_argument("--meta", default="", help="for --image: age=55,sex=male,site=torso (missing = unknown)")
     ex.add_argument("--csv", help="a batch: ISIC test CSV (with --images)")
@@ -236,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(a)
         if a.cmd == "explain":
             return _explain(a)
+        if a.cmd == "export":
+            return _export(a)
         m = score(a.truth, a.pred)
     except USER_ERRORS as e:
         return error(f"zoome {a.cmd}", e)

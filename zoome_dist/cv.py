@@ -16,19 +16,25 @@ run again, so re-running the same command resumes a CV. CPU: ranks are CPU proce
 Then OUT/table.md and OUT/table.csv (mean ± std over folds; AUC per source where the shards hold several),
 OUT/folds.csv (per-fold rows), OUT/subgroups.md/.csv (pooled out-of-fold AUC per source, sex, age band,
 site, Fitzpatrick type, with counts), OUT/roc.png (pooled out-of-fold ROC), OUT/curves.png (every job's
-training curves). ``--select last`` (default) reports each fold's final epoch;
+training curves), OUT/calibration.png (reliability diagram, ECE). Metrics are reported at 0.5, at each
+epoch's training-set Youden threshold (optimistic) and at an out-of-fold threshold (``@oof``: fold k
+at the Youden threshold of the other folds' out-of-fold predictions). OUT/<variant>/calibration.json
+holds the threshold and temperature fitted on all pooled out-of-fold predictions; they are also
+stored in each fold's model file (model_last.pt, or model_best.pt with --select best) for ``zoome
+predict --threshold oof --calibrate``. ``--select last`` (default) reports each fold's final epoch;
 ``best`` reports its best-AUC epoch, which is selected on the fold being scored and therefore optimistic.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
-from zoome_dist.rundir import RunDir
+from zoome_dist.rundir import SELECT, RunDir
 
 
 def fold_dir(out: Path, variant: str, fold: int) -> Path:
@@ -49,7 +55,7 @@ def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="zoome cv", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config")
+    p.add_argument("--config", help="default: the config file's defaults (with --paper: launchers/configs/zoome.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--shards", required=True)
     p.add_argument("--folds", default="0-9")
@@ -70,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hostfile", help="one multi-node data-parallel job at a time: DeepSpeed hostfile "
                                       "(with --master-addr)")
     p.add_argument("--master-addr", help="with --hostfile: the first node's address, as the others reach it")
-    p.add_argument("--select", choices=["last", "best"], default="last")
+    p.add_argument("--paper", action="store_true",
+                   help="reproduce the paper: Table I and II variants (unless --variants), the paper's recipe (unless "
+                        "--config), the expected run time first and OUT/paper.md (ours beside the paper's) last")
+    p.add_argument("--select", choices=SELECT, default="last",
+                   help="the epoch each fold reports (and whose model the calibration is stored in)")
     a = p.parse_args(argv)
 
     from zoome_dist.config import apply_overrides, load_config, parse_set
@@ -79,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     from zoome_dist.models import MODELS
     from zoome_dist.train.engine import accelerator, validate
 
+    from zoome_dist import paper
+
+    if a.paper:
+        a.config = a.config or str(Path(__file__).resolve().parents[1] / paper.CONFIG)
+        a.variants = a.variants or ",".join(paper.VARIANTS)
     try:
         cfg = load_config(a.config, parse_set(a.set))
         folds = parse_folds(a.folds)
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in variants for fold in folds]
         res = Resources(ranks=a.ranks, cpus=a.cpus_per_job, hostfile=a.hostfile, master_addr=a.master_addr)
         print(f"== {len(jobs)} job(s), {sum(j.done for j in jobs)} finished before", flush=True)
+        if a.paper:
+            print(expected_time(a.shards, folds, variants, cfg.train.epochs), flush=True)
         failed = (run_ray(jobs, res, a.ray_address, a.max_retries) if a.ray_address
                   else run_local(jobs, res, a.jobs, a.max_retries, gpu=accelerator() == "cuda"))
         if failed:
@@ -130,25 +147,50 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, KeyError) as e:  # KeyError: a run folder's summary without what it should hold
         return error("zoome cv", e)
     print(f"\n{len(folds)}-fold CV ({a.select} epoch), % mean ± std:\n{md}")
+    if a.paper:
+        cmp = paper.comparison_markdown(pd.read_csv(out / "folds.csv"))
+        (out / "paper.md").write_text(cmp)
+        print(f"ours beside the paper's (%):\n{cmp}")
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'folds.csv'}, {out / 'subgroups.md'}, "
-          f"{out / 'roc.png'}, {out / 'curves.png'}")
+          f"{out / 'roc.png'}, {out / 'calibration.png'}, {out / 'curves.png'}")
     return 0
+
+
+def expected_time(shards: str, folds: list[int], variants: list[str], epochs: int) -> str:
+    """The run time of this CV per cluster shape, projected from the H200 figures (BENCHMARKS.md)."""
+    from zoome_dist.bench.cv import project
+
+    images = json.loads((Path(shards) / "manifest.json").read_text())["totals"]["samples"]
+    rows = project(images=images, folds=len(folds), variants=len(variants), epochs=epochs)
+    return "expected run time on GPUs (projection, BENCHMARKS.md):\n" + "\n".join(
+        f"  {r['shape']}: {r['hours']} h ({r['job_min']} min per job)" for r in rows)
 
 
 def report(out: Path, variants: list[str], folds: list[int], select: str) -> str:
     """The CV's tables, ROC and curves from its finished run folders; returns the markdown table."""
+    from zoome_dist.calibration import cross_fit_thresholds, fit, plot_reliability, stamp_checkpoint
     from zoome_dist.report import fold_rows, plot_curves, plot_roc, pooled, table_markdown
     from zoome_dist.subgroups import auc_by_source, subgroup_markdown, subgroup_metrics
 
     rows, preds, curves = [], {v: [] for v in variants}, {}
     for variant in variants:
+        fold_preds = {}
         for fold in folds:
             run = RunDir(fold_dir(out, variant, fold))
-            fold_preds = pd.read_csv(run.predictions(select), keep_default_na=False, na_values=[""])
-            rows.append({**fold_rows(variant, fold, run.fold_metrics(select)),
-                         **{f"auc:{src}": auc for src, auc in auc_by_source(fold_preds).items()}})
-            preds[variant].append(fold_preds)
+            fold_preds[fold] = pd.read_csv(run.predictions(select), keep_default_na=False, na_values=[""])
             curves[f"{variant} fold {fold}"] = run.read_metrics()
+        honest = cross_fit_thresholds(fold_preds)
+        for fold, df in fold_preds.items():
+            rows.append({**fold_rows(variant, fold, RunDir(fold_dir(out, variant, fold)).fold_metrics(select)),
+                         **honest.get(fold, {}), **{f"auc:{src}": auc for src, auc in auc_by_source(df).items()}})
+        preds[variant] = list(fold_preds.values())
+        calibration = {**fit(pooled(preds[variant])), "select": select, "folds": folds,
+                       "fit_on": f"pooled out-of-fold predictions of {len(folds)} fold(s), {select} epoch"}
+        (out / variant / "calibration.json").write_text(json.dumps(calibration, indent=1))
+        for fold in folds:
+            model = RunDir(fold_dir(out, variant, fold)).model(select)
+            if model.is_file():
+                stamp_checkpoint(model, calibration)
     table = pd.DataFrame(rows)
     table.to_csv(out / "folds.csv", index=False)
     md = table_markdown(table)
@@ -158,6 +200,7 @@ def report(out: Path, variants: list[str], folds: list[int], select: str) -> str
     summary_rows.to_csv(out / "table.csv")
     pooled_preds = {v: pooled(ps) for v, ps in preds.items()}
     plot_roc(pooled_preds, out / "roc.png")
+    plot_reliability(pooled_preds, out / "calibration.png")
     plot_curves(curves, out / "curves.png")
     groups = {v: subgroup_metrics(p) for v, p in pooled_preds.items()}
     pd.concat([g.assign(variant=v) for v, g in groups.items()]).to_csv(out / "subgroups.csv", index=False)

@@ -5,7 +5,9 @@
 - sensitivity at 80/90/95% specificity (best TPR with FPR ≤ 1 − spec);
 - ISIC partial AUC above 80% sensitivity: raw area under the ROC from the interpolated FPR where TPR
   reaches 0.8 up to FPR 1 (no McClish correction; a perfect ranking scores 1.0);
-- average precision.
+- average precision;
+- expected calibration error (``ece``): 15 equal-width probability bins, Σ (bin share × |mean prob −
+  positive rate|).
 """
 from __future__ import annotations
 
@@ -57,6 +59,17 @@ def partial_auc_above_sens(fpr: np.ndarray, tpr: np.ndarray, min_sens: float = 0
     return float(np.trapezoid(ys, xs))
 
 
+def ece(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error over ``bins`` equal-width bins of ``p``."""
+    y, p = _check(y, p)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(idx):
+        m = idx == b
+        total += m.mean() * abs(p[m].mean() - y[m].mean())
+    return float(total)
+
+
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None = None) -> dict[str, float]:
     """Every metric we report; ``threshold`` (fit elsewhere on training data) adds ``*_t`` entries."""
     y, p = _check(y, p)
@@ -66,7 +79,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None = None)
     fpr, tpr, _ = roc_curve(y, p)
     out = {"n": int(len(y)), "positives": int(y.sum()), "auc": float(roc_auc_score(y, p)),
            "ap": float(average_precision_score(y, p)),
-           "pauc_sens80": partial_auc_above_sens(fpr, tpr, 0.8)}
+           "pauc_sens80": partial_auc_above_sens(fpr, tpr, 0.8), "ece": ece(y, p)}
     out.update(at_threshold(y, p > 0.5))
     for s in (80, 90, 95):
         out[f"sens_at_spec{s}"] = sens_at_spec(fpr, tpr, s / 100)

@@ -6,6 +6,7 @@ image resized to the training ``image_size``), decoded by DALI where it imports.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,14 @@ from zoome_dist.data.isic import check_image_name, parse_age, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import ARCHIVE_CSV, IMAGE_EXTS, FolderImages
 from zoome_dist.pipeline import LOADERS, resolve_device
-from zoome_dist.rundir import MODEL_BEST, RunDir
+from zoome_dist.calibration import apply_temperature
+from zoome_dist.rundir import MODEL_BEST, MODEL_LAST, SELECT, RunDir
 from zoome_dist.safe_load import safe_load
 from zoome_dist.train.engine import build_model
 
 TEST_COLUMNS = ("image_name", "sex", "age_approx", "anatom_site_general_challenge")
 TTA_VIEWS = (1, 2, 8)
+ENSEMBLES = ("mean", "rank")
 
 
 @dataclass
@@ -37,20 +40,28 @@ class Member:
     cfg: Config
     encoding: MetadataEncoding
     metrics: dict  # the saved epoch's validation metrics (``threshold`` among them)
+    calibration: dict  # out-of-fold threshold and temperature stored by ``zoome cv`` (empty before)
 
 
-def find_checkpoints(paths: list[str]) -> list[Path]:
-    """Each path: a ``model_best.pt``, a run folder holding one, or a folder of runs (e.g. a CV)."""
+def find_checkpoints(paths: list[str], select: str = "last") -> list[Path]:
+    """Each path: a model file, a run folder holding one, or a folder of runs (e.g. a CV); ``select``
+    picks the last epoch's weights (``model_last.pt``, the CV report's default) or the best epoch's."""
+    if select not in SELECT:
+        raise ValueError(f"Invalid --select {select!r}. Valid: {list(SELECT)}")
+    name = MODEL_LAST if select == "last" else MODEL_BEST
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_file():
             found.append(p)
-        elif RunDir(p).model_best.is_file():
-            found.append(RunDir(p).model_best)
-        elif p.is_dir() and sorted(p.rglob(MODEL_BEST)):
-            found += sorted(p.rglob(MODEL_BEST))
+        elif RunDir(p).model(select).is_file():
+            found.append(RunDir(p).model(select))
+        elif p.is_dir() and sorted(p.rglob(name)):
+            found += sorted(p.rglob(name))
         else:
-            raise FileNotFoundError(f"no checkpoint at {p}: expected {MODEL_BEST}, a run folder or a CV folder")
+            other = MODEL_BEST if select == "last" else MODEL_LAST
+            has_other = p.is_dir() and ((p / other).is_file() or any(p.rglob(other)))
+            hint = f"; it has {other}: pass --select {'best' if select == 'last' else 'last'}" if has_other else ""
+            raise FileNotFoundError(f"no checkpoint at {p}: expected {name}, a run folder or a CV folder{hint}")
     return found
 
 
@@ -67,7 +78,31 @@ def load_member(path: Path, device: torch.device) -> Member:
     model = build_model(cfg)
     model.load_state_dict(state["state_dict"], strict=True)
     return Member(path, model.to(device).eval(), cfg, MetadataEncoding.from_dict(state["metadata_encoding"]),
-                  dict(state.get("metrics") or {}))
+                  dict(state.get("metrics") or {}), dict(state.get("calibration") or {}))
+
+
+def decision_threshold(members: list[Member], threshold: str | None) -> float | None:
+    """``--threshold``: ``oof`` (the out-of-fold threshold ``zoome cv`` stored in the members), or a
+    probability such as ``0.5``; None: no decision column."""
+    if threshold is None:
+        return None
+    if threshold == "oof":
+        values = {m.calibration.get("threshold") for m in members}
+        if None in values:
+            missing = [str(m.path) for m in members if "threshold" not in m.calibration][:3]
+            raise ValueError(f"--threshold oof: no out-of-fold threshold in {missing} (it is stored by the CV "
+                             "report: run `zoome cv` over the folds, or give --threshold VALUE)")
+        if len(values) > 1:
+            raise ValueError(f"--threshold oof: the members carry different out-of-fold thresholds {sorted(values)} "
+                             "(models of different variants?); score one variant at a time")
+        return values.pop()
+    try:
+        value = float(threshold)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise ValueError(f"Invalid --threshold {threshold!r}: 'oof' or a probability in (0, 1), e.g. 0.5")
+    return value
 
 
 def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
@@ -223,11 +258,24 @@ def _torch_images(files: list[str], image_size: int, batch: int, device: torch.d
 
 @torch.no_grad()
 def predict(members: list[Member], csv: str | Path | None, images: str | Path, tta: int = 1, batch_size: int = 32,
-            device: str = "auto", loader: str = LOADERS[0], threads: int = 2, progress: bool = False
+            device: str = "auto", loader: str = LOADERS[0], threads: int = 2, progress: bool = False,
+            ensemble: str = "mean", calibrate: bool = False, threshold: str | None = None
             ) -> tuple[pd.DataFrame, list[dict]]:
     """``(predictions, problems)``: one row per scorable input image in input order (``image_name``,
     ``prob`` = mean over members and views), and every image that could not be scored with why.
-    ``csv`` None: every image of the folder (``read_image_folder``)."""
+    ``csv`` None: every image of the folder (``read_image_folder``). ``ensemble``: ``mean`` of the members'
+    probabilities, or ``rank`` (each member's probabilities turned into ranks in [0, 1] over these images,
+    averaged: what the SIIM-ISIC 2020 winners used; a score for ordering, not a probability).
+    ``calibrate``: each member's probabilities through its out-of-fold temperature first. ``threshold``:
+    add a ``decision`` column (``decision_threshold``; with ``calibrate`` the threshold is mapped
+    through the same temperature, so decisions do not change)."""
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"Invalid --ensemble {ensemble!r}. Valid: {list(ENSEMBLES)}")
+    if calibrate and any("temperature" not in m.calibration for m in members):
+        raise ValueError("--calibrate: a member has no out-of-fold temperature (stored by the `zoome cv` report)")
+    cut = decision_threshold(members, threshold)
+    if cut is not None and ensemble == "rank" and len(members) > 1:
+        raise ValueError("--threshold applies to probabilities; --ensemble rank averages ranks: use --ensemble mean")
     if not members:
         raise ValueError("no checkpoint given")
     enc, size = members[0].encoding, members[0].cfg.data.image_size
@@ -256,7 +304,7 @@ def predict(members: list[Member], csv: str | Path | None, images: str | Path, t
             keep.append(i)
             paths.append(str(path))
     _, dev = torch_device(device)
-    probs = np.zeros(len(keep))
+    probs = np.zeros((len(members), len(keep)))
     if paths:
         batches = image_batches(paths, size, batch_size, device, loader, threads)
         meta_t = torch.from_numpy(meta[keep])
@@ -264,12 +312,20 @@ def predict(members: list[Member], csv: str | Path | None, images: str | Path, t
         for idx, image in batches:
             image = image.to(dev)
             m = meta_t[idx].to(dev)
-            total = torch.zeros(len(idx), device=dev)
-            for member in members:
+            for k, member in enumerate(members):
+                total = torch.zeros(len(idx), device=dev)
                 for view in tta_views(image, tta):
                     total += torch.sigmoid(member.model(view.contiguous(), m).float())
-            probs[idx] = (total / (len(members) * tta)).cpu().numpy()
+                probs[k, idx] = (total / tta).cpu().numpy()
             bar.update(len(idx))
         bar.close()
-    out = pd.DataFrame({"image_name": df["image_name"].iloc[keep].to_numpy(), "prob": probs})
+    if calibrate:
+        probs = np.stack([apply_temperature(p, m.calibration["temperature"]) for p, m in zip(probs, members)])
+        if cut is not None:
+            cut = float(np.mean([apply_temperature(np.array([cut]), m.calibration["temperature"])[0] for m in members]))
+    if ensemble == "rank" and probs.shape[1] > 1:
+        probs = np.stack([pd.Series(p).rank(pct=True).to_numpy() for p in probs])
+    out = pd.DataFrame({"image_name": df["image_name"].iloc[keep].to_numpy(), "prob": probs.mean(0)})
+    if cut is not None:
+        out["decision"] = (out["prob"] >= cut).astype(int)
     return out, problems

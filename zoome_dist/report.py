@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 
 COLUMNS = [("acc", "ACC"), ("sens", "SE"), ("spec", "SP"), ("auc", "AUC")]
-EXTRA = [("acc_t", "ACC@t"), ("sens_t", "SE@t"), ("spec_t", "SP@t"), ("sens_at_spec90", "SE@SP90"),
-         ("pauc_sens80", "pAUC@SE80")]
+EXTRA = [("acc_oof", "ACC@oof"), ("sens_oof", "SE@oof"), ("spec_oof", "SP@oof"),
+         ("acc_t", "ACC@t"), ("sens_t", "SE@t"), ("spec_t", "SP@t"), ("sens_at_spec90", "SE@SP90"),
+         ("pauc_sens80", "pAUC@SE80"), ("ece", "ECE")]
 
 
 def table_markdown(folds: pd.DataFrame) -> str:

@@ -10,7 +10,9 @@ this type, so a file's name lives here and nowhere else.
     curves.png             training loss, validation AUC and lr per epoch (redrawn every epoch)
     predictions.csv        out-of-fold probabilities of the best epoch; predictions_last.csv: the last
     subgroups.csv          the last epoch's AUC per source, sex, age band, site (Fitzpatrick type), with counts
-    model_best.pt          best epoch's weights + config + metadata encoding (``zoome predict``)
+    model_best.pt          best epoch's weights + config + metadata encoding (``zoome predict --select best``);
+                           model_last.pt: the last epoch's (``--select last``, the default); ``zoome cv``
+                           adds its out-of-fold threshold and temperature to them (``calibration``)
     best.json              the best epoch, its checkpoint tag and metrics
     summary.json           written last: the run finished
     checkpoints/latest     names the newest DeepSpeed checkpoint checkpoints/stepNNNNNNN/
@@ -26,6 +28,13 @@ from pathlib import Path
 
 
 MODEL_BEST = "model_best.pt"  # also what ``zoome predict`` looks for under a folder of runs
+MODEL_LAST = "model_last.pt"
+SELECT = ("last", "best")  # epoch-selection rule of the CV report and ``zoome predict``
+
+
+def _check_select(select: str) -> None:
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {list(SELECT)}, got {select!r}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,13 @@ class RunDir:
 
     def predictions(self, select: str = "best") -> Path:
         """Out-of-fold probabilities of the ``best`` or the ``last`` epoch."""
-        if select not in ("best", "last"):
-            raise ValueError(f"select must be 'best' or 'last', got {select!r}")
+        _check_select(select)
         return self.path / ("predictions.csv" if select == "best" else "predictions_last.csv")
+
+    def model(self, select: str) -> Path:
+        """The weights of the ``best`` or the ``last`` epoch."""
+        _check_select(select)
+        return self.path / (MODEL_BEST if select == "best" else MODEL_LAST)
 
     def rank_log(self, rank: int) -> Path:
         return self.path / f"rank{rank}.log"

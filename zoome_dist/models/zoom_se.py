@@ -59,6 +59,25 @@ class _ZoomGate(torch.autograd.Function):
         return dx, None, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
 
 
+class SlicedAdaptiveMaxPool2d(nn.Module):
+    """``AdaptiveMaxPool2d(P)`` as P×P explicit window maxima (PyTorch's window bounds): the same numbers,
+    built from slicing and ``amax`` only, which ONNX can express (it has no adaptive max pool). For
+    export, where feature-map sizes are fixed."""
+
+    def __init__(self, output_size: int) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, (h, w) = self.output_size, x.shape[-2:]
+        rows = []
+        for i in range(p):
+            r0, r1 = (i * h) // p, -(-(i + 1) * h // p)
+            rows.append(torch.stack([x[..., r0:r1, (j * w) // p:-(-(j + 1) * w // p)].amax((-2, -1))
+                                     for j in range(p)], -1))
+        return torch.stack(rows, -2)
+
+
 class ZoomSE(nn.Module):
     """``gate_bias``: None keeps PyTorch's initialisation (gates ≈ 0.5 at start); a value zeroes the
     second layer's weights and sets its bias, so every gate starts at ``sigmoid(gate_bias)`` for every

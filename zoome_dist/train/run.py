@@ -188,8 +188,8 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
 
 def save_model(path: Path, cfg: Config, model: torch.nn.Module, metadata_encoding: dict, epoch: int,
                metrics: dict) -> None:
-    """``model_best.pt``: weights, the config that builds them and the metadata encoding (what
-    ``zoome predict`` needs); plain tensors and dicts, loadable with ``weights_only=True``."""
+    """``model_best.pt`` / ``model_last.pt``: weights, the config that builds them and the metadata
+    encoding (what ``zoome predict`` needs); plain tensors and dicts, loadable with ``weights_only=True``."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"config": cfg.to_dict(), "metadata_encoding": metadata_encoding,
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -392,6 +392,7 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
                                          for k, v in val.items() if isinstance(v, float)])
         _write_csv(t.run.predictions("last"), preds)
         _write_csv(t.run.subgroups, subgroup_metrics(preds))
+        save_model(t.run.model("last"), cfg, engine.module, t.manifest["metadata_encoding"], epoch, val)
         if is_best:
             _write_best(t.run, cfg, engine, t.manifest, t.folds_table, state["best"], sids, probs)
         log.info(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "

@@ -1,0 +1,114 @@
+"""``zoome export``: one model or a fold ensemble → one TorchScript or ONNX file for deployment.
+
+The exported graph takes ``image`` (B, 3, S, S) float32 RGB in [0, 1] at the training size S (resized
+as ``zoome predict`` does: the whole image to S×S) and ``metadata`` (B, dim) float32, the vector of
+the checkpoint's metadata encoding, and returns ``prob`` (B,): the mean over members of P(melanoma)
+(through each member's out-of-fold temperature with ``--calibrate``). ImageNet normalisation is
+inside the graph. ``FILE.json`` beside it says all of that (size, encoding, threshold, members).
+Zoom-SE runs its reference path with the adaptive max pool as explicit window maxima (ONNX has no
+adaptive max pool); the outputs are checked against PyTorch before the file is kept.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from zoome_dist.calibration import apply_temperature
+from zoome_dist.models.zoom_se import SlicedAdaptiveMaxPool2d, ZoomSE
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from zoome_dist.predict import Member
+
+FORMATS = ("torchscript", "onnx")
+
+
+class Ensemble(nn.Module):
+    """``(image in [0, 1], metadata) → mean P(melanoma)`` of ``models``, each logit divided by its
+    temperature first."""
+
+    def __init__(self, models: list[nn.Module], temperatures: list[float]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("temperature", torch.tensor(temperatures, dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        x = (image - self.mean) / self.std
+        probs = [torch.sigmoid(m(x, metadata) / self.temperature[k]) for k, m in enumerate(self.models)]
+        return torch.stack(probs, 0).mean(0)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """The model with every Zoom-SE on its reference path and an explicit adaptive max pool."""
+    for mod in model.modules():
+        if isinstance(mod, ZoomSE):
+            mod.fused = False
+            mod.pool = SlicedAdaptiveMaxPool2d(mod.pool_size)
+    return model.float().to(memory_format=torch.contiguous_format).eval()
+
+
+def build_ensemble(members: list[Member], calibrate: bool = False) -> Ensemble:
+    if not members:
+        raise ValueError("no checkpoint given")
+    first = members[0]
+    for m in members[1:]:
+        if m.encoding != first.encoding or m.cfg.data.image_size != first.cfg.data.image_size:
+            raise ValueError(f"{m.path}: ensemble members must share the metadata encoding and image size")
+    if calibrate and any("temperature" not in m.calibration for m in members):
+        raise ValueError("--calibrate: a member has no out-of-fold temperature (stored by the `zoome cv` report)")
+    temps = [float(m.calibration["temperature"]) if calibrate else 1.0 for m in members]
+    net = Ensemble([exportable(m.model.cpu()) for m in members], temps).eval()
+    return net.requires_grad_(False)  # an inference graph: no autograd in the exported file
+
+
+def export(members: list[Member], fmt: str, out: Path, calibrate: bool = False, batch: int = 2) -> dict:
+    """Write ``out`` (+ ``out.json``) and return the description; raises if the exported file's outputs
+    differ from PyTorch's by more than 1e-4 on random inputs."""
+    if fmt not in FORMATS:
+        raise ValueError(f"Invalid --format {fmt!r}. Valid: {list(FORMATS)}")
+    net = build_ensemble(members, calibrate)
+    size, enc = members[0].cfg.data.image_size, members[0].encoding
+    gen = torch.Generator().manual_seed(0)
+    example = (torch.rand(batch, 3, size, size, generator=gen), torch.rand(batch, enc.dim, generator=gen))
+    check = (torch.rand(batch + 1, 3, size, size, generator=gen), torch.rand(batch + 1, enc.dim, generator=gen))
+    with torch.no_grad():
+        expect = net(*check).numpy()
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice, tracer notes on fixed shapes
+        if fmt == "torchscript":
+            with torch.no_grad():
+                traced = torch.jit.trace(net, example)
+            traced.save(str(tmp))
+            got = torch.jit.load(str(tmp))(*check).detach().numpy()
+        else:
+            import onnxruntime
+
+            torch.onnx.export(net, example, str(tmp), input_names=["image", "metadata"], output_names=["prob"],
+                              dynamic_shapes={"image": {0: "batch"}, "metadata": {0: "batch"}}, dynamo=True,
+                              verbose=False)
+            session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            got = session.run(None, {"image": check[0].numpy(), "metadata": check[1].numpy()})[0]
+    err = float(np.abs(got - expect).max())
+    if not err <= 1e-4:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"exported {fmt} model differs from PyTorch by {err:.3g} (> 1e-4); nothing written")
+    tmp.replace(out)
+    thresholds = {m.calibration.get("threshold") for m in members}
+    info = {"format": fmt, "file": out.name, "members": [str(m.path) for m in members],
+            "inputs": {"image": f"float32 (B, 3, {size}, {size}) RGB in [0, 1], the whole image resized",
+                       "metadata": f"float32 (B, {enc.dim}): {enc.names}"},
+            "output": "prob: float32 (B,), mean P(melanoma) over members", "image_size": size,
+            "normalisation": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "inside_graph": True},
+            "metadata_encoding": enc.to_dict(), "calibrated": calibrate,
+            "threshold": thresholds.pop() if len(thresholds) == 1 else None, "max_abs_diff_vs_pytorch": err}
+    if calibrate and info["threshold"] is not None:  # the stored threshold is on uncalibrated probabilities
+        info["threshold"] = float(np.mean([apply_temperature(np.array([info["threshold"]]),
+                                                             m.calibration["temperature"])[0] for m in members]))
+    out.with_name(out.name + ".json").write_text(json.dumps(info, indent=1))
+    return info
