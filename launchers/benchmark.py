@@ -73,11 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--img-s-micro8", type=float, default=179.0,
                    help="1-GPU img/s at micro 8 (BENCHMARKS.md: 179 on an H200, model only)")
     c.add_argument("--startup-s", type=float, default=30.0, help="fixed cost of one GPU job, seconds")
+    me = sub.add_parser("meta", help="does the metadata path learn: metadata-only synthetic data, logistic oracle "
+                                     "vs zoome fusions vs zoome_no_meta")
+    me.add_argument("--n", type=int, default=800, help="synthetic images")
+    me.add_argument("--size", type=int, default=64, help="image side (px), also the training size")
+    me.add_argument("--epochs", type=int, default=8)
+    me.add_argument("--ranks", type=int, default=2)
     g = sub.add_parser("gpu", help="the one-GPU check: gpu tests + every GPU figure, JSON + markdown")
     g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
     g.add_argument("--n", type=int, default=1536, help="synthetic 1024 px images")
     g.add_argument("--no-tests", action="store_true", help="skip the gpu-marked tests")
-    for q in (s, m, d, t, pr, c, g):
+    for q in (s, m, d, t, pr, c, me, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if a.what == "gpu":
@@ -87,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         from zoome_dist.bench.gpu import bench_gpu
 
         r = bench_gpu(a.out, a.n, tests=not a.no_tests)
+    elif a.what == "meta":
+        from zoome_dist.bench.meta import bench_meta
+
+        r = bench_meta(a.n, a.size, a.epochs, ranks=a.ranks)
     elif a.what == "cv":
         from zoome_dist.bench.cv import bench_cv
 

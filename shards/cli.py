@@ -21,6 +21,7 @@ import sys
 
 from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, error
 from zoome_dist.data.isic import ISIC2019_META_NAME
+from zoome_dist.data.synth import LABEL_FROM
 from zoome_dist.data.writer import BuildOptions, StrictError, build, summary_lines
 
 DEFAULTS = BuildOptions()
@@ -58,7 +59,7 @@ def _synth(a: argparse.Namespace) -> int:
     from zoome_dist.data.synth import synthesize
 
     csv = synthesize(a.out, a.n, seed=a.seed, prevalence=a.prevalence, size=a.size,
-                     workers=a.workers, progress=not a.quiet)
+                     workers=a.workers, progress=not a.quiet, label_from=a.label_from)
     print(f"wrote {csv} and {a.n} images under {os.path.join(a.out, 'jpeg', 'train')}")
     return 0
 
@@ -107,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prevalence", type=float, default=0.1, help="expected melanoma fraction")
     s.add_argument("--size", type=int, default=256, help="image side in px")
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--label-from", choices=LABEL_FROM, default=LABEL_FROM[0],
+                   help="metadata: labels from age/sex/site only, images carry no label signal (a metadata-path test)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_synth)
     return p

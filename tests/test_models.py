@@ -241,3 +241,45 @@ def test_gate_bias_sets_every_gate():
     torch.testing.assert_close(se(x) / x, torch.full_like(x, torch.sigmoid(torch.tensor(3.0)).item()))
     with pytest.raises(ValueError, match="zoom_se_placement 'inside'"):
         create_model("zoome", backbone="resnet18", zoom_se_placement="inside")
+
+
+def test_meta_fusion_concat_and_meta_learning_rate():
+    from zoome_dist.config import load_config
+    from zoome_dist.train.engine import build_model, build_optimizer
+
+    cfg = load_config(overrides={"model.backbone": "resnet18", "model.meta_fusion": "concat", "model.meta_hidden": 32,
+                                 "optim.meta_lr_mult": 10.0, "optim.lr": 0.001})
+    model = build_model(cfg)
+    assert model.meta is None and model.backbone.fc.in_features == 512 + 32
+    x, m = torch.randn(2, 3, 64, 64), torch.rand(2, 12)
+    model(x, m).sum().backward()
+    assert model.meta_features.fc1.weight.grad.abs().sum() > 0  # the metadata reaches the logit directly
+    opt = build_optimizer(cfg, model)
+    assert [g["lr"] for g in opt.param_groups] == [0.001, pytest.approx(0.01)]
+    meta_ids = {id(p) for p in model.meta_features.parameters()}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == meta_ids
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    both = build_model(load_config(overrides={"model.backbone": "resnet18", "model.meta_fusion": "both"}))
+    assert both.meta is not None and both.meta_features is not None
+    no_meta = load_config(overrides={"model.name": "zoome_no_meta", "model.backbone": "resnet18",
+                                     "optim.meta_lr_mult": 10.0})
+    assert len(build_optimizer(no_meta, build_model(no_meta)).param_groups) == 1  # nothing to single out
+
+
+def test_metadata_only_synthetic_labels():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from zoome_dist.data.metadata import MetadataEncoding
+    from zoome_dist.data.synth import sample_table
+
+    enc = MetadataEncoding()
+    t = sample_table(3000, 0, 0.2, label_from="metadata")
+    x = np.stack([enc.encode(a if a != "" else None, s, site) for a, s, site in
+                  zip(t["age_approx"], t["sex"], t["anatom_site_general_challenge"])])
+    y = t["target"].to_numpy()
+    model = LogisticRegression(max_iter=1000).fit(x[:2400], y[:2400])
+    assert roc_auc_score(y[2400:], model.predict_proba(x[2400:])[:, 1]) > 0.8
+    with pytest.raises(ValueError, match="label_from"):
+        sample_table(10, 0, 0.2, label_from="pixels")

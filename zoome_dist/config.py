@@ -34,6 +34,7 @@ class ModelConfig:
     zoom_se_gate_bias: float | None = None  # None: default init (gates ≈ 0.5); a value: gates start at sigmoid(value)
     meta_hidden: int = 256
     meta_gate: str = "sigmoid"
+    meta_fusion: str = choice("gate", ("gate", "concat", "both"))  # gate: the paper's o = t ⊗ x; concat: MLP features
     dropout: float = 0.0
     pretrained: str | None = None       # local torchvision ImageNet state dict
     channels_last: bool = True
@@ -65,6 +66,7 @@ class OptimConfig:
     clip_grad: float = 1.0              # 0 disables
     # train.batch_policy micro: lr × (global / train.global_batch_size) (linear), its square root, or none
     lr_scaling: str = choice("linear", ("linear", "sqrt", "none"))
+    meta_lr_mult: float = 1.0           # the metadata branch's lr = lr × this (its own parameter group)
 
 
 @dataclass

@@ -44,8 +44,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def sample_table(n: int, seed: int, prevalence: float = 0.1) -> pd.DataFrame:
-    """Patients, metadata and labels for ``n`` images (no pixels)."""
+LABEL_FROM = ("image+metadata", "metadata")
+
+
+def sample_table(n: int, seed: int, prevalence: float = 0.1, label_from: str = "image+metadata") -> pd.DataFrame:
+    """Patients, metadata and labels for ``n`` images (no pixels). ``label_from="metadata"``: a stronger
+    metadata risk (age, site *and* sex, no patient effect) and, in ``synthesize``, images without any
+    label signal: a test that the metadata path of a model learns (``benchmark.py meta``)."""
+    if label_from not in LABEL_FROM:
+        raise ValueError(f"Invalid label_from {label_from!r}. Valid: {list(LABEL_FROM)}")
     if n < 1:
         raise ValueError(f"--n must be positive, got {n}")
     if not 0 < prevalence < 1:
@@ -63,7 +70,9 @@ def sample_table(n: int, seed: int, prevalence: float = 0.1) -> pd.DataFrame:
             rows.append({"image_name": f"SYN_{len(rows):07d}", "patient_id": f"SYNP_{p:06d}",
                          "sex": "" if missing_sex else sex, "age_approx": "" if missing_age else age,
                          "anatom_site_general_challenge": site,
-                         "_logit": 0.045 * (age - 50) + SITE_LOGIT[site] + patient_effect})
+                         "_logit": (0.045 * (age - 50) + SITE_LOGIT[site] + patient_effect
+                                    if label_from == "image+metadata" else
+                                    0.1 * (age - 50) + 2 * SITE_LOGIT[site] + 1.0 * (sex == "male"))})
         p += 1
     df = pd.DataFrame(rows)
     # Intercept chosen by bisection so the expected prevalence matches the request.
@@ -134,24 +143,25 @@ def render(rng: np.random.Generator, feats: LesionFeatures, size: int) -> np.nda
 
 
 def _make_image(args: tuple[int, int, int, str, Path, int]) -> None:
-    seed, index, target, name, out_dir, size = args
+    seed, index, target, name, out_dir, size = args  # target -1: a lesion drawn without label signal
     rng = np.random.default_rng([seed, index])
-    pixels = render(rng, sample_features(rng, target), size)
+    pixels = render(rng, sample_features(rng, int(rng.random() < 0.5) if target < 0 else target), size)
     tmp = out_dir / f".{name}.jpg.tmp"
     Image.fromarray(pixels).save(tmp, format="JPEG", quality=92)
     os.replace(tmp, out_dir / f"{name}.jpg")
 
 
 def synthesize(out: str | Path, n: int, seed: int = 0, prevalence: float = 0.1, size: int = 256,
-               workers: int = 1, progress: bool = True) -> Path:
-    """Write ``out/train.csv`` and ``out/jpeg/train/*.jpg``; returns the CSV path."""
+               workers: int = 1, progress: bool = True, label_from: str = "image+metadata") -> Path:
+    """Write ``out/train.csv`` and ``out/jpeg/train/*.jpg``; returns the CSV path. ``label_from="metadata"``:
+    every image's lesion is drawn as benign- or melanoma-like by a coin flip independent of its label."""
     if size < 32:
         raise ValueError(f"--size must be at least 32 px, got {size}")
     out = Path(out)
     img_dir = out / "jpeg" / "train"
     img_dir.mkdir(parents=True, exist_ok=True)
-    table = sample_table(n, seed, prevalence)
-    jobs = [(seed, i, int(t), name, img_dir, size)
+    table = sample_table(n, seed, prevalence, label_from)
+    jobs = [(seed, i, int(t) if label_from == "image+metadata" else -1, name, img_dir, size)
             for i, (name, t) in enumerate(zip(table["image_name"], table["target"]))]
     bar = tqdm(total=n, desc="synth", unit="img", disable=not progress)
     if workers > 1:

@@ -25,3 +25,20 @@ class MetaEmbedding(nn.Module):
     def forward(self, meta: torch.Tensor) -> torch.Tensor:
         """(B, in_features) → (B, channels, 1, 1)."""
         return self.gate(self.fc2(self.act(self.fc1(meta))))[:, :, None, None]
+
+
+class MetaFeatures(nn.Module):
+    """Metadata → two FC layers with ReLU → ``hidden`` features concatenated to the pooled image
+    features before the classifier (``model.meta_fusion: concat``): a direct, additive path from the
+    metadata to the logit, like the metadata MLPs of the SIIM-ISIC 2020 winners (our option, not the
+    paper's)."""
+
+    def __init__(self, in_features: int = 12, hidden: int = 256) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, meta: torch.Tensor) -> torch.Tensor:
+        """(B, in_features) → (B, hidden)."""
+        return self.act(self.fc2(self.act(self.fc1(meta))))

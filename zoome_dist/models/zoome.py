@@ -11,11 +11,12 @@ import torch
 import torchvision
 from torch import nn
 
-from zoome_dist.models.meta_embed import MetaEmbedding
+from zoome_dist.models.meta_embed import MetaEmbedding, MetaFeatures
 from zoome_dist.models.zoom_se import AttnBlock, ResidualAttnBlock, ZoomSE
 
 BACKBONES = ("resnext50_32x4d", "resnet50", "resnet18")
 PLACEMENTS = {"output": AttnBlock, "residual": ResidualAttnBlock}
+FUSIONS = ("gate", "concat", "both")  # gate: the paper's o = t ⊗ x; concat: MetaFeatures; both
 
 
 def _block_channels(block: nn.Module) -> int:
@@ -29,8 +30,10 @@ class ZooME(nn.Module):
     def __init__(self, backbone: str = "resnext50_32x4d", zoom_se: bool = True, pool_size: int = 4,
                  rd_ratio: float = 1 / 16, meta: bool = True, meta_dim: int = 12, meta_hidden: int = 256,
                  meta_gate: str = "sigmoid", dropout: float = 0.0, zoom_se_placement: str = "output",
-                 zoom_se_gate_bias: float | None = None) -> None:
+                 zoom_se_gate_bias: float | None = None, meta_fusion: str = "gate") -> None:
         super().__init__()
+        if meta_fusion not in FUSIONS:
+            raise ValueError(f"Invalid meta_fusion {meta_fusion!r}. Valid: {list(FUSIONS)}")
         if backbone not in BACKBONES:
             raise ValueError(f"Invalid backbone {backbone!r}. Only {list(BACKBONES)} are supported.")
         if zoom_se_placement not in PLACEMENTS:
@@ -43,9 +46,12 @@ class ZooME(nn.Module):
                     stage[i] = wrap(block, ZoomSE(_block_channels(block), pool_size, rd_ratio,
                                                   gate_bias=zoom_se_gate_bias))
         channels = net.fc.in_features
-        net.fc = nn.Linear(channels, 1)
+        concat = meta and meta_fusion in ("concat", "both")
+        net.fc = nn.Linear(channels + (meta_hidden if concat else 0), 1)
         self.backbone = net
-        self.meta = MetaEmbedding(meta_dim, channels, meta_hidden, gate=meta_gate) if meta else None
+        self.meta = (MetaEmbedding(meta_dim, channels, meta_hidden, gate=meta_gate)
+                     if meta and meta_fusion in ("gate", "both") else None)
+        self.meta_features = MetaFeatures(meta_dim, meta_hidden) if concat else None
         self.drop = nn.Dropout(dropout)
         self.meta_dim = meta_dim
 
@@ -59,6 +65,8 @@ class ZooME(nn.Module):
         if self.meta is not None:
             x = x * self.meta(meta)  # o = t ⊗ x
         x = torch.flatten(self.backbone.avgpool(x), 1)
+        if self.meta_features is not None:
+            x = torch.cat([x, self.meta_features(meta).to(x.dtype)], 1)
         return self.backbone.fc(self.drop(x)).squeeze(1)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:

@@ -152,13 +152,14 @@ def validate(cfg: Config) -> None:
         if getattr(getattr(cfg, section), name) < 1:
             raise ValueError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
     for key in ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.min_lr_ratio",
-                "optim.clip_grad", "loss.alpha", "loss.gamma", "model.dropout", "model.rd_ratio"):
+                "optim.clip_grad", "loss.alpha", "loss.gamma", "model.dropout", "model.rd_ratio", "optim.meta_lr_mult"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{key} must be a finite number ≥ 0, got {value}")
-    if cfg.optim.lr == 0:
-        raise ValueError("optim.lr must be positive, got 0")
+    for key in ("lr", "meta_lr_mult"):
+        if getattr(cfg.optim, key) == 0:
+            raise ValueError(f"optim.{key} must be positive, got 0")
     if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
         raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
     if cfg.train.precision == "fp16" and accelerator() != "cuda":
@@ -264,7 +265,7 @@ def build_model(cfg: Config) -> nn.Module:
     defaults = ModelConfig()
     opts = {}
     for key in ("backbone", "pool_size", "rd_ratio", "meta_hidden", "meta_gate", "dropout", "zoom_se_placement",
-                "zoom_se_gate_bias"):
+                "zoom_se_gate_bias", "meta_fusion"):
         value = getattr(cfg.model, key)
         if key in takes:
             opts[key] = value
@@ -278,10 +279,18 @@ def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None) -> t
     """``cfg.optim``'s optimizer at ``lr`` (default ``optim.lr``; ``batch_plan`` gives the scaled one)."""
     o = cfg.optim
     lr = o.lr if lr is None else lr
+    params: list | object = model.parameters()
+    meta = [p for n, p in model.named_parameters() if n.split(".")[0] in META_BRANCH]
+    if o.meta_lr_mult != 1.0 and meta:  # the metadata branch at its own lr (models without one: ignored)
+        rest = [p for n, p in model.named_parameters() if n.split(".")[0] not in META_BRANCH]
+        params = [{"params": rest}, {"params": meta, "lr": lr * o.meta_lr_mult}]
     if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+META_BRANCH = ("meta", "meta_features")  # top-level module names of the metadata branch
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int
