@@ -73,7 +73,8 @@ def test_two_rank_run(reference_run, shards_dir):
     folds = pd.read_csv(shards_dir / "folds.csv")
     pred = pd.read_csv(reference_run / "predictions.csv")
     assert sorted(pred["image_name"]) == sorted(folds[folds["fold"] == 0]["image_name"])
-    assert list(pred.columns) == ["image_name", "patient_id", "target", "prob"]
+    assert list(pred.columns) == ["image_name", "patient_id", "target", "prob", "source", "sex", "age_approx", "site",
+                                  "fitzpatrick_skin_type"]  # + the subgroups of folds.csv
     assert pred["prob"].between(0, 1).all()
     best = json.loads((reference_run / "best.json").read_text())
     assert best["metrics"]["auc"] == max(x["val_auc"] for x in lines)
