@@ -156,7 +156,8 @@ def _explain(a: argparse.Namespace) -> int:
         raise ValueError(f"explain takes one checkpoint; {a.checkpoint} holds {len(paths)}")
     _, dev = torch_device(a.device)
     member = load_member(paths[0], dev)
-    threshold = member.metrics.get("threshold", 0.5)
+    # the decision threshold: the out-of-fold one a CV stored, else the epoch's training-set Youden threshold
+    threshold = member.calibration.get("threshold", member.metrics.get("threshold", 0.5))
     enc, size = member.encoding, member.cfg.data.image_size
     check_writable(Path(a.out))
     if a.csv:
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("predict", help="score images with one or more checkpoints (ensemble), with TTA",
                         formatter_class=HelpFormatter)
     pr.add_argument("--checkpoint", action="append", required=True,
-                    help="model_best.pt, a run folder, or a folder of runs (all are averaged); repeatable")
+                    help="a model file (model_last.pt / model_best.pt), a run folder, or a folder of runs (all are "
+                         "averaged); repeatable")
     pr.add_argument("--csv", help="ISIC test CSV: image_name, sex, age_approx, anatom_site_general_challenge "
                     "(labels not needed). Without it: every image of --images, with the metadata of an ISIC Archive "
                     "metadata.csv there, else metadata unknown")

@@ -2,7 +2,8 @@
 
 - **Grad-CAM** on the last stage's feature map ``x`` (the map the metadata gate multiplies), for the
   predicted class: melanoma evidence when the probability reaches the decision ``threshold`` (the
-  checkpoint's Youden threshold), benign evidence (the negated logit) otherwise.
+  out-of-fold threshold ``zoome cv`` stored in the model file, else the epoch's training-set Youden
+  threshold), benign evidence (the negated logit) otherwise.
 - **Zoom-SE cells**: for each of the last Zoom-SE blocks, the first-order contribution of each of
   the P×P max-pooled cells to the logit through the gate: ``Σ_c ∂y/∂s_c · z_c(i, j) / P²`` (the
   squeeze ``s`` is the mean of the cells ``z``), i.e. which cells drove the gate, with sign.
