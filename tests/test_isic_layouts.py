@@ -292,6 +292,7 @@ def test_per_source_and_subgroup_metrics_of_a_training_run(merged, tmp_path):
         expect = roc_auc_score(part["target"], part["prob"]) if 0 < part["target"].sum() < len(part) else None
         got = record["val_auc_by_source"][src]
         assert (np.isnan(got) if expect is None else got == pytest.approx(expect, abs=1e-9))
+    assert (run / "calibration.png").read_bytes()[:4] == b"\x89PNG" and 0 <= record["val_ece"] <= 1
     groups = pd.read_csv(run / "subgroups.csv", keep_default_na=False, na_values=[""])
     by = groups.set_index(["subgroup", "value"])
     assert by.loc[("source", "isic2019"), "n"] == (preds["source"] == "isic2019").sum()

@@ -10,6 +10,7 @@ this type, so a file's name lives here and nowhere else.
     curves.png             training loss, validation AUC and lr per epoch (redrawn every epoch)
     predictions.csv        out-of-fold probabilities of the best epoch; predictions_last.csv: the last
     subgroups.csv          the last epoch's AUC per source, sex, age band, site (Fitzpatrick type), with counts
+    calibration.png        the last epoch's reliability diagram (its ECE is ``val_ece`` in metrics.jsonl)
     model_best.pt          best epoch's weights + config + metadata encoding (``zoome predict --select best``);
                            model_last.pt: the last epoch's (``--select last``, the default); ``zoome cv``
                            adds its out-of-fold threshold and temperature to them (``calibration``)
@@ -53,6 +54,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     curves = property(lambda self: self.path / "curves.png")
     subgroups = property(lambda self: self.path / "subgroups.csv")
+    calibration_plot = property(lambda self: self.path / "calibration.png")
     summary = property(lambda self: self.path / "summary.json")
     model_best = property(lambda self: self.path / MODEL_BEST)
     best = property(lambda self: self.path / "best.json")

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from zoome_dist.calibration import plot_reliability
 from zoome_dist.config import Config
 from zoome_dist.data.manifest import load_manifest
 from zoome_dist.logs import get_logger
@@ -392,6 +393,7 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
                                          for k, v in val.items() if isinstance(v, float)])
         _write_csv(t.run.predictions("last"), preds)
         _write_csv(t.run.subgroups, subgroup_metrics(preds))
+        plot_reliability({f"fold {t.fold}, epoch {epoch}": preds}, t.run.calibration_plot)
         save_model(t.run.model("last"), cfg, engine.module, t.manifest["metadata_encoding"], epoch, val)
         if is_best:
             _write_best(t.run, cfg, engine, t.manifest, t.folds_table, state["best"], sids, probs)
