@@ -145,11 +145,13 @@ def write_isic2024(root: Path, images: list[Path]) -> pd.DataFrame:
             isic_id = f"ISIC_{8000000 + i:07d}"
             if i != 3:  # one image missing from the HDF5 file
                 f.create_dataset(isic_id, data=np.bytes_(src.read_bytes()))
+            diag = (MEL if i % 10 == 0 else BCC) if i % 5 == 0 else NEVUS  # target: malignant, not melanoma
             rows.append({"isic_id": isic_id, "target": int(i % 5 == 0), "patient_id": f"IP_{i // 2:07d}",
+                         **{f"iddx_{k + 1}": (diag[k] if k < len(diag) else "") for k in range(5)},
                          "age_approx": 40 + i % 30, "sex": ["male", "female"][i % 2],
                          "anatom_site_general": ["posterior torso", "lower extremity", "head/neck",
                                                  "anterior torso", "upper extremity"][i % 5],
-                         "lesion_id": "", "iddx_full": "Benign", "tbp_tile_type": "3D: XP",
+                         "lesion_id": "", "tbp_tile_type": "3D: XP",
                          "attribution": "Memorial Sloan Kettering Cancer Center", "copyright_license": "CC-BY-NC"})
     df = pd.DataFrame(rows)
     df.to_csv(root / "train-metadata.csv", index=False)
@@ -164,10 +166,11 @@ def test_isic2024_with_hdf5(synth_data, tmp_path):
     assert m["sources"][0]["kind"] == "isic2024" and m["sources"][0]["images"].endswith("train-image.hdf5")
     assert {s["image_name"]: s["reason"] for s in m["skipped"]}["ISIC_8000003"].startswith("missing image ISIC_8000003")
     got = samples(out)
-    assert len(got) == 29
+    assert len(got) == 29 and sum(s["target"] for s in got.values()) == 3
+    assert sum(src.loc[n, "target"] for n in got) == 6  # 3 of the 6 malignant lesions are carcinomas
     site = {"posterior torso": "torso", "anterior torso": "torso"}
-    for name, s in got.items():
-        assert s["target"] == src.loc[name, "target"] and s["patient_id"] == src.loc[name, "patient_id"]
+    for name, s in got.items():  # melanoma from the iddx hierarchy; the CSV's target (malignant) is not it
+        assert s["target"] == int(src.loc[name, "iddx_2"] == MEL[1]) and s["patient_id"] == src.loc[name, "patient_id"]
         assert s["site"] == site.get(src.loc[name, "anatom_site_general"], src.loc[name, "anatom_site_general"])
     # the stored JPEG is the HDF5 file's bytes
     with tarfile.open(next(out.glob("fold-*/*.tar"))) as t:
@@ -382,3 +385,26 @@ def test_png_copy_of_a_jpeg_is_an_exact_phash_match(synth_data, tmp_path):
     h = {n: int(digest(store, n)[1], 16) for n in "abc"}
     assert bin(h["a"] ^ h["c"]).count("1") == 0
     assert bin(h["b"] ^ h["c"]).count("1") <= BuildOptions().dup_distance
+
+
+def test_keep_rule_chain_empty_source_and_uncertain_diagnoses(merged, tmp_path):
+    from zoome_dist.data.archive import archive_target
+    from zoome_dist.data.dedup import resolve
+
+    # a chain A~B~C whose ends are not duplicates: A kept, B dropped (a copy of A), C kept
+    table = pd.DataFrame({"image_name": ["A", "B", "C"], "source": ["s"] * 3, "target": [0, 0, 1]})
+    keep, _, dropped, largest = resolve(table, [(0, 1, "near", 5), (1, 2, "near", 6)], {"s": 0})
+    assert list(keep) == [True, False, True] and [d["kept"] for d in dropped] == ["A"] and largest == 3
+    # labels the hierarchy cannot decide are skipped, not called benign
+    assert archive_target({"diagnosis_1": "Malignant"})[0] is None
+    assert archive_target({"diagnosis": "unknown", "benign_malignant": "malignant"})[0] is None
+    assert archive_target({"diagnosis": "unknown", "benign_malignant": "benign"})[0] == 0
+    assert archive_target({"diagnosis": "melanoma"})[0] == 1
+    # a source left without any usable row: the build goes on, and says the source gave nothing
+    root = merged.parent
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    pd.DataFrame([{"isic_id": "ISIC_5000000", "attribution": "A", "copyright_license": "CC-0",
+                   "diagnosis_1": "Indeterminate"}]).to_csv(dl / "metadata.csv", index=False)
+    m = build([root / "2020" / "train.csv", dl], [root / "2020" / "jpeg", dl], tmp_path / "out", OPTS, progress=False)
+    assert m["per_source"]["archive:dl"] == {"samples": 0, "positives": 0} and m["totals"]["samples"] == 30

@@ -251,6 +251,10 @@ def test_decisions_at_stored_threshold_calibration_selection_and_rank_ensemble(c
     assert zoome_main(["predict", "--checkpoint", str(run), "--out", str(tmp_path / "d.csv"), "--threshold", "1.5",
                        *base]) == 2
     assert "Invalid --threshold '1.5'" in capsys.readouterr().err
+    for bad in (["--ensemble", "rank"], ["--format", "isic"]):  # ranks are no probabilities; ISIC has no column
+        assert zoome_main(["predict", "--checkpoint", str(run), "--out", str(tmp_path / "d.csv"), "--threshold",
+                           "0.5", *bad, *base]) == 2
+    assert "--ensemble rank writes ranks" in capsys.readouterr().err
     # rank averaging of two members: mean of each member's ranks
     twin = tmp_path / "twin"
     twin.mkdir()

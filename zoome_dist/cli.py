@@ -87,6 +87,9 @@ def _predict(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     check_writable(out)  # before the inference, not after it
+    if a.threshold is not None and a.format == "isic":
+        raise ValueError("--threshold adds a decision column, which the ISIC format (image,MEL) has no place for; "
+                         "use --format kaggle")
     _, dev = torch_device(a.device)
     members = [load_member(p, dev) for p in find_checkpoints(a.checkpoint, a.select)]
     print(f"ensemble of {len(members)} checkpoint(s), TTA {a.tta} view(s)", file=sys.stderr)
@@ -238,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="average the members' probabilities, or their ranks over the scored images")
     pr.add_argument("--calibrate", action="store_true",
                     help="apply each member's out-of-fold temperature (stored by zoome cv)")
-    pr.add_argument("--threshold", help="add a decision column: 'oof' (the out-of-fold threshold zoome cv stored) "
-                                        "or a probability, e.g. 0.5")
+    pr.add_argument("--threshold", help="add a decision column: 'oof' (the out-of-fold threshold zoome cv stored, "
+                                        "applied to the uncalibrated ensemble mean) or a probability compared with "
+                                        "the written one, e.g. 0.5")
     pr.add_argument("--format", choices=["kaggle", "isic"], default="kaggle",
                     help="kaggle: image_name,target (zoome score); isic: image,MEL (isic-challenge-scoring)")
     xp = sub.add_parser("export", help="one model or a fold ensemble → TorchScript / ONNX (image + metadata in, "

@@ -108,7 +108,10 @@ def export(members: list[Member], fmt: str, out: Path, calibrate: bool = False, 
             "metadata_encoding": enc.to_dict(), "calibrated": calibrate,
             "threshold": thresholds.pop() if len(thresholds) == 1 else None, "max_abs_diff_vs_pytorch": err}
     if calibrate and info["threshold"] is not None:  # the stored threshold is on uncalibrated probabilities
-        info["threshold"] = float(np.mean([apply_temperature(np.array([info["threshold"]]),
-                                                             m.calibration["temperature"])[0] for m in members]))
+        info["threshold_uncalibrated"] = info["threshold"]
+        # one member: the same decision on the calibrated scale; an ensemble's mean of calibrated
+        # probabilities is no monotone function of the uncalibrated mean: no exact threshold exists
+        info["threshold"] = (float(apply_temperature(np.array([info["threshold"]]), members[0].calibration["temperature"])[0])
+                             if len(members) == 1 else None)
     out.with_name(out.name + ".json").write_text(json.dumps(info, indent=1))
     return info

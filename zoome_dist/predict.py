@@ -267,15 +267,16 @@ def predict(members: list[Member], csv: str | Path | None, images: str | Path, t
     probabilities, or ``rank`` (each member's probabilities turned into ranks in [0, 1] over these images,
     averaged: what the SIIM-ISIC 2020 winners used; a score for ordering, not a probability).
     ``calibrate``: each member's probabilities through its out-of-fold temperature first. ``threshold``:
-    add a ``decision`` column (``decision_threshold``; with ``calibrate`` the threshold is mapped
-    through the same temperature, so decisions do not change)."""
+    add a ``decision`` column (``decision_threshold``): ``oof`` compares the uncalibrated ensemble mean
+    with the stored threshold (fit on uncalibrated probabilities, so ``calibrate`` never changes these
+    decisions); a VALUE compares the written ``prob``."""
     if ensemble not in ENSEMBLES:
         raise ValueError(f"Invalid --ensemble {ensemble!r}. Valid: {list(ENSEMBLES)}")
     if calibrate and any("temperature" not in m.calibration for m in members):
         raise ValueError("--calibrate: a member has no out-of-fold temperature (stored by the `zoome cv` report)")
     cut = decision_threshold(members, threshold)
-    if cut is not None and ensemble == "rank" and len(members) > 1:
-        raise ValueError("--threshold applies to probabilities; --ensemble rank averages ranks: use --ensemble mean")
+    if cut is not None and ensemble == "rank":
+        raise ValueError("--threshold applies to probabilities; --ensemble rank writes ranks: use --ensemble mean")
     if not members:
         raise ValueError("no checkpoint given")
     enc, size = members[0].encoding, members[0].cfg.data.image_size
@@ -319,13 +320,12 @@ def predict(members: list[Member], csv: str | Path | None, images: str | Path, t
                 probs[k, idx] = (total / tta).cpu().numpy()
             bar.update(len(idx))
         bar.close()
+    raw = probs.mean(0)  # the uncalibrated ensemble mean: what an out-of-fold threshold was fit on
     if calibrate:
         probs = np.stack([apply_temperature(p, m.calibration["temperature"]) for p, m in zip(probs, members)])
-        if cut is not None:
-            cut = float(np.mean([apply_temperature(np.array([cut]), m.calibration["temperature"])[0] for m in members]))
     if ensemble == "rank" and probs.shape[1] > 1:
         probs = np.stack([pd.Series(p).rank(pct=True).to_numpy() for p in probs])
     out = pd.DataFrame({"image_name": df["image_name"].iloc[keep].to_numpy(), "prob": probs.mean(0)})
     if cut is not None:
-        out["decision"] = (out["prob"] >= cut).astype(int)
+        out["decision"] = ((raw if threshold == "oof" else out["prob"].to_numpy()) >= cut).astype(int)
     return out, problems

@@ -13,15 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from zoome_dist.data.isic import (ReadResult, Skipped, _bad_line_records, _finish, _read_csv, _row, known_id,
-                                  optional_fields, parse_target)
+                                  optional_fields)
 from zoome_dist.data.metadata import MetadataEncoding
 
 ARCHIVE_REQUIRED = ("isic_id",)
-ISIC2024_REQUIRED = ("isic_id", "target", "patient_id", "age_approx", "sex", "anatom_site_general")
+ISIC2024_REQUIRED = ("isic_id", "patient_id", "age_approx", "sex", "anatom_site_general")
 
 # The target: melanoma = diagnosis_1 "Malignant" and diagnosis_2 this class (every melanoma subtype, in
-# situ, invasive, metastasis and NOS, sits below it). "Indeterminate" lesions are skipped (neither
-# label is known); a row without any diagnosis is skipped.
+# situ, invasive, metastasis and NOS, sits below it). Skipped (the label is unknown): "Indeterminate",
+# "Malignant" without its level-2 class, no diagnosis. ISIC 2024's iddx_1..5 are the same hierarchy.
 MALIGNANT = "Malignant"
 MELANOMA = "Malignant melanocytic proliferations (Melanoma)"
 INDETERMINATE = "Indeterminate"
@@ -44,18 +44,33 @@ ARCHIVE_SITES = {
 SPECIAL_SITES = {"acral palms or soles": "palms/soles", "oral or genital": "oral/genital"}
 
 
-def archive_target(rec: dict) -> tuple[int | None, str, str]:
-    """``(target, diagnosis path, reason)`` of an Archive row; target None (with the reason) when the
-    row cannot be labelled."""
-    levels = [str(rec.get(c, "")).strip() for c in DIAGNOSIS_LEVELS]
+def hierarchy_target(levels: list[str]) -> tuple[int | None, str, str]:
+    """``(target, diagnosis path, reason)`` from the diagnosis levels 1..5; target None (with the reason)
+    when they cannot decide melanoma or not."""
+    levels = [str(v).strip() for v in levels]
     path = ":".join(v for v in levels if v)
-    if levels[0]:
-        if levels[0] == INDETERMINATE:
-            return None, path, f"indeterminate diagnosis (neither melanoma nor benign): {path}"
-        return int(levels[0] == MALIGNANT and levels[1] == MELANOMA), path, ""
+    if not levels[0]:
+        return None, "", "no diagnosis"
+    if levels[0] == INDETERMINATE:
+        return None, path, f"indeterminate diagnosis (neither melanoma nor benign): {path}"
+    if levels[0] == MALIGNANT and not levels[1]:
+        return None, path, "malignant without its class (diagnosis level 2 empty): melanoma or not is unknown"
+    return int(levels[0] == MALIGNANT and levels[1] == MELANOMA), path, ""
+
+
+def archive_target(rec: dict) -> tuple[int | None, str, str]:
+    """``(target, diagnosis path, reason)`` of an Archive row: the hierarchy (``diagnosis_1..5``), else
+    the flat ``diagnosis`` of older downloads (with ``benign_malignant``)."""
+    if str(rec.get(DIAGNOSIS_LEVELS[0], "")).strip():
+        return hierarchy_target([rec.get(c, "") for c in DIAGNOSIS_LEVELS])
     legacy = str(rec.get("diagnosis", "")).strip()
+    malignant = str(rec.get("benign_malignant", "")).strip().lower() == "malignant"
+    if legacy.lower() == LEGACY_MELANOMA:
+        return 1, legacy, ""
+    if legacy and not (malignant and legacy.lower() == "unknown"):
+        return 0, legacy, ""
     if legacy:
-        return int(legacy.lower() == LEGACY_MELANOMA), legacy, ""
+        return None, legacy, "malignant with diagnosis 'unknown': melanoma or not is unknown"
     return None, "", "no diagnosis (diagnosis_1 and diagnosis are empty)"
 
 
@@ -105,21 +120,31 @@ def read_archive(path: str | Path, enc: MetadataEncoding | None = None) -> ReadR
     return result
 
 
+ISIC2024_LEVELS = tuple(f"iddx_{i}" for i in range(1, 6))
+
+
 def read_isic2024(path: str | Path, enc: MetadataEncoding | None = None) -> ReadResult:
-    """ISIC 2024 (SLICE-3D) ``train-metadata.csv``: ``target`` as given, sites in the 2020 vocabulary."""
+    """ISIC 2024 (SLICE-3D) ``train-metadata.csv``. Its ``target`` means *malignant* (mostly basal and
+    squamous cell carcinomas), so the melanoma target comes from the diagnosis hierarchy ``iddx_1..5``
+    (the Archive's vocabulary and rule, ``hierarchy_target``); a CSV without ``iddx_1`` is refused.
+    Sites are in the 2020 vocabulary already."""
     path, enc = Path(path), enc or MetadataEncoding()
     bad: list[list[str]] = []
     df = _read_csv(path, ISIC2024_REQUIRED, bad)
     skipped = _bad_line_records(bad, path)
     rows = []
+    if ISIC2024_LEVELS[0] not in df.columns:
+        raise ValueError(f"{path}: no iddx_1..5 columns. ISIC 2024's `target` means malignant, not melanoma; the "
+                         "melanoma label comes from the diagnosis hierarchy iddx_1..5 of the official "
+                         "train-metadata.csv")
     for rec in df.to_dict("records"):
         name = rec["isic_id"].strip()
-        target = parse_target(rec["target"])
+        target, diagnosis, why = hierarchy_target([rec.get(c, "") for c in ISIC2024_LEVELS])
         if target is None:
-            skipped.append(Skipped(name, f"invalid target {rec['target'].strip()!r} (expected 0 or 1)"))
+            skipped.append(Skipped(name, why))
             continue
         row = _row(name, known_id(rec["patient_id"]), rec["sex"], rec["age_approx"], rec["anatom_site_general"],
-                   target, rec.get("iddx_full", ""), "isic2024", skipped, optional_fields(rec))
+                   target, diagnosis, "isic2024", skipped, optional_fields(rec))
         if row:
             rows.append(row)
     return _finish(rows, skipped, path, enc, "isic2024")

@@ -7,9 +7,10 @@
   (measured: a 2/3-size quality-80 copy is 6 bits away, a PNG copy 0) while distinct images are
   farther (closest pair among 1,500 synthetic lesions: 18 bits; the 64-bit phash put distinct
   synthetic lesions 2 bits apart, hence the larger hash).
-- **Keep rule**: duplicates form clusters (connected pairs); each cluster keeps one copy: the one from
-  the earliest ``--csv`` source, and within a source the smallest image name. The others are dropped and
-  recorded; a cluster whose copies carry different targets is flagged ``label_conflict``.
+- **Keep rule**: in the order earliest ``--csv`` source, then smallest image name, a copy not yet dropped
+  is kept and every copy *directly* paired with it is dropped and recorded (flagged ``label_conflict``
+  when the two targets differ). So each dropped image is a duplicate of a kept one, and a chain
+  A~B~C whose ends are not duplicates keeps A and C.
 - **Groups**: rows sharing a patient id, a lesion id or a duplicate cluster form one group (connected
   components); folds are assigned per group, so duplicates and lesions of one patient land in one fold.
 """
@@ -66,9 +67,35 @@ def digests(jobs: list[tuple], workers: int = 1, progress: bool = True) -> list[
         return list(tqdm(pool.map(_digest_job, jobs, chunksize=64), **bar))
 
 
+def _words(phashes: list[str]) -> np.ndarray:
+    """Hex phashes → (n, 4) uint64."""
+    out = np.array([np.frombuffer(bytes.fromhex(p), dtype=">u8") for p in phashes], dtype=np.uint64)
+    return out.reshape(len(phashes), HASH_SIZE * HASH_SIZE // 64)
+
+
+def _near_candidates(words: np.ndarray, max_distance: int) -> np.ndarray:
+    """Row pairs (i < j) that may lie within ``max_distance`` bits: multi-index hashing. The bits are cut
+    into ``max_distance + 1`` chunks; two hashes that close agree exactly on at least one chunk
+    (pigeonhole), so only rows sharing a chunk value are compared: near-linear instead of all pairs."""
+    bits = np.unpackbits(words.astype(">u8").view(np.uint8), axis=1)
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for chunk in np.array_split(np.arange(bits.shape[1]), max_distance + 1):
+        _, group = np.unique(np.packbits(bits[:, chunk], axis=1), axis=0, return_inverse=True)
+        order = np.argsort(group.ravel(), kind="stable")
+        starts = np.flatnonzero(np.diff(group.ravel()[order], prepend=-1))
+        ends = np.append(starts[1:], len(order))
+        for s, e in zip(starts, ends):
+            if e - s > 1:
+                idx = np.sort(order[s:e])
+                a, b = np.triu_indices(len(idx), 1)
+                found.append(np.stack([idx[a], idx[b]], 1))
+    return np.unique(np.concatenate(found), axis=0)
+
+
 def duplicate_pairs(shas: list[str | None], phashes: list[str | None], max_distance: int = DEFAULT_MAX_DISTANCE,
                     block: int = 128) -> list[tuple[int, int, str, int]]:
-    """``(i, j, "exact"|"near", bits apart)`` for i < j: same bytes, or phashes within ``max_distance``."""
+    """``(i, j, "exact"|"near", bits apart)`` for i < j: same bytes, or phashes within ``max_distance``
+    (multi-index hashing up to 20 bits; beyond, an all-pairs scan in blocks of ``block`` rows)."""
     pairs: dict[tuple[int, int], tuple[str, int]] = {}
     by_sha: dict[str, list[int]] = {}
     for i, s in enumerate(shas):
@@ -77,16 +104,21 @@ def duplicate_pairs(shas: list[str | None], phashes: list[str | None], max_dista
     for idx in by_sha.values():
         for j in idx[1:]:
             pairs[(idx[0], j)] = ("exact", 0)
-    if max_distance >= 0:
-        have = np.array([i for i, p in enumerate(phashes) if p is not None], dtype=np.int64)
-        ph = np.array([np.frombuffer(bytes.fromhex(phashes[i]), dtype=">u8") for i in have],
-                      dtype=np.uint64).reshape(len(have), -1)
-        for start in range(0, len(ph), block):
-            d = np.bitwise_count(ph[start:start + block, None, :] ^ ph[None, :, :]).sum(-1, dtype=np.int64)
-            for a, b in zip(*np.nonzero(d <= max_distance)):
-                i, j = int(have[start + a]), int(have[b])
-                if i < j and (i, j) not in pairs:
-                    pairs[(i, j)] = ("near", int(d[a, b]))
+    have = np.array([i for i, p in enumerate(phashes) if p is not None], dtype=np.int64)
+    if max_distance >= 0 and len(have) > 1:
+        words = _words([phashes[i] for i in have])
+        if max_distance <= 20:
+            cand = _near_candidates(words, max_distance)
+            dist = np.bitwise_count(words[cand[:, 0]] ^ words[cand[:, 1]]).sum(1, dtype=np.int64)
+            near = [(int(have[a]), int(have[b]), int(d)) for (a, b), d in zip(cand, dist) if d <= max_distance]
+        else:
+            near = []
+            for start in range(0, len(words), block):
+                d = np.bitwise_count(words[start:start + block, None, :] ^ words[None, :, :]).sum(-1, dtype=np.int64)
+                near += [(int(have[start + a]), int(have[b]), int(d[a, b]))
+                         for a, b in zip(*np.nonzero(d <= max_distance)) if start + a < b]
+        for i, j, d in near:
+            pairs.setdefault((i, j), ("near", d))
     return sorted((i, j, kind, dist) for (i, j), (kind, dist) in pairs.items())
 
 
@@ -99,26 +131,35 @@ def _components(n: int, edges: list[tuple[int, int]]) -> np.ndarray:
 
 
 def resolve(table: pd.DataFrame, pairs: list[tuple[int, int, str, int]], source_rank: dict[str, int]
-            ) -> tuple[np.ndarray, list[dict], list[dict]]:
-    """``(keep mask, pair records, dropped records)`` under the keep rule (module docstring)."""
+            ) -> tuple[np.ndarray, list[dict], list[dict], int]:
+    """``(keep mask, pair records, dropped records, largest cluster)`` under the keep rule: in rule order
+    (earliest source, smallest name) a copy not yet dropped is kept and its *direct* duplicates are
+    dropped, so a chain A~B~C whose ends differ keeps A and C."""
     comp = _components(len(table), [(i, j) for i, j, _, _ in pairs])
     names, sources, targets = (table[c].to_numpy() for c in ("image_name", "source", "target"))
-    keep = np.ones(len(table), dtype=bool)
-    dropped = []
-    members: dict[int, list[int]] = {}
+    neighbours: dict[int, set[int]] = {}
     for i, j, _, _ in pairs:
-        members.setdefault(int(comp[i]), []).extend((i, j))
-    for idx in members.values():
-        idx = sorted(set(idx), key=lambda k: (source_rank[sources[k]], names[k]))
-        conflict = len({int(targets[k]) for k in idx}) > 1
-        for k in idx[1:]:
-            keep[k] = False
-            dropped.append({"dropped": names[k], "dropped_source": sources[k], "kept": names[idx[0]],
-                            "kept_source": sources[idx[0]], "label_conflict": conflict})
+        neighbours.setdefault(i, set()).add(j)
+        neighbours.setdefault(j, set()).add(i)
+    keep = np.ones(len(table), dtype=bool)
+    dropped, clusters = [], {}
+    for k in neighbours:
+        clusters.setdefault(int(comp[k]), []).append(k)
+    for idx in clusters.values():
+        idx = sorted(idx, key=lambda k: (source_rank[sources[k]], names[k]))
+        for k in idx:
+            if not keep[k]:
+                continue
+            for d in sorted(neighbours[k] - {m for m in idx if not keep[m]}, key=idx.index):
+                if idx.index(d) > idx.index(k):
+                    keep[d] = False
+                    dropped.append({"dropped": names[d], "dropped_source": sources[d], "kept": names[k],
+                                    "kept_source": sources[k], "label_conflict": int(targets[d]) != int(targets[k])})
     records = [{"a": names[i], "b": names[j], "source_a": sources[i], "source_b": sources[j], "kind": kind,
                 "distance": dist, "target_a": int(targets[i]), "target_b": int(targets[j])}
                for i, j, kind, dist in pairs]
-    return keep, records, sorted(dropped, key=lambda r: r["dropped"])
+    largest = max((len(v) for v in clusters.values()), default=0)
+    return keep, records, sorted(dropped, key=lambda r: r["dropped"]), largest
 
 
 def groups(table: pd.DataFrame, pairs: list[tuple[int, int, str, int]]) -> np.ndarray:

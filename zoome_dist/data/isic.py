@@ -247,7 +247,7 @@ def read_isic(csv: str | Path, metadata_csv: str | Path | None = None,
 LAYOUTS = {"isic2020": "Kaggle ISIC 2020 train.csv (image_name, patient_id, sex, age_approx, "
                        "anatom_site_general_challenge, target)",
            "isic2019": "ISIC 2019 ground truth (image, MEL, ... one-hot) + ISIC_2019_Training_Metadata.csv",
-           "isic2024": "ISIC 2024 train-metadata.csv (isic_id, target, patient_id, ...)",
+           "isic2024": "ISIC 2024 train-metadata.csv (isic_id, patient_id, iddx_1..5, ...; melanoma from iddx)",
            "archive": "ISIC Archive metadata.csv from `isic image download` (isic_id, diagnosis_1..5, ...)"}
 
 

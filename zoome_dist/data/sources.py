@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from zoome_dist.data.images import BadImage
-from zoome_dist.data.isic import ISIC2019_META_NAME, LAYOUTS, ReadResult, Skipped, detect_layout, read_isic
+from zoome_dist.data.isic import CANONICAL_COLUMNS, ISIC2019_META_NAME, LAYOUTS, ReadResult, Skipped, detect_layout, read_isic
 from zoome_dist.data.metadata import MetadataEncoding
 
 IMAGE_EXTS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")
@@ -86,13 +86,26 @@ class HDF5Images:
         return name
 
     def read(self, name: str) -> bytes:
+        import h5py
+        import numpy as np
+
         f = self._file()
         if name not in f:
             raise BadImage(f"missing image {name} in {self.path}")
-        value = f[name][()]
+        node = f[name]
+        if not isinstance(node, h5py.Dataset):
+            raise BadImage(f"{name} in {self.path} is an HDF5 {type(node).__name__}, not a dataset of image bytes")
+        try:
+            value = node[()]
+        except (OSError, ValueError) as e:
+            raise BadImage(f"unreadable image {name} in {self.path}: {e}") from None
+        if isinstance(value, np.ndarray) and value.dtype == object:  # variable-length: the bytes inside
+            value = b"".join(v.tobytes() if hasattr(v, "tobytes") else bytes(v) for v in value.ravel())
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
         if hasattr(value, "tobytes"):  # np.void, np.bytes_ or a uint8 array
             return value.tobytes()
-        return bytes(value)
+        raise BadImage(f"{name} in {self.path}: a {type(value).__name__}, not image bytes")
 
     def fingerprint(self, names: list[str]) -> str:
         h = hashlib.sha256()
@@ -212,7 +225,12 @@ def read_sources(sources: list[Source], enc: MetadataEncoding) -> Combined:
                                   "dropped_source": src.name, "kind": "same_id"})
             out.skipped.append(Skipped(name, f"duplicate: the same image id is in source {seen[name]} "
                                              f"(kept there), dropped from {src.name}"))
-        tables.append(read.table[~dup])
+        if (~dup).any():  # a source left without rows adds none (and no all-object columns to the concat)
+            tables.append(read.table[~dup])
         seen.update(dict.fromkeys(read.table["image_name"][~dup], src.name))
-    out.table = pd.concat(tables, ignore_index=True).sort_values("image_name", kind="stable").reset_index(drop=True)
+    if not tables:
+        out.table = pd.DataFrame(columns=CANONICAL_COLUMNS)
+        return out
+    table = pd.concat(tables, ignore_index=True).astype({"target": "int64", "age_approx": "float64"})
+    out.table = table.sort_values("image_name", kind="stable").reset_index(drop=True)
     return out

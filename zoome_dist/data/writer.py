@@ -271,46 +271,62 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
     if table.empty:
         raise ValueError(f"{', '.join(map(str, csvs))}: no usable rows ({len(read.skipped)} skipped)")
 
-    stores = {s.name: s.images for s in sources}
-    pairs = []
-    if opts.dedup:
-        hashes = dedup.digests([(stores[src], n) for src, n in zip(table["source"], table["image_name"])],
-                               workers, progress)
-        pairs = dedup.duplicate_pairs([h[0] for h in hashes], [h[1] for h in hashes], opts.dup_distance)
-    table["group"] = dedup.groups(table, pairs)
-    keep, pair_records, dropped = dedup.resolve(table, pairs, {s.name: i for i, s in enumerate(sources)})
-    for d in dropped:
-        read.skipped.append(Skipped(d["dropped"], f"duplicate: of {d['kept']} ({d['kept_source']}), kept there"
-                                    + (" (their targets differ)" if d["label_conflict"] else "")))
-    table = table[keep].reset_index(drop=True)
-    folds = assign_folds(table, opts.folds, opts.seed)
-    plans = plan_shards(table, folds, opts)
-
-    records = _sources_record(sources, table)
-    plan_key = {"format_version": FORMAT_VERSION, "options": asdict(opts),
-                "csv_sha256": [r["csv_sha256"] for r in records],
-                "metadata_csv_sha256": [r.get("metadata_csv_sha256") for r in records],
-                "images": [r["images"] for r in records], "images_fingerprint": [r["images_fingerprint"] for r in records],
-                "exclude": sorted(excluded),
-                "shards": [[p.name, [r["image_name"] for r in p.rows]] for p in plans]}
-    duplicates = {"searched": opts.dedup, "max_distance": opts.dup_distance, "pairs": pair_records, "dropped": dropped,
-                  "same_id": read.same_name}
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
-    was_empty = not out.exists() or all(p == out / ".build" / "lock" for p in out.rglob("*") if p.is_file())
+    scratch = {out / ".build" / "lock", out / ".build" / "digests.json"}  # a build killed before planning
+    was_empty = not out.exists() or all(p in scratch for p in out.rglob("*") if p.is_file())
+    if not was_empty and not resume:  # before any hashing, so a wrong --out fails at once
+        raise FileExistsError(f"output folder {out} is not empty; pass --resume to finish an "
+                              "interrupted build there, or choose a new folder")
     with BuildLock(out):
+        stores = {s.name: s.images for s in sources}
+        pairs = []
+        if opts.dedup:
+            hashes = _digests(out, table, stores, workers, progress, resume and not was_empty)
+            pairs = dedup.duplicate_pairs([h[0] for h in hashes], [h[1] for h in hashes], opts.dup_distance)
+        table["group"] = dedup.groups(table, pairs)
+        keep, pair_records, dropped, largest = dedup.resolve(table, pairs, {s.name: i for i, s in enumerate(sources)})
+        for d in dropped:
+            read.skipped.append(Skipped(d["dropped"], f"duplicate: of {d['kept']} ({d['kept_source']}), kept there"
+                                        + (" (their targets differ)" if d["label_conflict"] else "")))
+        table = table[keep].reset_index(drop=True)
+        folds = assign_folds(table, opts.folds, opts.seed)
+        plans = plan_shards(table, folds, opts)
+
+        records = _sources_record(sources, table)
+        plan_key = {"format_version": FORMAT_VERSION, "options": asdict(opts),
+                    "csv_sha256": [r["csv_sha256"] for r in records],
+                    "metadata_csv_sha256": [r.get("metadata_csv_sha256") for r in records],
+                    "images": [r["images"] for r in records],
+                    "images_fingerprint": [r["images_fingerprint"] for r in records],
+                    "exclude": sorted(excluded),
+                    "shards": [[p.name, [r["image_name"] for r in p.rows]] for p in plans]}
+        duplicates = {"searched": opts.dedup, "max_distance": opts.dup_distance, "pairs": pair_records,
+                      "dropped": dropped, "largest_cluster": largest, "same_id": read.same_name}
         return _build(out, plan_key, plans, read, table, folds, stores, enc, opts, records, duplicates, workers,
-                      resume and not was_empty, was_empty, progress)
+                      resume and not was_empty, progress)
+
+
+def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], workers: int, progress: bool,
+             resume: bool) -> list[tuple[str | None, str | None]]:
+    """Every row's (sha256, phash), cached in ``.build/digests.json`` so that ``--resume`` hashes only what
+    an interrupted build had not (a changed image changes the fingerprint, which ``--resume`` refuses)."""
+    cache_file = out / ".build" / "digests.json"
+    cache = json.loads(cache_file.read_text()) if resume and cache_file.is_file() else {}
+    keys = [f"{src}/{name}" for src, name in zip(table["source"], table["image_name"])]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    found = dedup.digests([(stores[table["source"].iloc[i]], table["image_name"].iloc[i]) for i in todo],
+                          workers, progress)
+    cache.update({keys[i]: list(h) for i, h in zip(todo, found)})
+    _write_json_atomic(cache_file, cache)
+    return [tuple(cache[k]) for k in keys]
 
 
 def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, table: pd.DataFrame, folds: np.ndarray,
            stores: dict[str, ImageStore], enc: MetadataEncoding, opts: BuildOptions, sources: list[dict],
-           duplicates: dict, workers: int, resume: bool, was_empty: bool, progress: bool) -> dict:
+           duplicates: dict, workers: int, resume: bool, progress: bool) -> dict:
     plan_file = out / ".build" / "plan.json"
-    if not was_empty:
-        if not resume:
-            raise FileExistsError(f"output folder {out} is not empty; pass --resume to finish an "
-                                  "interrupted build there, or choose a new folder")
+    if resume:
         old = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
         new = json.loads(json.dumps(plan_key))
         if old != new:
@@ -387,7 +403,8 @@ def summary_lines(manifest: dict) -> list[str]:
     if dups.get("pairs") or dups.get("same_id"):
         conflicts = sum(d["label_conflict"] for d in dups["dropped"])
         lines.append(f"  duplicates: {len(dups['pairs'])} pair(s) found ("
-                     f"{sum(p['kind'] == 'exact' for p in dups['pairs'])} exact), {len(dups['dropped'])} copies dropped"
+                     f"{sum(p['kind'] == 'exact' for p in dups['pairs'])} exact), {len(dups['dropped'])} copies dropped, "
+                     f"largest cluster {dups.get('largest_cluster', '?')} images"
                      + (f", {len(dups['same_id'])} image id(s) in two sources" if dups["same_id"] else "")
                      + (f"; {conflicts} with conflicting targets" if conflicts else ""))
     for f in manifest["folds"]:

@@ -157,6 +157,10 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{key} must be a finite number ≥ 0, got {value}")
+    bias = cfg.model.zoom_se_gate_bias
+    if bias is not None and not (math.isfinite(bias) and abs(bias) <= 10):
+        raise ValueError(f"model.zoom_se_gate_bias must lie in -10..10 (or be null), got {bias}: beyond, the gates "
+                         "saturate (sigmoid' ≈ 0) and Zoom-SE never trains; 3 starts every gate at 0.95")
     for key in ("lr", "meta_lr_mult"):
         if getattr(cfg.optim, key) == 0:
             raise ValueError(f"optim.{key} must be positive, got 0")
