@@ -150,11 +150,14 @@ def test_focal_loss():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("c,hw,pool", [(64, 8, 4), (32, 7, 4), (48, 5, 3), (32, 6, 1)])
+@pytest.mark.parametrize("c,hw,pool", [(64, 8, 4), (32, 7, 4), (48, 5, 3), (32, 6, 1), (16, 12, 4)])
 def test_fused_zoomse_matches_reference(channels_last, c, hw, pool):
+    """Maps divisible by P (8, 12, 6 with P = 1) take max_pool2d in the fused path, the others the adaptive
+    pool; ReLU-like zeros make ties, which both pools must break the same way."""
     ref, fused = ZoomSE(c, pool, fused=False), ZoomSE(c, pool)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(3, c, hw, hw)
+    x[:, : c // 2] = x[:, : c // 2].clamp(min=0)  # half the channels with many tied zeros
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     dy = torch.randn_like(x)

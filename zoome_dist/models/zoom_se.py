@@ -24,7 +24,13 @@ class _ZoomGate(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, u, pool_size, w1, b1, w2, b2):
-        z, idx = F.adaptive_max_pool2d(u, pool_size, return_indices=True)
+        h, w = u.shape[-2:]
+        if h % pool_size == 0 and w % pool_size == 0:
+            # the same windows, values and (tie-broken) indices as the adaptive pool (tested), through
+            # max_pool2d's kernels, which have a native channels_last path (docs: BENCHMARKS.md, GPU)
+            z, idx = F.max_pool2d(u, (h // pool_size, w // pool_size), return_indices=True)
+        else:
+            z, idx = F.adaptive_max_pool2d(u, pool_size, return_indices=True)
         s = z.float().mean((2, 3))
         h = F.relu(F.linear(s, w1.float(), b1.float()))
         g = torch.sigmoid(F.linear(h, w2.float(), b2.float()))
