@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from scipy.optimize import minimize_scalar
 
-from zoome_dist.metrics import at_threshold, ece, youden_threshold
+from zoome_dist.metrics import at_threshold, calibration_bins, ece, youden_threshold
 from zoome_dist.safe_load import safe_load
 
 EPS = 1e-7
@@ -88,7 +88,7 @@ def plot_reliability(predictions: dict[str, pd.DataFrame], path: str | Path, bin
     edges = np.linspace(0, 1, bins + 1)
     for label, df in predictions.items():
         y, p = df["target"].to_numpy().astype(int), df["prob"].to_numpy()
-        idx = np.minimum((p * bins).astype(int), bins - 1)
+        idx = calibration_bins(p, bins)
         xs = [p[idx == b].mean() for b in range(bins) if (idx == b).any()]
         ys = [y[idx == b].mean() for b in range(bins) if (idx == b).any()]
         ax.plot(xs, ys, "-o", ms=3, label=f"{label} (ECE {ece(y, p):.3f})")

@@ -174,21 +174,20 @@ def report(out: Path, variants: list[str], folds: list[int], select: str) -> str
 
     rows, preds, curves = [], {v: [] for v in variants}, {}
     for variant in variants:
-        fold_preds = {}
-        for fold in folds:
-            run = RunDir(fold_dir(out, variant, fold))
-            fold_preds[fold] = pd.read_csv(run.predictions(select), keep_default_na=False, na_values=[""])
-            curves[f"{variant} fold {fold}"] = run.read_metrics()
+        runs = {fold: RunDir(fold_dir(out, variant, fold)) for fold in folds}
+        fold_preds = {fold: pd.read_csv(run.predictions(select), keep_default_na=False, na_values=[""])
+                      for fold, run in runs.items()}
         honest = cross_fit_thresholds(fold_preds)
-        for fold, df in fold_preds.items():
-            rows.append({**fold_rows(variant, fold, RunDir(fold_dir(out, variant, fold)).fold_metrics(select)),
-                         **honest.get(fold, {}), **{f"auc:{src}": auc for src, auc in auc_by_source(df).items()}})
+        for fold, run in runs.items():
+            curves[f"{variant} fold {fold}"] = run.read_metrics()
+            rows.append({**fold_rows(variant, fold, run.fold_metrics(select)), **honest.get(fold, {}),
+                         **{f"auc:{src}": auc for src, auc in auc_by_source(fold_preds[fold]).items()}})
         preds[variant] = list(fold_preds.values())
         calibration = {**fit(pooled(preds[variant])), "select": select, "folds": folds,
                        "fit_on": f"pooled out-of-fold predictions of {len(folds)} fold(s), {select} epoch"}
         (out / variant / "calibration.json").write_text(json.dumps(calibration, indent=1))
-        for fold in folds:
-            model = RunDir(fold_dir(out, variant, fold)).model(select)
+        for run in runs.values():
+            model = run.model(select)
             if model.is_file():
                 stamp_checkpoint(model, calibration)
     table = pd.DataFrame(rows)

@@ -21,7 +21,7 @@ from torch import nn
 from zoome_dist.calibration import apply_temperature
 from zoome_dist.models.zoom_se import SlicedAdaptiveMaxPool2d, ZoomSE
 from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from zoome_dist.predict import Member
+from zoome_dist.predict import Member, check_ensemble
 
 FORMATS = ("torchscript", "onnx")
 
@@ -53,14 +53,7 @@ def exportable(model: nn.Module) -> nn.Module:
 
 
 def build_ensemble(members: list[Member], calibrate: bool = False) -> Ensemble:
-    if not members:
-        raise ValueError("no checkpoint given")
-    first = members[0]
-    for m in members[1:]:
-        if m.encoding != first.encoding or m.cfg.data.image_size != first.cfg.data.image_size:
-            raise ValueError(f"{m.path}: ensemble members must share the metadata encoding and image size")
-    if calibrate and any("temperature" not in m.calibration for m in members):
-        raise ValueError("--calibrate: a member has no out-of-fold temperature (stored by the `zoome cv` report)")
+    check_ensemble(members, calibrate)
     temps = [float(m.calibration["temperature"]) if calibrate else 1.0 for m in members]
     net = Ensemble([exportable(m.model.cpu()) for m in members], temps).eval()
     return net.requires_grad_(False)  # an inference graph: no autograd in the exported file
@@ -72,7 +65,7 @@ def export(members: list[Member], fmt: str, out: Path, calibrate: bool = False, 
     if fmt not in FORMATS:
         raise ValueError(f"Invalid --format {fmt!r}. Valid: {list(FORMATS)}")
     net = build_ensemble(members, calibrate)
-    size, enc = members[0].cfg.data.image_size, members[0].encoding
+    enc, size = check_ensemble(members)
     gen = torch.Generator().manual_seed(0)
     example = (torch.rand(batch, 3, size, size, generator=gen), torch.rand(batch, enc.dim, generator=gen))
     check = (torch.rand(batch + 1, 3, size, size, generator=gen), torch.rand(batch + 1, enc.dim, generator=gen))

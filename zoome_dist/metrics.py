@@ -59,10 +59,15 @@ def partial_auc_above_sens(fpr: np.ndarray, tpr: np.ndarray, min_sens: float = 0
     return float(np.trapezoid(ys, xs))
 
 
+def calibration_bins(p: np.ndarray, bins: int = 15) -> np.ndarray:
+    """Each probability's bin among ``bins`` equal-width bins of [0, 1] (1.0 in the last)."""
+    return np.minimum((np.asarray(p) * bins).astype(int), bins - 1)
+
+
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error over ``bins`` equal-width bins of ``p``."""
     y, p = _check(y, p)
-    idx = np.minimum((p * bins).astype(int), bins - 1)
+    idx = calibration_bins(p, bins)
     total = 0.0
     for b in np.unique(idx):
         m = idx == b

@@ -81,6 +81,21 @@ def load_member(path: Path, device: torch.device) -> Member:
                   dict(state.get("metrics") or {}), dict(state.get("calibration") or {}))
 
 
+def check_ensemble(members: list[Member], calibrate: bool = False) -> tuple[MetadataEncoding, int]:
+    """The members' shared ``(metadata encoding, image size)``; an error if they differ, or if
+    ``calibrate`` and one has no out-of-fold temperature (``zoome predict`` and ``zoome export``)."""
+    if not members:
+        raise ValueError("no checkpoint given")
+    enc, size = members[0].encoding, members[0].cfg.data.image_size
+    for m in members[1:]:
+        if m.encoding != enc or m.cfg.data.image_size != size:
+            raise ValueError(f"{m.path}: ensemble members must share the metadata encoding and image size "
+                             f"({members[0].path} has image_size {size})")
+    if calibrate and any("temperature" not in m.calibration for m in members):
+        raise ValueError("--calibrate: a member has no out-of-fold temperature (stored by the `zoome cv` report)")
+    return enc, size
+
+
 def decision_threshold(members: list[Member], threshold: str | None) -> float | None:
     """``--threshold``: ``oof`` (the out-of-fold threshold ``zoome cv`` stored in the members), or a
     probability such as ``0.5``; None: no decision column."""
@@ -272,18 +287,10 @@ def predict(members: list[Member], csv: str | Path | None, images: str | Path, t
     decisions); a VALUE compares the written ``prob``."""
     if ensemble not in ENSEMBLES:
         raise ValueError(f"Invalid --ensemble {ensemble!r}. Valid: {list(ENSEMBLES)}")
-    if calibrate and any("temperature" not in m.calibration for m in members):
-        raise ValueError("--calibrate: a member has no out-of-fold temperature (stored by the `zoome cv` report)")
+    enc, size = check_ensemble(members, calibrate)
     cut = decision_threshold(members, threshold)
     if cut is not None and ensemble == "rank":
         raise ValueError("--threshold applies to probabilities; --ensemble rank writes ranks: use --ensemble mean")
-    if not members:
-        raise ValueError("no checkpoint given")
-    enc, size = members[0].encoding, members[0].cfg.data.image_size
-    for m in members[1:]:
-        if m.encoding != enc or m.cfg.data.image_size != size:
-            raise ValueError(f"{m.path}: ensemble members must share the metadata encoding and image size "
-                             f"({members[0].path} has image_size {size})")
     tta_views(torch.zeros(1, 1, 1, 1), tta)  # validate early
     images = Path(images)
     if not images.is_dir():

@@ -101,7 +101,7 @@ def read_archive(path: str | Path, enc: MetadataEncoding | None = None) -> ReadR
         raise ValueError(f"{path}: an ISIC Archive metadata.csv without diagnoses (no diagnosis_1..5 nor "
                          f"diagnosis column): the melanoma target cannot be derived; found {list(df.columns)}")
     skipped = _bad_line_records(bad, path)
-    rows, unknown = [], {}
+    rows = []
     for rec in df.to_dict("records"):
         name = rec["isic_id"].strip()
         target, diagnosis, why = archive_target(rec)
@@ -109,15 +109,12 @@ def read_archive(path: str | Path, enc: MetadataEncoding | None = None) -> ReadR
             skipped.append(Skipped(name, why))
             continue
         raw_site, site, ok = archive_site(rec, enc)
+        # an unrecognised site is left to _finish, which maps it to "unknown" and counts it like any layout's
         row = _row(name, rec.get("patient_id", ""), rec.get("sex", ""), rec.get("age_approx", ""), raw_site,
-                   target, diagnosis, "archive", skipped, {**optional_fields(rec), "site": site})
+                   target, diagnosis, "archive", skipped, {**optional_fields(rec), "site": site if ok else ""})
         if row:
             rows.append(row)
-            if not ok:
-                unknown[raw_site] = unknown.get(raw_site, 0) + 1
-    result = _finish(rows, skipped, path, enc, "archive")
-    result.unknown_sites.update(unknown)
-    return result
+    return _finish(rows, skipped, path, enc, "archive")
 
 
 ISIC2024_LEVELS = tuple(f"iddx_{i}" for i in range(1, 6))

@@ -147,11 +147,12 @@ def resolve(table: pd.DataFrame, pairs: list[tuple[int, int, str, int]], source_
         clusters.setdefault(int(comp[k]), []).append(k)
     for idx in clusters.values():
         idx = sorted(idx, key=lambda k: (source_rank[sources[k]], names[k]))
+        rank = {k: r for r, k in enumerate(idx)}
         for k in idx:
             if not keep[k]:
                 continue
-            for d in sorted(neighbours[k] - {m for m in idx if not keep[m]}, key=idx.index):
-                if idx.index(d) > idx.index(k):
+            for d in sorted(neighbours[k], key=rank.get):  # its direct copies later in the rule's order
+                if rank[d] > rank[k] and keep[d]:
                     keep[d] = False
                     dropped.append({"dropped": names[d], "dropped_source": sources[d], "kept": names[k],
                                     "kept_source": sources[k], "label_conflict": int(targets[d]) != int(targets[k])})

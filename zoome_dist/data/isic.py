@@ -81,6 +81,11 @@ def read_csv_text(path: Path, **kwargs) -> pd.DataFrame:
         raise ValueError(f"{path}: malformed CSV ({str(e).strip().splitlines()[0]})") from None
 
 
+def strip_image_ext(name: str) -> str:
+    """An image key from a CSV cell that may carry the file's extension (``.jpg``, ``.jpeg``, ``.png``)."""
+    return re.sub(r"\.(jpe?g|png)$", "", name.strip(), flags=re.IGNORECASE)
+
+
 def check_image_name(name: str) -> str | None:
     """Reason why ``name`` cannot be an image key (path escapes, WebDataset separators), or None."""
     if not name:
@@ -146,7 +151,7 @@ def _row(name: str, patient: str, sex: str, age_raw: str, site: str, target: int
          source: str, skipped: list[Skipped], extra: dict | None = None) -> dict | None:
     """One canonical row, or None (and a ``Skipped`` record). ``extra``: the optional columns
     (``OPTIONAL_COLUMNS``) and a pre-mapped ``site``."""
-    name = re.sub(r"\.(jpe?g|png)$", "", name.strip(), flags=re.IGNORECASE)
+    name = strip_image_ext(name)
     why = check_image_name(name)
     if why:
         skipped.append(Skipped(name, why))

@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from zoome_dist.data import dedup
 from zoome_dist.data.folds import assign_folds, fold_summary
 from zoome_dist.data.images import BadImage, prepare_image
-from zoome_dist.data.isic import Skipped, read_csv_text
+from zoome_dist.data.isic import Skipped, read_csv_text, strip_image_ext
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import Combined, ImageStore, Source, read_sources, resolve_sources
 from zoome_dist.procs import die_with_parent
@@ -233,7 +232,7 @@ def read_exclude(path: str | Path) -> set[str]:
         names = df[col].tolist()
     else:
         names = [ln.split("#", 1)[0] for ln in path.read_text(encoding="utf-8").splitlines()]
-    return {re.sub(r"\.(jpe?g|png)$", "", n.strip(), flags=re.IGNORECASE) for n in names if n.strip()}
+    return {strip_image_ext(n) for n in names if n.strip()}
 
 
 def _sources_record(sources: list[Source], table: pd.DataFrame) -> list[dict]:
@@ -242,9 +241,7 @@ def _sources_record(sources: list[Source], table: pd.DataFrame) -> list[dict]:
         names = table["image_name"][table["source"] == src.name].tolist()
         rec = {"name": src.name, "kind": src.kind, "csv": str(src.csv.resolve()), "csv_sha256": sha256_file(src.csv),
                "images": str(src.images), "images_fingerprint": src.images.fingerprint(names)}
-        if src.metadata_csv is not None:
-            if not src.metadata_csv.is_file():
-                raise FileNotFoundError(f"CSV file not found: {src.metadata_csv}")
+        if src.metadata_csv is not None:  # read (and found) by read_sources already
             rec.update(metadata_csv=str(src.metadata_csv.resolve()), metadata_csv_sha256=sha256_file(src.metadata_csv))
         out.append(rec)
     return out

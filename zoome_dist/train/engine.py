@@ -279,6 +279,9 @@ def build_model(cfg: Config) -> nn.Module:
     return create_model(cfg.model.name, pretrained=cfg.model.pretrained, **opts)
 
 
+META_BRANCH = ("meta", "meta_features")  # top-level module names of the metadata branch
+
+
 def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
     """``cfg.optim``'s optimizer at ``lr`` (default ``optim.lr``; ``batch_plan`` gives the scaled one)."""
     o = cfg.optim
@@ -293,8 +296,6 @@ def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None) -> t
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
-
-META_BRANCH = ("meta", "meta_features")  # top-level module names of the metadata branch
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int
