@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,17 @@ from zoome_dist.config import load_config
 
 TINY = ["--batch-sizes", "16", "--set", "model.backbone=resnet18", "--set", "data.image_size=32", "--set", "data.num_threads=1",
         "--set", "train.micro_batch_size=16", "--set", "train.precision=fp32", "--set", "optim.warmup_epochs=0"]
+
+
+def zoome_tune(args: list[str], out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`zoome tune` in its own process, as a user runs it: the Ray driver's signal handlers, threads and
+    log handlers stay out of pytest's process. Fails with the run's output and every trial's error."""
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.tune", *args, "--out", str(out)], capture_output=True,
+                       text=True, timeout=timeout)
+    errors = "".join(f"\n--- {p}\n{p.read_text(errors='replace')[-2000:]}"
+                     for p in sorted(out.glob("ray/*/*/error.txt")))
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}{errors}"
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +42,12 @@ def cluster():
     c.shutdown()
 
 
-def test_search_across_two_nodes(cluster, shards_dir, tmp_path, capsys):
-    from zoome_dist.tune import main as tune_main
-
+def test_search_across_two_nodes(cluster, shards_dir, tmp_path):
     out = tmp_path / "tune"
-    args = ["--shards", str(shards_dir), "--folds", "0,1", "--num-samples", "4", "--out", str(out),
+    args = ["--shards", str(shards_dir), "--folds", "0,1", "--num-samples", "4",
             "--pool-sizes", "2,4", "--ray-address", cluster.address, "--scheduler", "fifo", "--seed", "3",
             "--verbose", "0", "--set", "train.epochs=1", *TINY]
-    assert tune_main(args) == 0
+    zoome_tune(args, out)
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 4 and trials["complete"].all()
     assert set(trials["model.pool_size"]) == {2, 4}, "the seeded search should sample both pool sizes"
@@ -52,17 +63,13 @@ def test_search_across_two_nodes(cluster, shards_dir, tmp_path, capsys):
     # re-running the same experiment resumes it: nothing is retrained, the same trials come back
     finished = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/fold-*/summary.json")}
     assert len(finished) == 8
-    capsys.readouterr()
-    assert tune_main(args) == 0
-    assert "resuming experiment" in capsys.readouterr().out
+    assert "resuming experiment" in zoome_tune(args, out).stdout
     again = pd.read_csv(out / "trials.csv")
     assert sorted(again["trial_id"]) == sorted(trials["trial_id"])
     assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/fold-*/summary.json")} == finished
 
 
 def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
-    from zoome_dist.tune import main as tune_main
-
     out = tmp_path / "tune"
     killed = {}
 
@@ -80,16 +87,18 @@ def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
 
     killer = threading.Thread(target=kill_after_first_epoch, daemon=True)
     killer.start()
-    rc = tune_main(["--shards", str(shards_dir), "--folds", "0", "--num-samples", "1", "--out", str(out),
-                    "--pool-sizes", "2", "--ray-address", cluster.address, "--max-failures", "2", "--verbose", "0",
-                    "--set", "train.epochs=3", *TINY])
+    zoome_tune(["--shards", str(shards_dir), "--folds", "0", "--num-samples", "1", "--pool-sizes", "2",
+                "--ray-address", cluster.address, "--max-failures", "2", "--verbose", "0", "--set", "train.epochs=3",
+                *TINY], out)
     killer.join(timeout=5)
     assert killed, "no trial rank was killed"
-    assert rc == 0
     trials = pd.read_csv(out / "trials.csv")
     assert trials["complete"].all()
     fold_dir = next(out.glob("trials/*/fold-00"))
     assert "resumed from" in (fold_dir / "rank0.log").read_text(), "the restarted trial started over"
+    # the failed attempt's error says how the rank died and shows the end of its log
+    error = next(out.glob("ray/*/*/error.txt")).read_text()
+    assert "fold 0: rank 0 killed by SIGKILL; the end of" in error and "epoch 0" in error
     epochs = [json.loads(x)["epoch"] for x in (fold_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
 

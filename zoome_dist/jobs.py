@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from zoome_dist.launch import Launch, job_env, train_command, visible_devices
-from zoome_dist.procs import die_with_parent
+from zoome_dist.procs import die_with_parent, exit_description, log_tail
 from zoome_dist.rundir import RunDir
 
 
@@ -127,9 +127,9 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
                 if rc == 0:
                     print(f"== {job.name}: done", flush=True)
                     return
-                print(f"== {job.name}: exit {rc}" + ("" if stream else f"; see {job.run.job_log}"),
+                print(f"== {job.name}: {exit_description(rc)}" + ("" if stream else f"; see {job.run.job_log}"),
                       file=sys.stderr, flush=True)
-            failed[job.name] = f"exit {rc} after {retries + 1} attempt(s)"
+            failed[job.name] = f"{exit_description(rc)} after {retries + 1} attempt(s)"
         finally:
             with lock:
                 free.append(slot)
@@ -155,7 +155,8 @@ def _ray_job(job: Job, res: Resources, gpu: bool) -> str:
     node = ray.util.get_node_ip_address()
     rc = _attempt(job, res, gpu, {}, stream=False, where=f"[node {node}] ")
     if rc != 0:
-        raise RuntimeError(f"{job.name}: training exited with {rc} on {node}; see {job.run.job_log}")
+        raise RuntimeError(f"{job.name}: training {exit_description(rc)} on {node}; the end of {job.run.job_log}:\n"
+                           f"{log_tail(job.run.job_log)}")
     return node
 
 

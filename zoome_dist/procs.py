@@ -15,3 +15,24 @@ def die_with_parent(parent: int | None = None) -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if parent is not None and os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def exit_description(code: int) -> str:
+    """``exit 3`` or ``killed by SIGKILL`` for a ``Popen.returncode``."""
+    import signal
+
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def log_tail(path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file, indented, for an error message ('' when unreadable)."""
+    try:
+        tail = open(path, errors="replace").read().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in tail)

@@ -29,7 +29,7 @@ import yaml
 
 from zoome_dist.config import Config, apply_overrides, check_keys
 from zoome_dist.launch import job_env, local_rank_commands
-from zoome_dist.procs import die_with_parent
+from zoome_dist.procs import die_with_parent, exit_description, log_tail
 from zoome_dist.rundir import RunDir
 
 
@@ -83,7 +83,8 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
             codes = [p.poll() for p in procs]
             if any(c not in (None, 0) for c in codes):
                 bad = next(i for i, c in enumerate(codes) if c not in (None, 0))
-                raise RuntimeError(f"fold {fold}: rank {bad} exited with {codes[bad]}; see {run.rank_log(bad)}")
+                raise RuntimeError(f"fold {fold}: rank {bad} {exit_description(codes[bad])}; the end of "
+                                   f"{run.rank_log(bad)}:\n{log_tail(run.rank_log(bad))}")
             if all(c == 0 for c in codes):
                 yield from run.read_metrics()[seen:]
                 return
