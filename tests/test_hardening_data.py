@@ -18,7 +18,7 @@ from conftest import SHARD_OPTS
 from shards.cli import main as shards_main
 from zoome_dist.data.manifest import load_manifest, verify
 from zoome_dist.data.synth import synthesize
-from zoome_dist.data.writer import BuildLock, BuildOptions, build
+from zoome_dist.data.writer import BuildOptions, build, build_lock
 from zoome_dist.pipeline import LOADERS, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_resume_with_another_image_folder_is_refused(synth_data, tmp_path):
 
 def test_second_build_into_the_same_folder_fails_at_once(synth_data, tmp_path):
     out = tmp_path / "out"
-    with BuildLock(out):
+    with build_lock(out):
         t = time.perf_counter()
         with pytest.raises(FileExistsError, match=r"being built by another process .*lock"):
             build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, resume=True,

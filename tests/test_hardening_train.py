@@ -233,3 +233,35 @@ def test_socket_interface_avoids_loopback_in_a_multi_node_job(monkeypatch):
         with pytest.raises(ValueError, match="dist.socket_ifname"):
             engine.socket_interface("127.0.1.1")
     assert engine.socket_interface("127.0.1.1", configured="eth7") == "eth7"
+
+
+def test_second_training_into_a_running_folder_stops_at_once(base_run, shards_dir, tmp_path):
+    """A relaunch into the --out of a run that still trains stops on the lock (held by the first run's
+    rank 0) before writing anything; the first run goes on, and its lock dies with it."""
+    import signal
+    import time
+
+    from zoome_dist.folder_lock import FolderLock
+
+    cfg, out = base_run[0], tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, str(ROOT / "launchers" / "train.py"), "--config", str(cfg), "--shards",
+                              str(shards_dir), "--fold", "0", "--out", str(out), "--no-progress", "--set",
+                              "train.epochs=50"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / ".lock").is_file()):
+            time.sleep(0.1)
+        assert (out / ".lock").read_text().split()[0] == str(first.pid), "the first run holds no lock"
+        written = {p: p.stat().st_mtime_ns for p in (out / "config.yaml", out / "run.json")}
+        r = train(cfg, shards_dir, out, "--resume")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"{out} is being trained by another process (pid {first.pid}" in r.stderr
+        assert first.poll() is None, "the first run did not survive the second"
+        assert {p: p.stat().st_mtime_ns for p in written} == written, "the second run wrote into the first's folder"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    with FolderLock(out / ".lock", "locked", ""):  # the kernel released the killed run's lock
+        pass

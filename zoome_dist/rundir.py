@@ -65,6 +65,7 @@ class RunDir:
     flops = property(lambda self: self.path / "flops.txt")
     job_log = property(lambda self: self.path / "job.log")
     rendezvous = property(lambda self: self.path / ".rendezvous")
+    lock = property(lambda self: self.path / ".lock")  # held by rank 0 while the run trains
 
     def predictions(self, select: str = "best") -> Path:
         """Out-of-fold probabilities of the ``best`` or the ``last`` epoch."""

@@ -30,6 +30,7 @@ from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import Combined, ImageStore, Source, read_sources, resolve_sources
 from zoome_dist.procs import die_with_parent
 from zoome_dist.data.wds_index import create_index
+from zoome_dist.folder_lock import FolderLock
 
 FORMAT_VERSION = 1
 FIELDS = ("cls", "jpg", "json", "label", "meta", "sid")
@@ -171,31 +172,9 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-class BuildLock:
-    """An exclusive lock on an output folder for the length of a build (``flock``: released by the
-    kernel when the process dies, so a killed build never leaves a stale lock)."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / ".build" / "lock"
-
-    def __enter__(self) -> "BuildLock":
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise FileExistsError(f"{self.path.parent.parent} is being built by another process (pid {holder}, "
-                                  f"lock {self.path}); wait for it, or build into another folder") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+def build_lock(out: Path) -> FolderLock:
+    """The lock of a shard build into ``out`` (``out/.build/lock``)."""
+    return FolderLock(out / ".build" / "lock", f"{out} is being built", "wait for it, or build into another folder")
 
 
 def _run_plans(plans: list[ShardPlan], stores: dict[str, ImageStore], out: Path, enc: MetadataEncoding,
@@ -275,7 +254,7 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
     if not was_empty and not resume:  # before any hashing, so a wrong --out fails at once
         raise FileExistsError(f"output folder {out} is not empty; pass --resume to finish an "
                               "interrupted build there, or choose a new folder")
-    with BuildLock(out):
+    with build_lock(out):
         stores = {s.name: s.images for s in sources}
         pairs = []
         if opts.dedup:

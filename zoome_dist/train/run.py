@@ -27,6 +27,7 @@ import torch.distributed as dist
 from zoome_dist.calibration import plot_reliability
 from zoome_dist.config import Config
 from zoome_dist.data.manifest import load_manifest
+from zoome_dist.folder_lock import FolderLock
 from zoome_dist.logs import get_logger
 from zoome_dist.losses import make_loss
 from zoome_dist.metrics import binary_metrics, youden_threshold
@@ -228,8 +229,11 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: not writable")
     info = setup_distributed(cfg.dist)
+    lock = FolderLock(RunDir(out).lock, f"{out} is being trained",
+                      "wait for that run to end, or train into another --out")
     ok = False
     try:
+        _hold_on_rank0(lock)
         if resuming:
             job = {"fold": fold, "shards": str(shards.resolve()),
                    "loader": resolve_loader(cfg.data.loader)}
@@ -250,6 +254,22 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
             if ok:  # gloo can abort at exit without this (docs/stack.md); never wait for a failed peer
                 dist.barrier()
             dist.destroy_process_group()
+        lock.__exit__()
+
+
+def _hold_on_rank0(lock: FolderLock) -> None:
+    """Rank 0 takes the run folder's lock for the whole run: a second training into the same --out (a
+    relaunch, a retried job whose first attempt still runs) stops on every rank at once, before it
+    writes anything."""
+    error = [""]
+    if dist.get_rank() == 0:
+        try:
+            lock.__enter__()
+        except FileExistsError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise FileExistsError(error[0])
 
 
 @dataclass
