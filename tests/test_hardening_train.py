@@ -236,32 +236,73 @@ def test_socket_interface_avoids_loopback_in_a_multi_node_job(monkeypatch):
 
 
 def test_second_training_into_a_running_folder_stops_at_once(base_run, shards_dir, tmp_path):
-    """A relaunch into the --out of a run that still trains stops on the lock (held by the first run's
-    rank 0) before writing anything; the first run goes on, and its lock dies with it."""
+    """A relaunch into the --out of a run that still trains stops on the lock held by the first run's
+    rank 0, on every rank of the relaunch (2 here: rank 1 learns it from rank 0) and before writing
+    anything; the first run goes on, and its lock goes with it (its loader workers do not keep it)."""
     import signal
     import time
 
     from zoome_dist.folder_lock import FolderLock
+    from zoome_dist.launch import local_rank_commands
 
     cfg, out = base_run[0], tmp_path / "run"
+    args = [str(ROOT / "launchers" / "train.py"), "--config", str(cfg), "--shards", str(shards_dir), "--fold", "0",
+            "--out", str(out), "--no-progress", "--set", "train.epochs=100000"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, str(ROOT / "launchers" / "train.py"), "--config", str(cfg), "--shards",
-                              str(shards_dir), "--fold", "0", "--out", str(out), "--no-progress", "--set",
-                              "train.epochs=50"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    ranks: list[subprocess.Popen] = []
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / ".lock").is_file()):
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None and not (out / "metrics.jsonl").is_file():
             time.sleep(0.1)
+        assert first.poll() is None and (out / "metrics.jsonl").is_file(), (tmp_path / "first.log").read_text()[-3000:]
         assert (out / ".lock").read_text().split()[0] == str(first.pid), "the first run holds no lock"
         written = {p: p.stat().st_mtime_ns for p in (out / "config.yaml", out / "run.json")}
-        r = train(cfg, shards_dir, out, "--resume")
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert f"{out} is being trained by another process (pid {first.pid}" in r.stderr
+        # the relaunch: 2 ranks started as Tune starts a trial's (each its own process, so each one's
+        # exit status shows: rank 1 must stop by itself, not wait in a collective or be killed)
+        ranks = [subprocess.Popen(cmd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for cmd, rank_env in local_rank_commands([*args[1:], "--resume"], 2, tmp_path / "rendezvous", env)]
+        said = [p.communicate(timeout=180)[0] for p in ranks]
+        assert [p.returncode for p in ranks] == [2, 2], said
+        busy = f"{out} is being trained by another process (pid {first.pid}"
+        assert busy in said[0] and "Traceback" not in "".join(said), said  # said once, by rank 0
         assert first.poll() is None, "the first run did not survive the second"
         assert {p: p.stat().st_mtime_ns for p in written} == written, "the second run wrote into the first's folder"
     finally:
+        for p in ranks:
+            p.kill()
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
-    with FolderLock(out / ".lock", "locked", ""):  # the kernel released the killed run's lock
+    with FolderLock(out / ".lock", "locked", ""):  # released with the killed run's rank, workers or not
         pass
+
+
+def test_forked_children_do_not_keep_a_lock(tmp_path):
+    """A loader worker forked while rank 0 holds the run lock must not hold it after rank 0 is gone
+    (flock belongs to the open file, which a fork shares): released in the parent = free."""
+    import multiprocessing
+    import time
+
+    from zoome_dist.folder_lock import FolderLock
+
+    def worker(started) -> None:
+        started.set()
+        time.sleep(60)
+
+    ctx = multiprocessing.get_context("fork")
+    lock, started = FolderLock(tmp_path / ".lock", "busy", ""), ctx.Event()
+    lock.__enter__()
+    child = ctx.Process(target=worker, args=(started,), daemon=True)
+    child.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(FileExistsError, match=r"busy by another process \(pid \d+ "):
+            FolderLock(tmp_path / ".lock", "busy", "").__enter__()
+        lock.__exit__()
+        with FolderLock(tmp_path / ".lock", "busy", ""):  # the child still lives
+            assert child.is_alive()
+    finally:
+        child.kill()
+        child.join()

@@ -18,11 +18,14 @@ TINY = ["--batch-sizes", "16", "--set", "model.backbone=resnet18", "--set", "dat
         "--set", "train.micro_batch_size=16", "--set", "train.precision=fp32", "--set", "optim.warmup_epochs=0"]
 
 
-def zoome_tune(args: list[str], out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def zoome_tune(args: list[str], out: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     """`zoome tune` in its own process, as a user runs it: the Ray driver's signal handlers, threads and
     log handlers stay out of pytest's process. Fails with the run's output and every trial's error."""
-    r = subprocess.run([sys.executable, "-m", "zoome_dist.tune", *args, "--out", str(out)], capture_output=True,
-                       text=True, timeout=timeout)
+    try:
+        r = subprocess.run([sys.executable, "-m", "zoome_dist.tune", *args, "--out", str(out)], capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"zoome tune ran past {timeout} s\n{str(e.stdout)[-2000:]}\n{str(e.stderr)[-4000:]}") from None
     errors = "".join(f"\n--- {p}\n{p.read_text(errors='replace')[-2000:]}"
                      for p in sorted(out.glob("ray/*/*/error.txt")))
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}{errors}"
@@ -97,7 +100,9 @@ def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
     fold_dir = next(out.glob("trials/*/fold-00"))
     assert "resumed from" in (fold_dir / "rank0.log").read_text(), "the restarted trial started over"
     # the failed attempt's error says how the rank died and shows the end of its log
-    error = next(out.glob("ray/*/*/error.txt")).read_text()
+    errors = list(out.glob("ray/*/*/error.txt"))
+    assert len(errors) == 1, f"expected the killed attempt's error.txt, found {errors}"
+    error = errors[0].read_text()
     assert "fold 0: rank 0 killed by SIGKILL; the end of" in error and "epoch 0" in error
     epochs = [json.loads(x)["epoch"] for x in (fold_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]

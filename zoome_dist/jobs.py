@@ -74,7 +74,7 @@ def _kill_group(p: subprocess.Popen) -> None:
 
 def _attempt(job: Job, res: Resources, gpu: bool, extra_env: dict[str, str], stream: bool, where: str = "") -> int:
     """Run ``job`` once on this node; its output goes to ``run_dir/job.log`` (or the console). The job is
-    its own process group, ended as a whole when this attempt ends early (its launcher and ranks too)."""
+    its own process group, ended as a whole when this attempt ends (its launcher and ranks too)."""
     job.run.path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **res.env(gpu), **extra_env}
     cmd = job.command(res.launch, env)
@@ -89,8 +89,7 @@ def _attempt(job: Job, res: Resources, gpu: bool, extra_env: dict[str, str], str
         try:
             return p.wait()
         finally:
-            if p.poll() is None:
-                _kill_group(p)
+            _kill_group(p)  # also what outlives a failed launcher (a rank, its loader workers) before a retry
             _RUNNING.discard(p)
 
 

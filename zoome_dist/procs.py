@@ -18,21 +18,29 @@ def die_with_parent(parent: int | None = None) -> None:
 
 
 def exit_description(code: int) -> str:
-    """``exit 3`` or ``killed by SIGKILL`` for a ``Popen.returncode``."""
+    """``killed by SIGKILL`` for a ``Popen.returncode`` of -9; ``exit 247 (...)`` where a launcher turned a
+    rank's signal into its own exit status (DeepSpeed's exits with the rank's -9: 247; a shell 128 + 9)."""
     import signal
 
-    if code < 0:
+    def name(sig: int) -> str | None:
         try:
-            return f"killed by {signal.Signals(-code).name}"
+            return signal.Signals(sig).name
         except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit {code}"
+            return None
+
+    if code < 0:
+        return f"killed by {name(-code) or f'signal {-code}'}"
+    guesses = [f"a rank killed by {n}" for n in (name(256 - code) if 224 < code < 255 else None,
+                                                  name(code - 128) if 128 < code < 160 else None) if n]
+    return f"exit {code}" + (f" ({guesses[0]}?)" if guesses else "")
 
 
 def log_tail(path, lines: int = 15) -> str:
     """The last ``lines`` lines of a log file, indented, for an error message ('' when unreadable)."""
     try:
-        tail = open(path, errors="replace").read().splitlines()[-lines:]
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
     except OSError:
         return ""
     return "\n".join("    " + line for line in tail)

@@ -20,6 +20,7 @@ this type, so a file's name lives here and nowhere else.
     tensorboard/           DeepSpeed's TensorBoard monitor; monitor/: its CSV monitor (monitor.csv)
     flops.txt              DeepSpeed's flops profile (monitor.flops_profile_step)
     job.log, rank<R>.log   output of a CV job / a Ray trial's ranks; .rendezvous: their rendezvous file
+    .lock                  flock held by rank 0 while the run trains (pid and host inside)
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class RunDir:
     flops = property(lambda self: self.path / "flops.txt")
     job_log = property(lambda self: self.path / "job.log")
     rendezvous = property(lambda self: self.path / ".rendezvous")
-    lock = property(lambda self: self.path / ".lock")  # held by rank 0 while the run trains
+    lock = property(lambda self: self.path / ".lock")
 
     def predictions(self, select: str = "best") -> Path:
         """Out-of-fold probabilities of the ``best`` or the ``last`` epoch."""

@@ -234,6 +234,7 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     ok = False
     try:
         _hold_on_rank0(lock)
+        resuming = _check_run_folder(RunDir(out), resume)  # again: a run that held the folder may have ended
         if resuming:
             job = {"fold": fold, "shards": str(shards.resolve()),
                    "loader": resolve_loader(cfg.data.loader)}
@@ -260,16 +261,16 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
 def _hold_on_rank0(lock: FolderLock) -> None:
     """Rank 0 takes the run folder's lock for the whole run: a second training into the same --out (a
     relaunch, a retried job whose first attempt still runs) stops on every rank at once, before it
-    writes anything."""
-    error = [""]
+    writes anything. Any failure to take it is raised on every rank alike (none waits in a collective)."""
+    error: list[Exception | None] = [None]
     if dist.get_rank() == 0:
         try:
             lock.__enter__()
-        except FileExistsError as e:
-            error = [str(e)]
+        except Exception as e:  # noqa: BLE001 - busy, or the lock file cannot be made: every rank stops
+            error = [e]
     dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise FileExistsError(error[0])
+    if error[0] is not None:
+        raise error[0]
 
 
 @dataclass
