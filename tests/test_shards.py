@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,41 @@ def test_deterministic_and_worker_independent(synth_data, shards_dir, tmp_path):
           workers=2, progress=False)
     assert shard_hashes(tmp_path / "again") == shard_hashes(shards_dir)
     assert (tmp_path / "again" / "folds.csv").read_bytes() == (shards_dir / "folds.csv").read_bytes()
+
+
+@pytest.mark.parametrize("changed", [False, True], ids=["same-images", "an-image-changed"])
+def test_interrupted_hashing_keeps_what_it_hashed(synth_data, shards_dir, tmp_path, monkeypatch, changed):
+    """Ctrl-C during the duplicate search's hashing pass: the digests saved so far are reused by the
+    re-run (only the rest is hashed) and the build equals an uninterrupted one; unless an image changed
+    in between, then every image is hashed again."""
+    from zoome_dist.data import dedup, writer
+
+    real, hashed, interrupted = dedup.digest, [], []
+
+    def digest(store, name):
+        hashed.append(name)
+        if len(hashed) == 30 and not interrupted:
+            interrupted.append(name)
+            raise KeyboardInterrupt
+        return real(store, name)
+
+    monkeypatch.setattr(dedup, "digest", digest)
+    monkeypatch.setattr(writer, "SAVE_DIGESTS_S", 0.0)  # save after every image
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, progress=False)
+    assert len(json.loads((out / ".build" / "digests.json").read_text())["digests"]) == 29
+    images = synth_data / "jpeg" / "train"
+    if changed:  # a copy of the data with its first image re-encoded
+        shutil.copytree(images, tmp_path / "images")
+        images = tmp_path / "images"
+        first = images / f"{hashed[0]}.jpg"
+        Image.open(first).save(first, quality=60)
+    hashed.clear()  # the folder holds only the lock and the digests: a plain re-run (or --resume) continues
+    build(synth_data / "train.csv", images, out, SHARD_OPTS, progress=False)
+    assert len(hashed) == len(pd.read_csv(synth_data / "train.csv")) - (0 if changed else 29)
+    if not changed:
+        assert (out / "folds.csv").read_bytes() == (shards_dir / "folds.csv").read_bytes()
 
 
 def test_nonempty_out_needs_resume(synth_data, shards_dir):

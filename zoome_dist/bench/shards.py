@@ -67,7 +67,7 @@ def bench_shards(n: int = 1536, sizes: tuple[int, ...] = (600, 1024), max_side: 
                 # the duplicate search's hashing pass (builds above: dedup off, their images are copies)
                 store = FolderImages(imgs)
                 names = pd.read_csv(root / "n.csv")["image_name"].tolist()
-                t = timed(lambda: digests([(store, name) for name in names], workers, progress=False))
+                t = timed(lambda: list(digests([(store, name) for name in names], workers, progress=False)))
                 row[f"dedup_hash_img_s_{workers}w"] = max(row.get(f"dedup_hash_img_s_{workers}w", 0), n / t)
             # Memory in separate, untimed builds: sampling /proc/*/smaps costs CPU.
             for key, csv in (("peak_rss_mb", "n.csv"), ("peak_rss_mb_2n", "train.csv")):

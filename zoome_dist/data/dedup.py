@@ -20,6 +20,7 @@ import hashlib
 import io
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -58,13 +59,14 @@ def _digest_job(args: tuple) -> tuple[str | None, str | None]:
     return digest(*args)
 
 
-def digests(jobs: list[tuple], workers: int = 1, progress: bool = True) -> list[tuple[str | None, str | None]]:
-    """``digest`` of every ``(store, name)``, in order, on ``workers`` processes."""
+def digests(jobs: list[tuple], workers: int = 1, progress: bool = True) -> Iterator[tuple[str | None, str | None]]:
+    """``digest`` of every ``(store, name)``, yielded in order as they come, on ``workers`` processes."""
     bar = dict(total=len(jobs), desc="hashing", unit="img", disable=not progress)
     if workers <= 1:
-        return [digest(*j) for j in tqdm(jobs, **bar)]
+        yield from (digest(*j) for j in tqdm(jobs, **bar))
+        return
     with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(_digest_job, jobs, chunksize=64), **bar))
+        yield from tqdm(pool.map(_digest_job, jobs, chunksize=64), **bar)
 
 
 def _words(phashes: list[str]) -> np.ndarray:

@@ -258,7 +258,7 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
         stores = {s.name: s.images for s in sources}
         pairs = []
         if opts.dedup:
-            hashes = _digests(out, table, stores, workers, progress, resume and not was_empty)
+            hashes = _digests(out, table, stores, workers, progress)
             pairs = dedup.duplicate_pairs([h[0] for h in hashes], [h[1] for h in hashes], opts.dup_distance)
         table["group"] = dedup.groups(table, pairs)
         keep, pair_records, dropped, largest = dedup.resolve(table, pairs, {s.name: i for i, s in enumerate(sources)})
@@ -283,18 +283,32 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
                       resume and not was_empty, progress)
 
 
-def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], workers: int, progress: bool,
-             resume: bool) -> list[tuple[str | None, str | None]]:
-    """Every row's (sha256, phash), cached in ``.build/digests.json`` so that ``--resume`` hashes only what
-    an interrupted build had not (a changed image changes the fingerprint, which ``--resume`` refuses)."""
+SAVE_DIGESTS_S = 30.0  # how much hashing a killed build can lose
+
+
+def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], workers: int,
+             progress: bool) -> list[tuple[str | None, str | None]]:
+    """Every row's (sha256, phash), cached in ``.build/digests.json`` (saved every ``SAVE_DIGESTS_S`` and at
+    the end) with the images' fingerprint (per image: name, size, first 4 KiB): a build interrupted while
+    hashing, or resumed, hashes only what it had not, and never reuses a digest of a changed image set."""
+    import time
+
     cache_file = out / ".build" / "digests.json"
-    cache = json.loads(cache_file.read_text()) if resume and cache_file.is_file() else {}
+    stamp = {src: stores[src].fingerprint(table["image_name"][table["source"] == src].tolist())
+             for src in sorted(set(table["source"]))}
+    old = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache = old.get("digests", {}) if old.get("images_fingerprint") == stamp else {}
     keys = [f"{src}/{name}" for src, name in zip(table["source"], table["image_name"])]
     todo = [i for i, k in enumerate(keys) if k not in cache]
+    saved = time.monotonic()
     found = dedup.digests([(stores[table["source"].iloc[i]], table["image_name"].iloc[i]) for i in todo],
                           workers, progress)
-    cache.update({keys[i]: list(h) for i, h in zip(todo, found)})
-    _write_json_atomic(cache_file, cache)
+    for i, h in zip(todo, found):
+        cache[keys[i]] = list(h)
+        if time.monotonic() - saved > SAVE_DIGESTS_S:
+            _write_json_atomic(cache_file, {"images_fingerprint": stamp, "digests": cache})
+            saved = time.monotonic()
+    _write_json_atomic(cache_file, {"images_fingerprint": stamp, "digests": cache})
     return [tuple(cache[k]) for k in keys]
 
 
