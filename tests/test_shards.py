@@ -98,10 +98,10 @@ def test_deterministic_and_worker_independent(synth_data, shards_dir, tmp_path):
 
 @pytest.mark.parametrize("changed", [False, True], ids=["same-images", "an-image-changed"])
 def test_interrupted_hashing_keeps_what_it_hashed(synth_data, shards_dir, tmp_path, monkeypatch, changed):
-    """Ctrl-C during the duplicate search's hashing pass: the digests saved so far are reused by the
-    re-run (only the rest is hashed) and the build equals an uninterrupted one; unless an image changed
-    in between, then every image is hashed again."""
-    from zoome_dist.data import dedup, writer
+    """Ctrl-C during the duplicate search's hashing pass: the digests hashed so far are saved, and a
+    plain re-run hashes only the rest (and an image changed in between), with the same digests and
+    folds as an uninterrupted build."""
+    from zoome_dist.data import dedup
 
     real, hashed, interrupted = dedup.digest, [], []
 
@@ -113,20 +113,22 @@ def test_interrupted_hashing_keeps_what_it_hashed(synth_data, shards_dir, tmp_pa
         return real(store, name)
 
     monkeypatch.setattr(dedup, "digest", digest)
-    monkeypatch.setattr(writer, "SAVE_DIGESTS_S", 0.0)  # save after every image
-    out = tmp_path / "out"
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(synth_data / "jpeg" / "train", images)
     with pytest.raises(KeyboardInterrupt):
-        build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, progress=False)
+        build(synth_data / "train.csv", images, out, SHARD_OPTS, progress=False)
     assert len(json.loads((out / ".build" / "digests.json").read_text())["digests"]) == 29
-    images = synth_data / "jpeg" / "train"
-    if changed:  # a copy of the data with its first image re-encoded
-        shutil.copytree(images, tmp_path / "images")
-        images = tmp_path / "images"
-        first = images / f"{hashed[0]}.jpg"
-        Image.open(first).save(first, quality=60)
-    hashed.clear()  # the folder holds only the lock and the digests: a plain re-run (or --resume) continues
+    first = hashed[0]
+    if changed:
+        Image.open(images / f"{first}.jpg").save(images / f"{first}.jpg", quality=60)
+    hashed.clear()  # the folder holds only the lock and the digests: a plain re-run continues
     build(synth_data / "train.csv", images, out, SHARD_OPTS, progress=False)
-    assert len(hashed) == len(pd.read_csv(synth_data / "train.csv")) - (0 if changed else 29)
+    assert len(hashed) == len(pd.read_csv(synth_data / "train.csv")) - 29 + changed
+    assert (first in hashed) == changed
+    got = json.loads((out / ".build" / "digests.json").read_text())["digests"]
+    want = json.loads((shards_dir / ".build" / "digests.json").read_text())["digests"]
+    assert got.keys() == want.keys()
+    assert [k for k in got if got[k] != want[k]] == ([next(k for k in got if k.endswith(first))] if changed else [])
     if not changed:
         assert (out / "folds.csv").read_bytes() == (shards_dir / "folds.csv").read_bytes()
 

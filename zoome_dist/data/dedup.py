@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
@@ -29,6 +30,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from zoome_dist.data.images import BadImage
+from zoome_dist.procs import die_with_parent
 
 DEFAULT_MAX_DISTANCE = 12
 HASH_SIZE = 16  # phash side: HASH_SIZE² bits
@@ -65,8 +67,11 @@ def digests(jobs: list[tuple], workers: int = 1, progress: bool = True) -> Itera
     if workers <= 1:
         yield from (digest(*j) for j in tqdm(jobs, **bar))
         return
-    with ProcessPoolExecutor(workers) as pool:
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
         yield from tqdm(pool.map(_digest_job, jobs, chunksize=64), **bar)
+    finally:  # also when the caller stops early or is interrupted: pending chunks are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _words(phashes: list[str]) -> np.ndarray:

@@ -45,18 +45,19 @@ class FolderImages:
         except OSError as e:
             raise BadImage(f"unreadable image file {path}: {e}") from None
 
+    def stamp(self, name: str) -> bytes:
+        """The image's file name, size and first 4 KiB (hashed): what tells a changed image."""
+        path = self.find(name)
+        try:
+            with open(path, "rb") as f:  # type: ignore[arg-type]
+                head = f.read(4096)
+            return f"{path.name}\0{path.stat().st_size}\0".encode() + hashlib.sha256(head).digest()
+        except (OSError, TypeError):
+            return b"missing\0"
+
     def fingerprint(self, names: list[str]) -> str:
-        """Per listed image its name, size and first 4 KiB, hashed (what ``--resume`` compares)."""
-        h = hashlib.sha256()
-        for name in names:
-            path = self.find(name)
-            try:
-                with open(path, "rb") as f:  # type: ignore[arg-type]
-                    head = f.read(4096)
-                h.update(f"{name}\0{path.name}\0{path.stat().st_size}\0".encode() + hashlib.sha256(head).digest())
-            except (OSError, TypeError):
-                h.update(f"{name}\0missing\0".encode())
-        return h.hexdigest()
+        """Per listed image its name and ``stamp``, hashed (what ``--resume`` compares)."""
+        return _fingerprint(self, names)
 
     def __str__(self) -> str:
         return str(self.root.resolve())
@@ -107,21 +108,29 @@ class HDF5Images:
             return value.tobytes()
         raise BadImage(f"{name} in {self.path}: a {type(value).__name__}, not image bytes")
 
+    def stamp(self, name: str) -> bytes:
+        """The image's size and first 4 KiB (hashed): what tells a changed image."""
+        try:
+            raw = self.read(name)
+        except BadImage:
+            return b"missing\0"
+        return f"{len(raw)}\0".encode() + hashlib.sha256(raw[:4096]).digest()
+
     def fingerprint(self, names: list[str]) -> str:
-        h = hashlib.sha256()
-        for name in names:
-            try:
-                raw = self.read(name)
-                h.update(f"{name}\0{len(raw)}\0".encode() + hashlib.sha256(raw[:4096]).digest())
-            except BadImage:
-                h.update(f"{name}\0missing\0".encode())
-        return h.hexdigest()
+        return _fingerprint(self, names)
 
     def __str__(self) -> str:
         return str(self.path.resolve())
 
 
 ImageStore = FolderImages | HDF5Images
+
+
+def _fingerprint(store: ImageStore, names: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        h.update(f"{name}\0".encode() + store.stamp(name))
+    return h.hexdigest()
 
 
 def open_images(path: str | Path) -> ImageStore:

@@ -249,7 +249,7 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
-    scratch = {out / ".build" / "lock", out / ".build" / "digests.json"}  # a build killed before planning
+    scratch = {out / ".build" / n for n in ("lock", "digests.json", "digests.json.tmp")}  # killed before planning
     was_empty = not out.exists() or all(p in scratch for p in out.rglob("*") if p.is_file())
     if not was_empty and not resume:  # before any hashing, so a wrong --out fails at once
         raise FileExistsError(f"output folder {out} is not empty; pass --resume to finish an "
@@ -288,28 +288,41 @@ SAVE_DIGESTS_S = 30.0  # how much hashing a killed build can lose
 
 def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], workers: int,
              progress: bool) -> list[tuple[str | None, str | None]]:
-    """Every row's (sha256, phash), cached in ``.build/digests.json`` (saved every ``SAVE_DIGESTS_S`` and at
-    the end) with the images' fingerprint (per image: name, size, first 4 KiB): a build interrupted while
-    hashing, or resumed, hashes only what it had not, and never reuses a digest of a changed image set."""
+    """Every row's (sha256, phash), cached in ``.build/digests.json`` with each image's ``stamp`` (name,
+    size, first 4 KiB), saved every ``SAVE_DIGESTS_S``, at the end and when interrupted: any re-run of a
+    build (plain after a stop while hashing, or ``--resume``) hashes only the images it has no digest
+    of, or whose stamp changed."""
+    import contextlib
+    import hashlib
     import time
 
     cache_file = out / ".build" / "digests.json"
-    stamp = {src: stores[src].fingerprint(table["image_name"][table["source"] == src].tolist())
-             for src in sorted(set(table["source"]))}
-    old = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    cache = old.get("digests", {}) if old.get("images_fingerprint") == stamp else {}
+    try:
+        old = json.loads(cache_file.read_text()).get("digests", {}) if cache_file.is_file() else {}
+    except (OSError, ValueError, AttributeError):  # unreadable, or an older format: hash again
+        old = {}
     keys = [f"{src}/{name}" for src, name in zip(table["source"], table["image_name"])]
+    stamps = [hashlib.sha256(stores[src].stamp(name)).hexdigest()[:32]
+              for src, name in zip(table["source"], table["image_name"])]
+    cache = {k: v for k, st in zip(keys, stamps) if isinstance(v := old.get(k), list) and len(v) == 3 and v[2] == st}
     todo = [i for i, k in enumerate(keys) if k not in cache]
+
+    def save() -> None:
+        _write_json_atomic(cache_file, {"digests": cache})
+
     saved = time.monotonic()
     found = dedup.digests([(stores[table["source"].iloc[i]], table["image_name"].iloc[i]) for i in todo],
                           workers, progress)
-    for i, h in zip(todo, found):
-        cache[keys[i]] = list(h)
-        if time.monotonic() - saved > SAVE_DIGESTS_S:
-            _write_json_atomic(cache_file, {"images_fingerprint": stamp, "digests": cache})
-            saved = time.monotonic()
-    _write_json_atomic(cache_file, {"images_fingerprint": stamp, "digests": cache})
-    return [tuple(cache[k]) for k in keys]
+    try:
+        with contextlib.closing(found):  # an interrupted pass stops its workers now
+            for i, h in zip(todo, found):
+                cache[keys[i]] = [*h, stamps[i]]
+                if time.monotonic() - saved > SAVE_DIGESTS_S:
+                    save()
+                    saved = time.monotonic()
+    finally:
+        save()  # what was hashed, also when interrupted
+    return [tuple(cache[k][:2]) for k in keys]
 
 
 def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, table: pd.DataFrame, folds: np.ndarray,
