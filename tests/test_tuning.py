@@ -118,3 +118,18 @@ def test_cluster_yaml_passes_ray_schema():
     validate_config(prepare_config(cfg))
     assert cfg["provider"]["type"] == "local" and "~/zoome_dist" in cfg["file_mounts"]
     assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
+
+
+def test_trials_csv_error_is_the_trials_own_message():
+    """Ray wraps a trial's exception in a RayTaskError whose text starts with Ray's task header; the
+    error column of trials.csv keeps the trial's own first line."""
+    from ray.exceptions import RayTaskError
+
+    from zoome_dist.tuning import _error_line
+
+    cause = RuntimeError("fold 0: rank 0 killed by SIGKILL; the end of r/rank0.log:\n    epoch 0: loss 0.49")
+    wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...", cause, proctitle="ray::ImplicitFunc.train()",
+                           pid=1, ip="192.0.2.2").as_instanceof_cause()
+    assert "killed by SIGKILL" not in str(wrapped).splitlines()[0]  # what trials.csv showed before
+    assert _error_line(wrapped) == "fold 0: rank 0 killed by SIGKILL; the end of r/rank0.log:"
+    assert _error_line(ValueError("plain")) == "plain" and _error_line(None) == ""

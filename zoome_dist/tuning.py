@@ -133,6 +133,14 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+def _error_line(error: BaseException | None) -> str:
+    """A failed trial's own message (not Ray's task header): its first line, for trials.csv."""
+    if error is None:
+        return ""
+    lines = str(getattr(error, "cause", None) or error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
 def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
     """``trials.csv``, ``trials.md``, ``best.yaml`` (a full train.py config) and ``auc_vs_pool_size.png``."""
     import matplotlib
@@ -150,7 +158,7 @@ def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
                "folds_done": m.get("folds_done", 0), "mean_auc": m.get("mean_auc"),
                "complete": m.get("folds_done", 0) == len(folds), "node_id": m.get("node_id"),
                "node_ip": m.get("node_ip"),
-               "error": str(r.error).splitlines()[0][:200] if r.error else ""}
+               "error": _error_line(r.error)}
         rows.append(row)
     df = pd.DataFrame(rows).sort_values("mean_auc", ascending=False, na_position="last")
     df.to_csv(out / "trials.csv", index=False)
