@@ -287,12 +287,16 @@ def test_batch_policy_micro_scales_global_batch_and_lr():
 def test_batch_policy_micro_on_two_ranks(tiny_cfg, shards_dir, tmp_path):
     """Two real ranks with a fixed micro batch: the run steps micro × 2 samples with the lr scaled."""
     out = tmp_path / "run"
-    r = subprocess.run(ds_cmd(2, str(ROOT / "launchers" / "train.py"), *train_args(
+    cmd = ds_cmd(2, str(ROOT / "launchers" / "train.py"), *train_args(
         tiny_cfg, shards_dir, out, "--set", "train.epochs=1", "--set", "train.batch_policy=micro",
         "--set", "train.micro_batch_size=8", "--set", "optim.lr_scaling=linear",
-        "--set", "monitor.csv=true", "--set", "monitor.flops_profile_step=2")),
-        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        "--set", "monitor.csv=true", "--set", "monitor.flops_profile_step=2"))
+    r = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # DeepSpeed's CPU shm all-reduce ran, and left none of its 66 MB /dev/shm buffers behind
+    assert "deepspeed_shm_comm_op built successfully" in r.stdout + r.stderr
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     run = json.loads((out / "run.json").read_text())
     ds = json.loads((out / "deepspeed.json").read_text())
     # TINY: global 8 is the batch optim.lr 0.002 was set for; 2 ranks × micro 8 = 16 → lr × 2
