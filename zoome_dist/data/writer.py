@@ -293,7 +293,6 @@ def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], work
     build (plain after a stop while hashing, or ``--resume``) hashes only the images it has no digest
     of, or whose stamp changed."""
     import contextlib
-    import hashlib
     import time
 
     cache_file = out / ".build" / "digests.json"

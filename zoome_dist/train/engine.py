@@ -315,7 +315,6 @@ def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None) -> t
     return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
-
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine down to ``min_lr_ratio`` × lr (or constant); per optimizer step."""
