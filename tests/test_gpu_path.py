@@ -46,6 +46,41 @@ def test_batch_decode_gives_the_same_batches_and_sharding(shards_dir, train):
                 assert torch.equal(x[i], y[i])  # meta, label, sample id: same samples, same order
 
 
+def test_batch_decode_set_epoch_repeats_a_fresh_loaders_epoch(shards_dir):
+    """The batch-decode path's draws restart at each epoch's seed: a loader that served epoch 0 yields
+    epoch 2 as a loader built at epoch 2 does (what a resumed run builds)."""
+    it, _ = _loader(shards_dir, train=True, batch_decode=True)
+    list(it)
+    it.set_epoch(2)
+    got = list(it)
+    want = list(_loader(shards_dir, train=True, batch_decode=True, epoch=2)[0])
+    assert len(got) == len(want) > 0
+    for x, y in zip(got, want):
+        assert torch.equal(x[3], y[3]) and torch.equal(x[0], y[0])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, cuda])])
+def test_decode_thread_gives_the_same_batches(shards_dir, device):
+    """The decode-ahead thread keeps the batches and their random draws in order; a pass left early
+    (its next batch still decoding) does not disturb the next epoch's draws."""
+    plain, _ = _loader(shards_dir, train=True, batch_decode=True, device=device)
+    plain.prefetch = False
+    want = [list(plain) for _ in range(2)]
+    ahead, _ = _loader(shards_dir, train=True, batch_decode=True, device=device)
+    assert ahead.prefetch == (device == "gpu")  # the default: on a GPU only
+    ahead.prefetch = True
+    partial = iter(ahead)
+    next(partial)
+    next(partial)
+    partial.close()  # left with the third batch in flight
+    ahead.set_epoch(0)
+    got = [list(ahead) for _ in range(2)]
+    for epoch in range(2):
+        assert len(got[epoch]) == len(want[epoch]) > 1
+        for x, y in zip(got[epoch], want[epoch]):
+            assert all(torch.equal(a, b) for a, b in zip(x, y)), f"epoch {epoch}"
+
+
 def test_batch_decode_cpu_twin_matches_per_sample_images(shards_dir):
     a = next(iter(_loader(shards_dir, train=False, batch_decode=False)[0]))[0]
     b = next(iter(_loader(shards_dir, train=False, batch_decode=True)[0]))[0]

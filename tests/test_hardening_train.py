@@ -2,12 +2,14 @@
 bad config values. Real single-process DeepSpeed runs (CPU, gloo) on tiny shards."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -114,6 +116,34 @@ def test_resume_with_changed_config_is_refused(base_run, shards_dir, tmp_path):
     r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2", "--allow-config-change")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_torch_loader_resume_mid_epoch_repeats_the_uninterrupted_run(shards_dir, tmp_path):
+    """One torch training loader serves every epoch (persistent workers, set_epoch); a resumed run builds
+    a fresh one and skips to its micro-step. Rewind a finished 2-epoch run to a mid-epoch-1 checkpoint and
+    resume: the same batches must follow, so the same final model (one CPU process, fp32: to 1e-6)."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "num_threads": 2},
+                                                       "train": {**TINY["train"], "epochs": 2, "keep_checkpoints": 100}}))
+    run = tmp_path / "run"
+    r = train(tmp_path / "cfg.yaml", shards_dir, run)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    spe = json.loads((run / "run.json").read_text())["steps_per_epoch"]
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
+    mid = [t for t in tags if spe < int(t[4:]) < 2 * spe]
+    assert mid, f"no mid-epoch-1 checkpoint among {tags} ({spe} steps per epoch)"
+    rewound = tmp_path / "rewound"
+    shutil.copytree(run, rewound)
+    for t in tags:
+        if int(t[4:]) > int(mid[0][4:]):
+            shutil.rmtree(rewound / "checkpoints" / t)
+    (rewound / "checkpoints" / "latest").write_text(mid[0])
+    (rewound / "summary.json").unlink()
+    r = train(tmp_path / "cfg.yaml", shards_dir, rewound, "--resume")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"micro-step {int(mid[0][4:]) - spe}" in r.stdout
+    a = pd.read_csv(rewound / "predictions_last.csv").set_index("image_name")["prob"]
+    b = pd.read_csv(run / "predictions_last.csv").set_index("image_name")["prob"]
+    assert len(a) == len(b) > 0 and (a - b.loc[a.index]).abs().max() <= 1e-6
 
 
 def test_pruning_keeps_the_newest_and_the_best(tmp_path):

@@ -186,7 +186,7 @@ def test_clear_errors(shards_dir, tmp_path):
 
 def test_torch_training_batches_are_a_function_of_seed_epoch_rank(shards_dir):
     """What exact resume needs from the torch loader: a rebuilt loader gives the same augmented batches,
-    whatever the process's RNG did in between (the workers' seeds come from (seed, epoch, rank))."""
+    whatever the process's RNG did in between (each sample's draws come from (seed, epoch, sample))."""
     def first_batches(epoch, rank):
         torch.manual_seed(np.random.randint(1 << 30))  # disturb the global RNG
         it, _ = make_loader(shards_dir, [0, 2], train=True, batch_size=4, image_size=32, rank=rank, world_size=2,
@@ -197,3 +197,39 @@ def test_torch_training_batches_are_a_function_of_seed_epoch_rank(shards_dir):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     c = first_batches(2, 0)
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_one_training_loader_serves_every_epoch_as_a_fresh_one_would(shards_dir, loader):
+    """Training builds its loader once and calls set_epoch each epoch (the torch loader's workers stay);
+    a resumed run builds a fresh one at its epoch: both must yield the same batches, whatever the number
+    of workers."""
+    import multiprocessing
+
+    def batches(it):
+        return [(b[0], b[3]) for b in it]
+
+    def fresh(epoch, threads):
+        torch.manual_seed(np.random.randint(1 << 30))
+        return batches(make_loader(shards_dir, [0, 2], train=True, batch_size=4, image_size=32, loader=loader,
+                                   num_threads=threads, seed=5, epoch=epoch)[0])
+
+    it, _ = make_loader(shards_dir, [0, 2], train=True, batch_size=4, image_size=32, loader=loader, num_threads=2,
+                        seed=5)
+    epoch0 = batches(it)
+    workers = {p.pid for p in multiprocessing.active_children()}
+    epoch1 = batches(it)  # no set_epoch: the next epoch
+    it.set_epoch(3)
+    epoch3 = batches(it)
+    it.set_epoch(1)
+    again1 = batches(it)
+    if loader == "torch":
+        assert workers and workers <= {p.pid for p in multiprocessing.active_children()}, "workers restarted"
+    threads = 1 if loader == "torch" else 2  # the torch loader's draws do not depend on its workers
+    for name, got, epoch in (("epoch 0", epoch0, 0), ("epoch 1", epoch1, 1), ("epoch 3", epoch3, 3),
+                             ("epoch 1 again", again1, 1)):
+        want = fresh(epoch, threads)
+        assert len(got) == len(want) > 0, name
+        for (x, sx), (y, sy) in zip(got, want):
+            assert torch.equal(sx, sy) and torch.equal(x, y), f"{name}: not the fresh loader's batches"
+    assert not torch.equal(torch.cat([s for _, s in epoch0]), torch.cat([s for _, s in epoch1]))

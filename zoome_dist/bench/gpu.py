@@ -3,9 +3,13 @@
 1. training img/s (fwd + bwd + Adam step, channels_last model and inputs): ZooME vs its plain
    ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64 (and, at bf16 micro 64, ZooME
    with the plain-autograd Zoom-SE reference), plus the Zoom-SE pooling kernel per stage map;
+   at the end, ``torch.compile`` (inductor) at bf16 micro 64: ZooME with the plain-autograd Zoom-SE
+   (which inductor can fuse) against ResNeXt50;
 2. the input pipeline at 1024 px sources: the nvJPEG torch path (full training augmentation on the
    GPU) against nvJPEG decode alone, DALI ``mixed`` against its decode alone where DALI imports;
-3. a 2-epoch, 1-GPU DeepSpeed training through ``zoome train`` on synthetic 1024 px data:
+   and the data wait of a ZooME training loop fed by the nvJPEG loader, with the decode-ahead thread
+   and without it;
+3. a 3-epoch, 1-GPU DeepSpeed training through ``zoome train`` on synthetic 1024 px data:
    img/s and its data-wait share;
 4. ``zoome predict`` img/s, TTA 1 vs 8.
 
@@ -97,9 +101,12 @@ def bench_zoom_se_kernels(device: str = "cuda", batch: int = 64, dtype: torch.dt
     for c, h in shapes:
         x = torch.randn(batch, c, h, h, device=dev, dtype=dtype)
         cl = x.contiguous(memory_format=torch.channels_last)
-        out[f"{c}x{h}x{h}"] = {"maxpool_cl_ms": _ms(lambda: F.adaptive_max_pool2d(cl, pool, return_indices=True), dev),
-                               "maxpool_nchw_ms": _ms(lambda: F.adaptive_max_pool2d(x, pool, return_indices=True), dev),
-                               "elementwise_ms": _ms(lambda: cl * 2, dev)}
+        out[f"{c}x{h}x{h}"] = row = {
+            "maxpool_cl_ms": _ms(lambda: F.adaptive_max_pool2d(cl, pool, return_indices=True), dev),
+            "maxpool_nchw_ms": _ms(lambda: F.adaptive_max_pool2d(x, pool, return_indices=True), dev),
+            "elementwise_ms": _ms(lambda: cl * 2, dev)}
+        if h % pool == 0:  # what the fused Zoom-SE runs on such maps: max_pool2d, same windows and indices
+            row["max_pool2d_cl_ms"] = _ms(lambda: F.max_pool2d(cl, h // pool, return_indices=True), dev)
     return out
 
 
@@ -129,6 +136,45 @@ def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int 
                                            "ratio": round(best["zoome"] / best["resnext50"], 3)}
             if "zoome_reference" in best:
                 out[f"{prec}_micro{micro}"]["zoome_reference_img_s"] = round(best["zoome_reference"], 1)
+    return out
+
+
+def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: int = 2) -> dict:
+    """``torch.compile`` (inductor, as ``model.compile`` through DeepSpeed) at bf16, ``micro``: ZooME with
+    the plain-autograd Zoom-SE (pool, gate and multiply visible to inductor's fusion) against ResNeXt50,
+    with each one's compile time; the eager figures, fused Zoom-SE included, are in ``models``. (The
+    fused Zoom-SE is left out: a minute or more of compile per model, and its hand-written backward
+    leaves inductor nothing to fuse.)"""
+    from zoome_dist.models import ZooME, create_model
+
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    plain = create_model("zoome")
+    for m in plain.modules():
+        if hasattr(m, "fused"):
+            m.fused = False
+    models = {"zoome_plain_autograd": plain, "resnext50": ZooME("resnext50_32x4d", zoom_se=False, meta=False)}
+    out: dict = {"precision": "bf16", "micro": micro}
+    compiled = {}
+    for name, m in models.items():
+        m.cuda().train().to(memory_format=torch.channels_last)
+        t = time.perf_counter()
+        try:
+            compiled[name] = torch.compile(m)
+            _train_rate(compiled[name], micro, size, torch.bfloat16, 1)  # the compile happens here
+        except Exception as e:  # noqa: BLE001 - e.g. no triton on this host: say so, measure the rest
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            compiled.pop(name, None)
+            continue
+        out[name] = {"compile_s": round(time.perf_counter() - t, 1)}
+    best = {k: 0.0 for k in compiled}
+    for _ in range(rounds):
+        for name, m in compiled.items():
+            best[name] = max(best[name], _train_rate(m, micro, size, torch.bfloat16, iters))
+    for name, rate in best.items():
+        out[name]["img_s"] = round(rate, 1)
+    if len(best) == 2:
+        out["ratio"] = round(best["zoome_plain_autograd"] / best["resnext50"], 3)
     return out
 
 
@@ -181,7 +227,68 @@ def bench_pipeline_gpu(shards: Path, batch: int = 64, limit: int = 30, threads: 
     return out
 
 
-def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 2, threads: int = 8) -> dict:
+def bench_data_wait(shards: Path, batch: int = 64, steps: int = 40, threads: int = 8, rounds: int = 2,
+                    device: str = "cuda", image_size: int = 224) -> dict:
+    """A ZooME bf16 training loop (fwd + bwd + Adam) fed by the nvJPEG torch loader at 1024 px sources:
+    img/s and the share of time spent waiting for batches, with the loader's decode-ahead thread and
+    without it (decode in the training thread), alternating, best of ``rounds``. (``device="cpu"``:
+    the same code with the CPU twin of the batch decode, a smoke run of this function.)"""
+    from zoome_dist.losses import make_loss
+    from zoome_dist.models import create_model
+    from zoome_dist.pipeline.augment import LoaderSpec
+    from zoome_dist.pipeline.selection import select_folds
+    from zoome_dist.pipeline.torch_loader import torch_loader
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.backends.cudnn.benchmark = True
+    model = create_model("zoome").to(dev).train().to(memory_format=torch.channels_last)
+    opt, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-5), make_loss("focal")
+    spec = LoaderSpec(train=True, batch_size=batch, image_size=image_size, device="gpu" if dev.type == "cuda" else "cpu",
+                      num_threads=threads)
+    loaders = {}
+    for name, ahead in (("decode_thread", True), ("decode_inline", False)):
+        loaders[name], _ = torch_loader(select_folds(shards, [0, 1]), spec, batch_decode=True)
+        loaders[name].prefetch = ahead
+
+    def run(it) -> tuple[float, float]:
+        """Time ``steps`` training steps after 3 warm-up ones, crossing epochs as needed; the batches
+        left in the last epoch are drained untimed."""
+        n, wait, warm, t0, elapsed = 0, 0.0, 3, 0.0, 0.0
+        batches = iter(it)
+        while n < steps + warm:
+            if n == warm:
+                sync()
+                wait, t0 = 0.0, time.perf_counter()
+            t = time.perf_counter()
+            b = next(batches, None)
+            if b is None:  # the epoch ended: the next one (the loader keeps its workers)
+                batches = iter(it)
+                b = next(batches)
+            wait += time.perf_counter() - t
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = loss_fn(model(b[0], b[1]), b[2])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            n += 1
+        sync()
+        elapsed = time.perf_counter() - t0
+        for _ in batches:
+            pass
+        return steps * batch / elapsed, wait / elapsed
+
+    best: dict = {k: (0.0, 1.0) for k in loaders}
+    for _ in range(rounds):
+        for name, it in loaders.items():
+            best[name] = max(best[name], run(it))
+    out: dict = {"batch": batch, "steps": steps, "threads": threads}
+    for name, (rate, wait) in best.items():
+        out[name] = {"img_s": round(rate, 1), "data_wait": round(wait, 4)}
+    return out
+
+
+def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 3, threads: int = 8) -> dict:
     """``launchers/train.py`` as a user runs it (1 GPU, DeepSpeed, bf16, nvJPEG torch loader)."""
     out: dict = {"micro": micro, "epochs": epochs, "loader": "torch+nvjpeg", "precision": "bf16"}
     from zoome_dist.launch import train_command
@@ -217,7 +324,7 @@ def _markdown(res: dict) -> str:
     g = res["gpu_info"]
     rows = ["| what | figure |", "|---|---|",
             f"| GPU | {g.get('gpu')} (driver {g.get('driver')}, CUDA {g.get('cuda')}, torch {g.get('torch')}) |"]
-    for section in ("tests", "models", "zoom_se_kernels", "pipeline", "train", "predict"):
+    for section in ("tests", "models", "zoom_se_kernels", "pipeline", "data_wait", "train", "predict", "compiled"):
         for k, v in res.get(section, {}).items():
             if section == "models" and isinstance(v, dict):
                 ref = f"; plain-autograd Zoom-SE {v['zoome_reference_img_s']}" if "zoome_reference_img_s" in v else ""
@@ -259,8 +366,10 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, tests
               BuildOptions(folds=3, max_side=0, samples_per_shard=128, dedup=False), workers=min(8, os.cpu_count() or 2),
               progress=False)
         step("pipeline", lambda: bench_pipeline_gpu(root / "shards"))
+        step("data_wait", lambda: bench_data_wait(root / "shards"))
         step("train", lambda: bench_train_gpu(root / "shards", root))
     step("predict", lambda: bench_predict("zoome", 224, 256, batch_size=64, ttas=(1, 8), loader="torch"))
+    step("compiled", bench_compiled)  # last: its compile time (minutes on a cold cache) risks no other figure
     res["seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1))
     (out_dir / "gpu_check.md").write_text(_markdown(res))

@@ -2,6 +2,8 @@
 
 Same shards, same batch size and the same number of CPU threads/workers for every contender;
 repeated alternately, best epoch kept. With a GPU, DALI ``mixed`` (decode + augment on the GPU) too.
+And what an epoch's start costs (time to its first batch): a training loader built per epoch against
+one torch loader whose workers serve every epoch (``set_epoch``, what training does).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ def _decode_only(tars, indexes, device):
 
 
 def _epoch_rate(it) -> float:
+    if hasattr(it, "built"):  # a DALI training loader: the pipeline it has (its per-epoch build is timed apart)
+        it.set_epoch(it.built)
     n, t = 0, time.perf_counter()
     for batch in it:
         n += batch[0].shape[0] if isinstance(batch, tuple) else batch[0]["data"].shape[0]
@@ -68,7 +72,44 @@ def _rates(shards: Path, batch_size: int, image_size: int, threads: int, rounds:
     if "dali_gpu_img_s" in best:
         out["dali_gpu_vs_decode"] = round(best["dali_gpu_img_s"] / best["decode_gpu_img_s"], 3)
     out["samples"] = sel.samples
+    out.update(_epoch_start(shards, folds, batch_size, image_size, threads, rounds))
     return out
+
+
+def _first_batch_s(it) -> float:
+    """Seconds to an epoch's first batch; the rest of the epoch is drained (untimed)."""
+    t = time.perf_counter()
+    batches = iter(it)
+    next(batches)
+    dt = time.perf_counter() - t
+    for _ in batches:
+        pass
+    return dt
+
+
+def _epoch_start(shards: Path, folds: list[int], batch_size: int, image_size: int, threads: int,
+                 epochs: int) -> dict:
+    """Mean time to the first batch of epochs 1..``epochs``: a torch loader built per epoch (fresh workers),
+    the one torch loader of training (``set_epoch``, workers kept), and DALI (a pipeline per epoch)."""
+    kw = dict(train=True, batch_size=batch_size, image_size=image_size, device="cpu", num_threads=threads)
+    fresh, kept, dali = [], [], []
+    kept_it, _ = make_loader(shards, folds, loader="torch", **kw)
+    dali_it, _ = make_loader(shards, folds, loader="dali", **kw)
+    _first_batch_s(kept_it), _first_batch_s(dali_it)  # epoch 0: both pay their first start
+    for epoch in range(1, epochs + 1):
+        t = time.perf_counter()
+        it, _ = make_loader(shards, folds, loader="torch", epoch=epoch, **kw)
+        fresh.append(time.perf_counter() - t + _first_batch_s(it))
+        del it
+        kept_it.set_epoch(epoch)
+        kept.append(_first_batch_s(kept_it))
+        dali_it.set_epoch(epoch)
+        dali.append(_first_batch_s(dali_it))
+    mean = {k: sum(v) / len(v) for k, v in (("fresh", fresh), ("kept", kept), ("dali", dali))}
+    return {"torch_epoch_start_fresh_s": round(mean["fresh"], 3),
+            "torch_epoch_start_kept_s": round(mean["kept"], 3),
+            "torch_epoch_start_fresh_vs_kept": round(mean["fresh"] / mean["kept"], 2),
+            "dali_epoch_start_s": round(mean["dali"], 3)}
 
 
 def bench_pipeline(shards: str | None = None, sizes: tuple[int, ...] = (600, 1024), n: int = 384,

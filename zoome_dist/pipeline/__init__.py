@@ -46,9 +46,10 @@ def make_loader(shards: str | Path, folds: list[int], *, train: bool, batch_size
                 num_threads: int = 2, epoch: int = 0) -> tuple[Iterable, int]:
     """Batches of ``(image, meta, label, sample_id)`` for this rank; returns ``(iterator, steps)``.
 
-    Training order and augmentation are a function of ``(seed, epoch, rank)``: build one training
-    loader per epoch (the shard order is reshuffled per epoch, the same way on every rank), so a run
-    resumed mid-epoch sees exactly the batches the interrupted one would have.
+    Training order and augmentation are a function of ``(seed, epoch, rank)``, so a run resumed
+    mid-epoch sees exactly the batches the interrupted one would have. A training loader yields
+    ``epoch`` first, then the next epoch on each new iteration; ``loader.set_epoch(e)`` picks the
+    next one (the torch loader keeps its workers; DALI builds a pipeline per epoch).
     """
     if loader not in LOADERS:
         raise ValueError(f"Invalid loader {loader!r}. Only {list(LOADERS)} are available here.")
@@ -58,8 +59,6 @@ def make_loader(shards: str | Path, folds: list[int], *, train: bool, batch_size
         raise ValueError(f"rank {rank} outside world size {world_size}")
     aug.validate()
     sel = select_folds(shards, folds)
-    if train:
-        sel = sel.shuffled(seed, epoch)
     spec = LoaderSpec(train=train, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
                       device=resolve_device(device), device_id=local_rank, aug=aug, seed=seed,
                       num_threads=num_threads, epoch=epoch)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from zoome_dist.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -13,6 +15,13 @@ def loader_seed(seed: int, epoch: int, rank: int, bits: int = 63) -> int:
     """The random seed of one rank's loader for one epoch: a function of ``(seed, epoch, rank)`` only,
     which is what makes a resumed run replay the same augmented batches (DALI takes 31 bits)."""
     return (seed * 1_000_003 + epoch * 7919 + rank) % 2**bits
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The random seed of one sample's augmentation in one epoch (torch loader, per-sample transforms):
+    independent of rank, worker and the loader's history, so persistent workers and a resumed run draw
+    the same values. Hashed (``SeedSequence``): distinct for every (seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 _DEFAULTS = DataConfig()
 

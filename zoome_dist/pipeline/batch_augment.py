@@ -31,10 +31,17 @@ class BatchAugment:
     def __init__(self, train: bool, image_size: int, aug: Augment, device: torch.device,
                  seed: int = 0, epoch: int = 0, rank: int = 0) -> None:
         self.train, self.size, self.aug, self.device = train, image_size, aug, torch.device(device)
-        self.gen = torch.Generator().manual_seed(loader_seed(seed, epoch, rank))
+        self.seed, self.rank = seed, rank
+        self.gen = torch.Generator()
+        self.set_epoch(epoch)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the random draws at this epoch's seed: the epoch's batches then get the same values
+        however many batches (and epochs) this object served before."""
+        self.gen.manual_seed(loader_seed(self.seed, epoch, self.rank))
 
     def decode(self, raws: list[torch.Tensor]) -> list[torch.Tensor]:
         """uint8 (3, H, W) per image; one batched nvJPEG call on a GPU."""

@@ -4,9 +4,9 @@ Processing functions are kept apart from the ``@pipeline_def``; ``dali_loader`` 
 ``(iterator, steps_per_epoch)`` where the iterator yields ``(image, meta, label, sample_id)``.
 Sharding: DALI splits the global sample index into contiguous per-rank ranges; with
 ``pad_last_batch`` and a PARTIAL last batch each eval sample is seen exactly once over all ranks,
-and with DROP every rank runs the same number of training steps. A training loader covers one
-epoch: its shard order and seeds derive from ``(seed, epoch)`` only, so a resumed run replays the
-same batches (the caller builds one loader per epoch).
+and with DROP every rank runs the same number of training steps. A training epoch's shard order
+and seeds derive from ``(seed, epoch)`` only, so a resumed run replays the same batches: the
+loader builds one pipeline per epoch (``set_epoch``).
 """
 from __future__ import annotations
 
@@ -65,29 +65,45 @@ def shard_pipeline(tars: list[str], indexes: list[str], shard_id: int, num_shard
 
 
 class DaliLoader:
-    """Yields ``(image, meta, label, sample_id)`` torch tensors on the pipeline's device."""
+    """Yields ``(image, meta, label, sample_id)`` torch tensors on the pipeline's device; a training
+    loader yields epoch ``spec.epoch``, then the next (or the one ``set_epoch`` names), each from a
+    pipeline of its own."""
 
-    def __init__(self, it: DALIGenericIterator) -> None:
-        self.it = it
+    def __init__(self, sel: Selection, spec: LoaderSpec) -> None:
+        self.sel, self.spec = sel, spec
+        self.epoch, self.built, self.it = spec.epoch, None, None
+        self._build()
+
+    def _build(self) -> None:
+        s, sel = self.spec, self.sel.shuffled(self.spec.seed, self.epoch) if self.spec.train else self.sel
+        self.it = None  # the previous epoch's pipeline goes first
+        pipe = shard_pipeline(tars=sel.tars, indexes=sel.indexes, shard_id=s.rank, num_shards=s.world_size,
+                              train=s.train, image_size=s.image_size, aug=s.aug, device=s.device,
+                              batch_size=s.batch_size, num_threads=s.num_threads,
+                              device_id=s.device_id if s.device == "gpu" else None,
+                              seed=loader_seed(s.seed, self.epoch, s.rank, bits=31))
+        pipe.build()
+        self.it = DALIGenericIterator(pipe, OUTPUTS, reader_name="Reader", auto_reset=True,
+                                      last_batch_policy=LastBatchPolicy.DROP if s.train else LastBatchPolicy.PARTIAL)
+        self.built = self.epoch
 
     def __len__(self) -> int:
         return len(self.it)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next iteration yields this epoch's batches."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self.spec.train:
+            if self.built != self.epoch:
+                self._build()
+            self.epoch += 1
         for batch in self.it:
             d = batch[0]
             yield d["image"], d["meta"], d["label"].view(-1).long(), d["sid"].view(-1)
 
 
 def dali_loader(sel: Selection, spec: LoaderSpec) -> tuple[DaliLoader, int]:
-    s = spec
-    pipe = shard_pipeline(tars=sel.tars, indexes=sel.indexes, shard_id=s.rank, num_shards=s.world_size,
-                          train=s.train, image_size=s.image_size, aug=s.aug, device=s.device,
-                          batch_size=s.batch_size, num_threads=s.num_threads,
-                          device_id=s.device_id if s.device == "gpu" else None,
-                          seed=loader_seed(s.seed, s.epoch, s.rank, bits=31))
-    pipe.build()
-    it = DALIGenericIterator(pipe, OUTPUTS, reader_name="Reader", auto_reset=True,
-                             last_batch_policy=LastBatchPolicy.DROP if s.train else LastBatchPolicy.PARTIAL)
-    loader = DaliLoader(it)
+    loader = DaliLoader(sel, spec)
     return loader, len(loader)

@@ -5,6 +5,11 @@ Random access through the DALI index files (byte offsets of every field), decodi
 same contiguous ranges of the global sample index as DALI (each sample exactly once); training
 uses ``DistributedSampler(drop_last=True)``, so every rank runs the same number of steps.
 
+One training loader serves every epoch (``set_epoch``): its workers persist, and each sample's
+random augmentation is drawn from a seed of ``(seed, epoch, sample index)``, not from the workers'
+RNG streams, so an epoch's batches are the same whether its workers are fresh (a resumed run) or
+have served earlier epochs, and whatever the number of workers.
+
 On a GPU (``data.loader=torch``, ``data.device=gpu``) the workers only read bytes and the batch is
 decoded with nvJPEG and augmented on the GPU (``batch_augment.BatchAugment``): same samplers, so
 the same batches and sharding as the CPU path.
@@ -12,6 +17,7 @@ the same batches and sharding as the CPU path.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -22,7 +28,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from zoome_dist.data.wds_index import read_index
-from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, LoaderSpec, loader_seed
+from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augment, LoaderSpec, sample_seed
 from zoome_dist.pipeline.batch_augment import BatchAugment
 from zoome_dist.pipeline.selection import Selection
 
@@ -51,17 +57,29 @@ def make_transform(train: bool, image_size: int, aug: Augment) -> v2.Compose:
                        v2.RandomHorizontalFlip(aug.flip)] + tail)
 
 
-class ShardDataset(Dataset):
-    """Map-style view of the selected shards, in DALI's global sample order."""
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` whose indices carry their epoch, ``(epoch, index)``: the dataset seeds the
+    sample's augmentation from them (the sampler runs in the main process, so ``set_epoch`` reaches
+    persistent workers)."""
 
-    def __init__(self, sel: Selection, transform: v2.Compose | None) -> None:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in super().__iter__())
+
+
+class ShardDataset(Dataset):
+    """Map-style view of the selected shards, in DALI's global sample order.
+
+    Indexed by ``i`` (deterministic transform) or ``(epoch, i)``: the transform's random draws then
+    come from ``sample_seed(seed, epoch, i)``, in a forked RNG state (the process's own is untouched)."""
+
+    def __init__(self, sel: Selection, transform: v2.Compose | None, seed: int = 0) -> None:
         """``transform=None``: samples carry the raw JPEG bytes (decoded later, a batch at a time)."""
         self.items = [(tar, rec) for tar, idx in zip(sel.tars, sel.indexes) for rec in read_index(idx)]
         for tar, rec in self.items:
             missing = [f for f in FIELDS if f not in rec]
             if missing:
                 raise ValueError(f"{tar}: a sample lacks field(s) {missing}")
-        self.transform = transform
+        self.transform, self.seed = transform, seed
         self._fds: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -73,10 +91,19 @@ class ShardDataset(Dataset):
             fd = self._fds[tar] = os.open(tar, os.O_RDONLY)
         return os.pread(fd, span[1], span[0])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         tar, rec = self.items[i]
         raw = torch.frombuffer(bytearray(self._read(tar, rec["jpg"])), dtype=torch.uint8)
-        image = raw if self.transform is None else self.transform(decode_jpeg(raw, mode=ImageReadMode.RGB))
+        image = raw
+        if self.transform is not None:
+            image = decode_jpeg(raw, mode=ImageReadMode.RGB)
+            if epoch is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, i))
+                    image = self.transform(image)
         meta = torch.from_numpy(np.frombuffer(self._read(tar, rec["meta"]), "<f4").copy())
         label = int(np.frombuffer(self._read(tar, rec["label"]), "<i4")[0])
         sid = int(np.frombuffer(self._read(tar, rec["sid"]), "<i8")[0])
@@ -90,28 +117,78 @@ def collate_raw(batch: list[tuple[torch.Tensor, ...]]) -> tuple:
 
 
 class TorchLoader:
-    """Yields ``(image, meta, label, sample_id)``; reshuffles every epoch (``DistributedSampler``).
+    """Yields ``(image, meta, label, sample_id)``; a training loader yields epoch ``epoch`` (then the
+    next one, unless ``set_epoch`` says otherwise), reshuffled per epoch by ``DistributedSampler``.
 
     With ``decode`` set, batches arrive as raw JPEGs and ``decode`` turns them into images on
-    ``device`` (nvJPEG on a GPU)."""
+    ``device`` (nvJPEG on a GPU). With ``prefetch`` (``torch_loader``'s default on a GPU), one thread
+    decodes the next batch while the caller trains on this one, so the decode's host work (nvJPEG's
+    Huffman phase, its kernel launches) overlaps the training step's instead of adding to it. Batches
+    are decoded in order: the same batches and random draws as without the thread (tested)."""
 
     def __init__(self, loader: DataLoader, device: torch.device, epoch: int = 0,
-                 decode: BatchAugment | None = None) -> None:
+                 decode: BatchAugment | None = None, prefetch: bool = False) -> None:
         self.loader, self.device, self.epoch, self.decode = loader, device, epoch, decode
+        self.prefetch, self._handoff = prefetch, None
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next iteration yields this epoch's batches (the workers stay)."""
+        self.epoch = epoch
+
+    def _convert(self, batch: tuple) -> tuple[torch.Tensor, ...]:
+        if self.decode is None:
+            return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        raws, *rest = batch
+        return (self.decode(raws), *(t.to(self.device, non_blocking=True) for t in rest))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if isinstance(self.loader.sampler, DistributedSampler):
             self.loader.sampler.set_epoch(self.epoch)
+        if self.decode is not None:
+            self.decode.set_epoch(self.epoch)
         self.epoch += 1
-        for batch in self.loader:
-            if self.decode is None:
-                yield tuple(t.to(self.device, non_blocking=True) for t in batch)
-            else:
-                raws, *rest = batch
-                yield (self.decode(raws), *(t.to(self.device, non_blocking=True) for t in rest))
+        if self.decode is None or not self.prefetch:
+            for batch in self.loader:
+                yield self._convert(batch)
+            return
+        # left early, the with-exit waits for the batch in flight: the next epoch's reseeding cannot race it
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+            pending = None
+            for batch in self.loader:
+                ahead = pool.submit(self._decode_ahead, batch)
+                if pending is not None:
+                    yield self._ready(pending.result())
+                pending = ahead
+            if pending is not None:
+                yield self._ready(pending.result())
+
+    def _decode_ahead(self, batch: tuple) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
+        """In the decode thread: the batch, and (on a GPU) an event its consumer's stream waits for.
+        The thread's work is queued on streams of its own (a hand-off stream that only waits for the
+        decoder's), never on the training stream, whose queued step it would otherwise stall."""
+        if self.device.type != "cuda":
+            return self._convert(batch), None
+        if self._handoff is None:
+            self._handoff = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._handoff):  # a new thread starts on cuda:0
+            out = self._convert(batch)
+            done = torch.cuda.Event()
+            done.record(self._handoff)
+        return out, done
+
+    def _ready(self, item: tuple) -> tuple[torch.Tensor, ...]:
+        """In the caller's thread: its stream waits for the decode; the tensors are not recycled for
+        the decode thread's stream while the caller's kernels may still read them."""
+        out, done = item
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            for t in out:
+                t.record_stream(stream)
+        return out
 
 
 def torch_loader(sel: Selection, spec: LoaderSpec, batch_decode: bool | None = None) -> tuple[TorchLoader, int]:
@@ -124,22 +201,21 @@ def torch_loader(sel: Selection, spec: LoaderSpec, batch_decode: bool | None = N
     target = torch.device("cuda", device_id or 0) if device == "gpu" else torch.device("cpu")
     batch_decode = device == "gpu" if batch_decode is None else batch_decode
     decode = BatchAugment(train, image_size, aug, target, seed, epoch, rank) if batch_decode else None
-    ds = ShardDataset(sel, None if batch_decode else make_transform(train, image_size, aug))
+    ds = ShardDataset(sel, None if batch_decode else make_transform(train, image_size, aug), seed)
     collate = collate_raw if batch_decode else None
     if train:
-        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                     drop_last=True)
-        # the workers' seeds (hence every random crop/rotation/flip) derive from (seed, epoch, rank), not
-        # from the process's global RNG: a resumed run replays the same augmented batches, as with DALI
-        gen = torch.Generator().manual_seed(loader_seed(seed, epoch, rank))
+        # every random crop/rotation/flip derives from (seed, epoch, sample) (or, decoding by batch, from
+        # (seed, epoch, rank)), never from the process's RNG: a resumed run replays the same batches, as with DALI
+        sampler = EpochSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                             num_workers=num_threads, persistent_workers=num_threads > 0,
-                            pin_memory=device == "gpu", collate_fn=collate, generator=gen)
+                            pin_memory=device == "gpu", collate_fn=collate)
     else:
         n = len(ds)
         part = Subset(ds, range(n * rank // world_size, n * (rank + 1) // world_size))
         loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_threads,
                             persistent_workers=num_threads > 0, pin_memory=device == "gpu",
                             collate_fn=collate)
-    wrapped = TorchLoader(loader, target, epoch, decode)
+    # the decode thread only on a GPU: on CPU cores it competes with the training step for them
+    wrapped = TorchLoader(loader, target, epoch, decode, prefetch=target.type == "cuda")
     return wrapped, len(wrapped)

@@ -284,8 +284,7 @@ class _Training:
     manifest: dict
     plan: BatchPlan
     engine: Any
-    train_loader: Callable[[int], tuple[Any, int]]
-    train_it: Any
+    train_it: Any                  # one loader for every epoch (set_epoch)
     val_it: Any
     steps: int                     # micro-steps per epoch
     expected_val: int
@@ -317,11 +316,9 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
                   num_threads=cfg.data.num_threads)
     aug = Augment(tuple(cfg.data.zoom), cfg.data.rotate, cfg.data.flip)
 
-    def train_loader(epoch: int):  # one per epoch: its batches depend on (seed, epoch, rank) only
-        return make_loader(shards, train_folds, train=True, batch_size=micro,
-                           seed=cfg.train.seed, aug=aug, epoch=epoch, **common)
-
-    train_it, micro_steps = train_loader(0)
+    # an epoch's batches depend on (seed, epoch, rank) only; the torch loader's workers serve every epoch
+    train_it, micro_steps = make_loader(shards, train_folds, train=True, batch_size=micro, seed=cfg.train.seed,
+                                        aug=aug, **common)
     val_it, _ = make_loader(shards, [fold], train=False,
                             batch_size=cfg.train.eval_batch_size or cfg.train.micro_batch_size, **common)
     steps_per_epoch = micro_steps // gas
@@ -365,7 +362,7 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
     log.info(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
          f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
          f"lr {plan.lr:.3g}), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
-    return _Training(cfg, info, run, fold, manifest, plan, engine, train_loader, train_it, val_it,
+    return _Training(cfg, info, run, fold, manifest, plan, engine, train_it, val_it,
                      steps_per_epoch * gas, next(f["samples"] for f in manifest["folds"] if f["fold"] == fold),
                      make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma), overflow, state, folds_table, progress)
 
@@ -375,9 +372,7 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
     checkpoint; returns the epoch's metrics record."""
     cfg, engine, state = t.cfg, t.engine, t.state
     skip = state["micro_step"] if epoch == state["epoch"] else 0
-    if epoch > 0:
-        t.train_it = None  # release the previous epoch's loader (and its workers) first
-        t.train_it, _ = t.train_loader(epoch)
+    t.train_it.set_epoch(epoch)
     every = cfg.train.checkpoint_every_steps
 
     def on_step(micro: int) -> None:
