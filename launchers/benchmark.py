@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
     g.add_argument("--n", type=int, default=1536, help="synthetic 1024 px images")
     g.add_argument("--no-tests", action="store_true", help="skip the gpu-marked tests")
+    g.add_argument("--no-compile", action="store_true", help="skip the torch.compile part (the last)")
     for q in (s, m, d, t, pr, c, me, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from zoome_dist.bench.gpu import bench_gpu
 
-        r = bench_gpu(a.out, a.n, tests=not a.no_tests)
+        r = bench_gpu(a.out, a.n, tests=not a.no_tests, compiled=not a.no_compile)
     elif a.what == "meta":
         from zoome_dist.bench.meta import bench_meta
 

@@ -81,6 +81,27 @@ def test_decode_thread_gives_the_same_batches(shards_dir, device):
             assert all(torch.equal(a, b) for a, b in zip(x, y)), f"epoch {epoch}"
 
 
+@pytest.mark.gpu
+@cuda
+def test_decode_thread_hand_off_waits_for_the_decode(shards_dir):
+    """The training stream must wait for the thread's decode: a decode that writes its batch only after
+    a queued GPU sleep is still read whole (without the event wait the clone would read it unwritten)."""
+    class SlowDecode(BatchAugment):
+        calls = 0
+
+        def _augment(self, raws: list[torch.Tensor]) -> torch.Tensor:
+            SlowDecode.calls += 1
+            x = torch.empty(len(raws), 3, 32, 32, device=self.device)
+            torch.cuda._sleep(50_000_000)  # tens of ms on the decoder's stream, before the write
+            return x.fill_(float(SlowDecode.calls))
+
+    it, _ = _loader(shards_dir, train=True, batch_decode=True, device="gpu")
+    assert it.prefetch
+    it.decode = SlowDecode(True, 32, Augment(), torch.device("cuda"))
+    seen = [float(b[0].clone().mean()) for b in it]  # clone: queued on the training stream
+    assert seen == [float(k) for k in range(1, len(seen) + 1)] and len(seen) > 1
+
+
 def test_batch_decode_cpu_twin_matches_per_sample_images(shards_dir):
     a = next(iter(_loader(shards_dir, train=False, batch_decode=False)[0]))[0]
     b = next(iter(_loader(shards_dir, train=False, batch_decode=True)[0]))[0]

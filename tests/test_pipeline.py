@@ -223,13 +223,22 @@ def test_one_training_loader_serves_every_epoch_as_a_fresh_one_would(shards_dir,
     epoch3 = batches(it)
     it.set_epoch(1)
     again1 = batches(it)
+    it.set_epoch(1)  # the epoch just served: its pipeline (DALI) has moved on, so it starts afresh
+    third1 = batches(it)
     if loader == "torch":
         assert workers and workers <= {p.pid for p in multiprocessing.active_children()}, "workers restarted"
     threads = 1 if loader == "torch" else 2  # the torch loader's draws do not depend on its workers
     for name, got, epoch in (("epoch 0", epoch0, 0), ("epoch 1", epoch1, 1), ("epoch 3", epoch3, 3),
-                             ("epoch 1 again", again1, 1)):
+                             ("epoch 1 again", again1, 1), ("epoch 1 a third time", third1, 1)):
         want = fresh(epoch, threads)
         assert len(got) == len(want) > 0, name
         for (x, sx), (y, sy) in zip(got, want):
             assert torch.equal(sx, sy) and torch.equal(x, y), f"{name}: not the fresh loader's batches"
     assert not torch.equal(torch.cat([s for _, s in epoch0]), torch.cat([s for _, s in epoch1]))
+
+
+def test_negative_seed_is_a_seed_like_any_other(shards_dir):
+    """train.seed may be negative (SeedSequence, which the per-sample seeds use, takes none)."""
+    it, _ = make_loader(shards_dir, [0], train=True, batch_size=4, image_size=32, loader="torch", num_threads=1,
+                        seed=-1)
+    assert next(iter(it))[0].shape == (4, 3, 32, 32)

@@ -19,6 +19,7 @@ from zoome_dist.bench.shards import reused_dataset
 from zoome_dist.data.manifest import load_manifest
 from zoome_dist.data.writer import BuildOptions, build
 from zoome_dist.pipeline import make_loader, resolve_device
+from zoome_dist.pipeline.dali import DaliLoader
 from zoome_dist.pipeline.selection import select_folds
 
 
@@ -30,11 +31,11 @@ def _decode_only(tars, indexes, device):
 
 
 def _epoch_rate(it) -> float:
-    if hasattr(it, "built"):  # a DALI training loader: the pipeline it has (its per-epoch build is timed apart)
-        it.set_epoch(it.built)
+    if isinstance(it, DaliLoader):  # its built pipeline's next epoch (the per-epoch build is timed apart)
+        it = it.it
     n, t = 0, time.perf_counter()
     for batch in it:
-        n += batch[0].shape[0] if isinstance(batch, tuple) else batch[0]["data"].shape[0]
+        n += batch[0].shape[0] if isinstance(batch, tuple) else next(iter(batch[0].values())).shape[0]
     return n / (time.perf_counter() - t)
 
 

@@ -21,7 +21,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The random seed of one sample's augmentation in one epoch (torch loader, per-sample transforms):
     independent of rank, worker and the loader's history, so persistent workers and a resumed run draw
     the same values. Hashed (``SeedSequence``): distinct for every (seed, epoch, index)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+    entropy = [seed % 2**64, epoch, index]  # SeedSequence takes no negative numbers; train.seed may be one
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 _DEFAULTS = DataConfig()
 

@@ -71,7 +71,7 @@ class DaliLoader:
 
     def __init__(self, sel: Selection, spec: LoaderSpec) -> None:
         self.sel, self.spec = sel, spec
-        self.epoch, self.built, self.it = spec.epoch, None, None
+        self.epoch, self.built, self.used, self.it = spec.epoch, None, False, None
         self._build()
 
     def _build(self) -> None:
@@ -85,7 +85,7 @@ class DaliLoader:
         pipe.build()
         self.it = DALIGenericIterator(pipe, OUTPUTS, reader_name="Reader", auto_reset=True,
                                       last_batch_policy=LastBatchPolicy.DROP if s.train else LastBatchPolicy.PARTIAL)
-        self.built = self.epoch
+        self.built, self.used = self.epoch, False
 
     def __len__(self) -> int:
         return len(self.it)
@@ -96,8 +96,9 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.spec.train:
-            if self.built != self.epoch:
+            if self.built != self.epoch or self.used:  # a pipeline that ran has moved on: build afresh
                 self._build()
+            self.used = True
             self.epoch += 1
         for batch in self.it:
             d = batch[0]

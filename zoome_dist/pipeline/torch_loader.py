@@ -63,14 +63,16 @@ class EpochSampler(DistributedSampler):
     persistent workers)."""
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in super().__iter__())
+        epoch = self.epoch  # the epoch of this pass's permutation, whatever set_epoch does meanwhile
+        return ((epoch, i) for i in super().__iter__())
 
 
 class ShardDataset(Dataset):
     """Map-style view of the selected shards, in DALI's global sample order.
 
     Indexed by ``i`` (deterministic transform) or ``(epoch, i)``: the transform's random draws then
-    come from ``sample_seed(seed, epoch, i)``, in a forked RNG state (the process's own is untouched)."""
+    come from ``sample_seed(seed, epoch, i)``: the CPU generator is reseeded inside ``fork_rng``, so the
+    process's own CPU (and CUDA) random state is untouched, even with ``num_workers=0``."""
 
     def __init__(self, sel: Selection, transform: v2.Compose | None, seed: int = 0) -> None:
         """``transform=None``: samples carry the raw JPEG bytes (decoded later, a batch at a time)."""
@@ -102,7 +104,7 @@ class ShardDataset(Dataset):
                 image = self.transform(image)
             else:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.seed, epoch, i))
+                    torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
                     image = self.transform(image)
         meta = torch.from_numpy(np.frombuffer(self._read(tar, rec["meta"]), "<f4").copy())
         label = int(np.frombuffer(self._read(tar, rec["label"]), "<i4")[0])
@@ -129,7 +131,7 @@ class TorchLoader:
     def __init__(self, loader: DataLoader, device: torch.device, epoch: int = 0,
                  decode: BatchAugment | None = None, prefetch: bool = False) -> None:
         self.loader, self.device, self.epoch, self.decode = loader, device, epoch, decode
-        self.prefetch, self._handoff = prefetch, None
+        self.prefetch, self._handoff, self._active = prefetch, None, None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -145,6 +147,14 @@ class TorchLoader:
         return (self.decode(raws), *(t.to(self.device, non_blocking=True) for t in rest))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """One pass at a time: a pass left unfinished is closed first (its decode thread waits for its
+        batch in flight), so two passes never share the decoder's draws or the workers."""
+        if self._active is not None:
+            self._active.close()
+        self._active = self._pass()
+        return self._active
+
+    def _pass(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if isinstance(self.loader.sampler, DistributedSampler):
             self.loader.sampler.set_epoch(self.epoch)
         if self.decode is not None:
@@ -209,7 +219,8 @@ def torch_loader(sel: Selection, spec: LoaderSpec, batch_decode: bool | None = N
         sampler = EpochSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                             num_workers=num_threads, persistent_workers=num_threads > 0,
-                            pin_memory=device == "gpu", collate_fn=collate)
+                            pin_memory=device == "gpu", collate_fn=collate,
+                            generator=torch.Generator().manual_seed(seed))  # leaves the process's RNG alone
     else:
         n = len(ds)
         part = Subset(ds, range(n * rank // world_size, n * (rank + 1) // world_size))
