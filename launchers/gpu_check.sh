@@ -3,7 +3,7 @@
 # ResNeXt50 training img/s, the nvJPEG (and DALI, where it imports) input pipeline vs decode only,
 # a 3-epoch 1-GPU DeepSpeed training on 1024 px synthetic data, `zoome predict` TTA 1 vs 8, and last
 # torch.compile'd ZooME vs ResNeXt50. Writes gpu_check.json and gpu_check.md into OUT_DIR (after every
-# part). 2.5 minutes on an H200 before the torch.compile part (two models' compiles) was added; the
+# part). 2.5 minutes on an H200 before the torch.compile part (up to three compiles, 300 s budget) was added; the
 # aim is under 8 minutes.
 #
 #   bash launchers/gpu_check.sh [OUT_DIR]        (default: runs/gpu_check)

@@ -194,6 +194,31 @@ def test_torch_compile_traces_fused_zoomse():
     torch.testing.assert_close(img.grad, ref_img.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_torch_compile_of_fused_zoomse_under_autocast():
+    """``model.compile`` with bf16 training: compiled under autocast, the fused Zoom-SE must leave the
+    rest of the model autocast (it once turned autocast off for every later op under dynamo, so the
+    next conv met bf16 activations with float32 weights and the compile failed). Same outputs as eager;
+    gradients within bf16 rounding (the compiled backward of the gate MLP runs under the traced
+    autocast, eager's in float32)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model("zoome", backbone="resnet18").train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    results = []
+    for m in (model, compiled):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(IMG, META)
+        out.float().sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref, ref_grads), (out, grads) = results
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0.05, atol=0.05 * float(grad.abs().max()) + 1e-6,
+                                   msg=name)
+
+
 def _with_backbone_of(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:
     """``model`` with ``plain``'s backbone weights (its ``.block`` keys mapped), Zoom-SE weights kept."""
     own = model.state_dict()

@@ -3,8 +3,8 @@
 1. training img/s (fwd + bwd + Adam step, channels_last model and inputs): ZooME vs its plain
    ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64 (and, at bf16 micro 64, ZooME
    with the plain-autograd Zoom-SE reference), plus the Zoom-SE pooling kernel per stage map;
-   at the end, ``torch.compile`` (inductor) at bf16 micro 64: ZooME with the plain-autograd Zoom-SE
-   (which inductor can fuse) against ResNeXt50;
+   at the end, ``torch.compile`` (inductor) at bf16 micro 64: ZooME (as ``model.compile`` runs it),
+   ResNeXt50, and ZooME with the plain-autograd Zoom-SE;
 2. the input pipeline at 1024 px sources: the nvJPEG torch path (full training augmentation on the
    GPU) against nvJPEG decode alone, DALI ``mixed`` against its decode alone where DALI imports;
    and the data wait of a ZooME training loop fed by the nvJPEG loader, with the decode-ahead thread
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,19 +47,22 @@ def gpu_info() -> dict[str, Any]:
     return info
 
 
-def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, iters: int) -> float:
-    """img/s of fwd + bwd + Adam step (GradScaler for fp16), synchronised at the end only."""
+def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, iters: int,
+                device: str = "cuda") -> float:
+    """img/s of fwd + bwd + Adam step (GradScaler for fp16), synchronised at the end only (``device``:
+    cuda; cpu for a smoke run of the code)."""
     from zoome_dist.losses import make_loss
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     img = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     meta, target = torch.rand(batch, 12, device=dev), (torch.rand(batch, device=dev) > 0.5).long()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     loss_fn = make_loss("focal")
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(dev.type, dtype=dtype):
             loss = loss_fn(model(img, meta), target)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -68,11 +71,11 @@ def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtyp
 
     for _ in range(3):  # cudnn.benchmark picks kernels; Adam state allocated
         step()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(iters):
         step()
-    torch.cuda.synchronize()
+    sync()
     return batch * iters / (time.perf_counter() - t)
 
 
@@ -139,42 +142,51 @@ def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int 
     return out
 
 
-def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: int = 2) -> dict:
-    """``torch.compile`` (inductor, as ``model.compile`` through DeepSpeed) at bf16, ``micro``: ZooME with
-    the plain-autograd Zoom-SE (pool, gate and multiply visible to inductor's fusion) against ResNeXt50,
-    with each one's compile time; the eager figures, fused Zoom-SE included, are in ``models``. (The
-    fused Zoom-SE is left out: a minute or more of compile per model, and its hand-written backward
-    leaves inductor nothing to fuse.)"""
+def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: int = 2, budget_s: float = 300,
+                   out: dict | None = None, save: Callable[[], None] = lambda: None, device: str = "cuda",
+                   backend: str = "inductor") -> dict:
+    """``torch.compile`` (inductor, as ``model.compile`` through DeepSpeed) at bf16, ``micro``: ZooME as
+    ``model.compile`` runs it (fused Zoom-SE: dynamo traces its autograd function, so inductor compiles
+    its forward and backward too), ResNeXt50, then ZooME with the plain-autograd Zoom-SE; each one's
+    compile time and img/s, measured right after its compile and ``save``d, so a run cut short keeps
+    what it measured. A model whose turn comes after ``budget_s`` is skipped (compiles take minutes on
+    a cold cache). The eager figures are in ``models``. (``device="cpu", backend="eager"``: a smoke run.)"""
     from zoome_dist.models import ZooME, create_model
 
     torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    plain = create_model("zoome")
-    for m in plain.modules():
-        if hasattr(m, "fused"):
-            m.fused = False
-    models = {"zoome_plain_autograd": plain, "resnext50": ZooME("resnext50_32x4d", zoom_se=False, meta=False)}
-    out: dict = {"precision": "bf16", "micro": micro}
-    compiled = {}
-    for name, m in models.items():
-        m.cuda().train().to(memory_format=torch.channels_last)
+    out = {} if out is None else out
+    out.update(precision="bf16", micro=micro)
+    start = time.perf_counter()
+    for name in ("zoome_fused", "resnext50", "zoome_plain_autograd"):
+        if time.perf_counter() - start > budget_s:
+            out[name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
+            continue
+        torch.manual_seed(0)
+        m = ZooME("resnext50_32x4d", zoom_se=False, meta=False) if name == "resnext50" else create_model("zoome")
+        if name == "zoome_plain_autograd":
+            for mod in m.modules():
+                if hasattr(mod, "fused"):
+                    mod.fused = False
+        m.to(device).train().to(memory_format=torch.channels_last)
         t = time.perf_counter()
         try:
-            compiled[name] = torch.compile(m)
-            _train_rate(compiled[name], micro, size, torch.bfloat16, 1)  # the compile happens here
+            c = torch.compile(m, backend=backend)
+            _train_rate(c, micro, size, torch.bfloat16, 1, device)  # the compile happens here
+            compile_s = time.perf_counter() - t
+            rate = max(_train_rate(c, micro, size, torch.bfloat16, iters, device) for _ in range(rounds))
         except Exception as e:  # noqa: BLE001 - e.g. no triton on this host: say so, measure the rest
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            compiled.pop(name, None)
-            continue
-        out[name] = {"compile_s": round(time.perf_counter() - t, 1)}
-    best = {k: 0.0 for k in compiled}
-    for _ in range(rounds):
-        for name, m in compiled.items():
-            best[name] = max(best[name], _train_rate(m, micro, size, torch.bfloat16, iters))
-    for name, rate in best.items():
-        out[name]["img_s"] = round(rate, 1)
-    if len(best) == 2:
-        out["ratio"] = round(best["zoome_plain_autograd"] / best["resnext50"], 3)
+        else:
+            out[name] = {"compile_s": round(compile_s, 1), "img_s": round(rate, 1)}
+        del m
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        rates = {k: v.get("img_s") for k, v in out.items() if isinstance(v, dict)}
+        if rates.get("resnext50"):
+            for k in ("zoome_fused", "zoome_plain_autograd"):
+                if rates.get(k):
+                    out[f"{k}_vs_resnext50"] = round(rates[k] / rates["resnext50"], 3)
+        save()
     return out
 
 
@@ -375,7 +387,9 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, tests
         step("train", lambda: bench_train_gpu(root / "shards", root))
     step("predict", lambda: bench_predict("zoome", 224, 256, batch_size=64, ttas=(1, 8), loader="torch"))
     if compiled:  # last: its compile time (minutes on a cold cache) risks no other figure
-        step("compiled", bench_compiled)
+        partial = res["compiled"] = {}
+        step("compiled", lambda: bench_compiled(out=partial, save=lambda: (out_dir / "gpu_check.json").write_text(
+            json.dumps(res, indent=1))))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1))
     (out_dir / "gpu_check.md").write_text(_markdown(res))

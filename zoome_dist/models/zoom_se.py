@@ -19,11 +19,7 @@ class _ZoomGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, pool_size: int, w1, b1, w2, b2):  # noqa: D401 - autograd signature
-        with torch.autocast(u.device.type, enabled=False):  # the gate MLP stays float32
-            return _ZoomGate._forward(ctx, u, pool_size, w1, b1, w2, b2)
-
-    @staticmethod
-    def _forward(ctx, u, pool_size, w1, b1, w2, b2):
+        """Called with autocast off (``ZoomSE.forward``): the gate MLP runs in float32."""
         h, w = u.shape[-2:]
         if h % pool_size == 0 and w % pool_size == 0:
             # the same windows, values and (tie-broken) indices as the adaptive pool (tested), through
@@ -40,11 +36,6 @@ class _ZoomGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _ZoomGate._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
         u, idx, s, h, g, w1, w2 = ctx.saved_tensors
         dg = (dy * u).sum((2, 3), dtype=torch.float32)
         dq = dg * g * (1 - g)
@@ -115,8 +106,12 @@ class ZoomSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return _ZoomGate.apply(x, self.pool_size, self.fc1.weight.flatten(1), self.fc1.bias,
-                                   self.fc2.weight.flatten(1), self.fc2.bias)
+            # autocast off around the function, not inside its forward: torch.compile (dynamo) does not
+            # restore autocast after an autograd function's forward that turns it off, so every later
+            # op of the model ran without it (bf16 activations met float32 weights: compile failed)
+            with torch.autocast(x.device.type, enabled=False):
+                return _ZoomGate.apply(x, self.pool_size, self.fc1.weight.flatten(1), self.fc1.bias,
+                                       self.fc2.weight.flatten(1), self.fc2.bias)
         q = self.fc2(self.act(self.fc1(self.squeeze(x))))
         return x * self.gate(q)
 
