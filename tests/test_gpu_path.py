@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,20 @@ from zoome_dist.pipeline.torch_loader import torch_loader
 ROOT = Path(__file__).resolve().parents[1]
 NO_AUG = Augment(zoom=(1.0, 1.0), rotate=0.0, flip=0.0)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def shards_dir(synth_data, tmp_path_factory) -> Path:
+    """The session's shards without the duplicate search: these tests also run on GPU hosts whose torch
+    stack has no imagehash (gpu_check collects this file alone)."""
+    from conftest import SHARD_OPTS
+
+    from zoome_dist.data.writer import build
+
+    out = tmp_path_factory.mktemp("gpu_shards") / "shards"
+    build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, replace(SHARD_OPTS, dedup=False),
+          progress=False)
+    return out
 
 
 def _loader(shards, *, train, batch_decode, device="cpu", aug=Augment(), rank=0, world=1, epoch=0):
@@ -198,6 +213,13 @@ def test_gpu_training_fp16_resume_restores_scaler(shards_dir, tmp_path):
     b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [m["global_step"] for m in a] == [m["global_step"] for m in b]
     assert abs(a[-1]["val_auc"] - b[-1]["val_auc"]) < 0.05  # GPU: not bit-deterministic (README)
+    # the scaler went on from its saved state: a fresh one would count its growth tracker (steps since the
+    # last overflow) from the resume, not from the start, and could differ in scale and skipped steps
+    last = f"step{a[-1]['global_step']:07d}"
+    scalers = [torch.load(run / "checkpoints" / last / "mp_rank_00_model_states.pt",
+                          weights_only=False)["zoome"]["grad_scaler"] for run in (full, part)]
+    assert scalers[0] == scalers[1], scalers
+    assert (json.loads((part / "summary.json").read_text())["skipped_steps"] == summary["skipped_steps"])
 
 
 @pytest.mark.gpu

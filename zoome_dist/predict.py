@@ -214,7 +214,8 @@ def torch_device(device: str) -> tuple[str, torch.device]:
     """``--device`` (auto | gpu | cpu) → (where images decode: gpu/cpu, the model's torch device): the one
     device resolution of ``zoome predict`` and ``zoome explain``."""
     kind = resolve_device(device)
-    return kind, torch.device("cuda") if kind == "gpu" else torch.device("cpu")
+    # an indexed device: torchvision rebuilds (and leaks) its nvJPEG decoder when "cuda" and "cuda:0" alternate
+    return kind, torch.device("cuda", torch.cuda.current_device()) if kind == "gpu" else torch.device("cpu")
 
 
 def image_batches(files: list[str], image_size: int, batch_size: int, device: str = "auto",

@@ -157,6 +157,11 @@ def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: in
     out = {} if out is None else out
     out.update(precision="bf16", micro=micro)
     start = time.perf_counter()
+    try:  # seconds, not minutes: a host without a working inductor (triton) says so at once
+        torch.compile(lambda a: (a * 2).relu(), backend=backend)(torch.ones(8, device=device))
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"torch.compile({backend}) does not work here: {type(e).__name__}: {str(e)[:300]}"
+        return out
     for name in ("zoome_fused", "resnext50", "zoome_plain_autograd"):
         if time.perf_counter() - start > budget_s:
             out[name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
@@ -192,7 +197,8 @@ def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: in
 
 def _loader_rate(it, limit: int) -> float:
     n, t = 0, None
-    for i, batch in enumerate(it):
+    batches = iter(it)
+    for i, batch in enumerate(batches):
         if i == 1:  # the first batch pays for worker start and cuDNN/nvJPEG set-up
             torch.cuda.synchronize()
             n, t = 0, time.perf_counter()
@@ -200,7 +206,10 @@ def _loader_rate(it, limit: int) -> float:
         if i + 1 >= limit:
             break
     torch.cuda.synchronize()
-    return n / (time.perf_counter() - t)
+    rate = n / (time.perf_counter() - t)
+    if hasattr(batches, "close"):
+        batches.close()  # the pass ends here (its decode thread too), not during the next measurement
+    return rate
 
 
 def _decode_rate(shards: Path, folds: list[int], batch: int, limit: int, threads: int) -> float:
@@ -216,7 +225,7 @@ def _decode_rate(shards: Path, folds: list[int], batch: int, limit: int, threads
 
     it, _ = torch_loader(select_folds(shards, folds), LoaderSpec(train=True, batch_size=batch, image_size=224,
                                                                  device="gpu", num_threads=threads))
-    it.decode = DecodeOnly(True, 224, Augment(), torch.device("cuda"))
+    it.decode = DecodeOnly(True, 224, Augment(), torch.device("cuda", torch.cuda.current_device()))
     return _loader_rate(it, limit)
 
 
@@ -303,7 +312,8 @@ def bench_data_wait(shards: Path, batch: int = 64, steps: int = 40, threads: int
     return out
 
 
-def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 3, threads: int = 8) -> dict:
+def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 3, threads: int = 8,
+                    timeout: float = 300) -> dict:
     """``launchers/train.py`` as a user runs it (1 GPU, DeepSpeed, bf16, nvJPEG torch loader)."""
     out: dict = {"micro": micro, "epochs": epochs, "loader": "torch+nvjpeg", "precision": "bf16"}
     from zoome_dist.launch import train_command
@@ -313,7 +323,13 @@ def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 3, 
            "--set", f"train.epochs={epochs}", "--set", f"train.micro_batch_size={micro}",
            "--set", f"train.global_batch_size={micro}", "--set", "train.precision=bf16"])
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cuda"})
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cuda"},
+                           timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        out["error"] = f"stopped after {timeout:.0f} s: " + ((e.stdout or b"") + (e.stderr or b"")).decode(
+            errors="replace")[-2000:]
+        return out
     out["wall_s"] = round(time.perf_counter() - t, 1)
     if r.returncode:
         out["error"] = (r.stdout + r.stderr)[-2000:]
@@ -325,11 +341,17 @@ def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 3, 
     return out
 
 
-def _pytest_gpu() -> dict:
+def _pytest_gpu(timeout: float = 420) -> dict:
+    """The ``gpu``-marked tests, all in tests/test_gpu_path.py: only that file is collected, so the
+    other test modules' imports (h5py, imagehash: not on a GPU host's torch stack) cannot stop it."""
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                        str(ROOT / "tests")], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "DS_ACCELERATOR": "cuda"})
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                            str(ROOT / "tests" / "test_gpu_path.py")], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "DS_ACCELERATOR": "cuda"}, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")[-3000:]
+        return {"rc": "timeout", "summary": f"stopped after {timeout:.0f} s", "tail": tail}
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     return {"rc": r.returncode, "summary": lines[-1] if lines else "", "seconds": round(time.perf_counter() - t, 1),
             "tail": (r.stdout + r.stderr)[-3000:] if r.returncode else ""}
@@ -378,10 +400,15 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, tests
     step("zoom_se_kernels", bench_zoom_se_kernels)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        imgs = reused_dataset(root / "src", n, source_size, os.cpu_count() or 2)
-        build(root / "src" / "train.csv", imgs, root / "shards",
-              BuildOptions(folds=3, max_side=0, samples_per_shard=128, dedup=False), workers=min(8, os.cpu_count() or 2),
-              progress=False)
+
+        def make_shards() -> dict:
+            imgs = reused_dataset(root / "src", n, source_size, os.cpu_count() or 2)
+            build(root / "src" / "train.csv", imgs, root / "shards", BuildOptions(
+                folds=3, max_side=0, samples_per_shard=128, dedup=False), workers=min(8, os.cpu_count() or 2),
+                progress=False)
+            return {"images": n, "source_px": source_size}
+
+        step("shards", make_shards)  # if it fails, the sections on these shards fail with it, the rest not
         step("pipeline", lambda: bench_pipeline_gpu(root / "shards"))
         step("data_wait", lambda: bench_data_wait(root / "shards"))
         step("train", lambda: bench_train_gpu(root / "shards", root))

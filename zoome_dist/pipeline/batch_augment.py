@@ -37,6 +37,8 @@ class BatchAugment:
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.stream is not None:  # mean/std above were written on the current stream; the side stream reads them
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def set_epoch(self, epoch: int) -> None:
         """Restart the random draws at this epoch's seed: the epoch's batches then get the same values

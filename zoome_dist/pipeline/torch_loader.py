@@ -213,19 +213,20 @@ def torch_loader(sel: Selection, spec: LoaderSpec, batch_decode: bool | None = N
     decode = BatchAugment(train, image_size, aug, target, seed, epoch, rank) if batch_decode else None
     ds = ShardDataset(sel, None if batch_decode else make_transform(train, image_size, aug), seed)
     collate = collate_raw if batch_decode else None
+    pin = torch.cuda.is_available()  # batches go to a GPU (the model's) even when decoded on the CPU
     if train:
         # every random crop/rotation/flip derives from (seed, epoch, sample) (or, decoding by batch, from
         # (seed, epoch, rank)), never from the process's RNG: a resumed run replays the same batches, as with DALI
         sampler = EpochSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
                             num_workers=num_threads, persistent_workers=num_threads > 0,
-                            pin_memory=device == "gpu", collate_fn=collate,
+                            pin_memory=pin, collate_fn=collate,
                             generator=torch.Generator().manual_seed(seed))  # leaves the process's RNG alone
     else:
         n = len(ds)
         part = Subset(ds, range(n * rank // world_size, n * (rank + 1) // world_size))
         loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_threads,
-                            persistent_workers=num_threads > 0, pin_memory=device == "gpu",
+                            persistent_workers=num_threads > 0, pin_memory=pin,
                             collate_fn=collate)
     # the decode thread only on a GPU: on CPU cores it competes with the training step for them
     wrapped = TorchLoader(loader, target, epoch, decode, prefetch=target.type == "cuda")

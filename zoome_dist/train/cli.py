@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         if not lost_peer(e):
             raise
         first = str(e).strip().splitlines()[0][:300]
-        print(f"zoome train: error: rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost a peer rank "
-              f"or its node during a collective ({first}). Bring every node back, then rerun the same "
-              "command with --resume", file=sys.stderr)
+        print(f"zoome train: error: rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: a collective "
+              f"failed ({first}): a peer rank or its node was lost, or the communication backend failed. If a "
+              "node went away, bring every node back, then rerun the same command with --resume", file=sys.stderr)
         return 1
     return 0
 
@@ -103,13 +103,15 @@ def same_on_every_rank(e: BaseException) -> bool:
 
 
 def lost_peer(e: BaseException) -> bool:
-    """A communication failure: a peer rank died, its node went away, or a collective timed out."""
+    """A communication failure: a peer rank died, its node went away, or a collective timed out (any
+    torch.distributed error: NCCL's own failures are ``DistBackendError`` too, hence the message's "or")."""
     import torch.distributed as dist
 
     text = str(e)
     return isinstance(e, getattr(dist, "DistError", ())) or any(
         s in text for s in ("Connection closed by peer", "Connection reset", "Broken pipe", "connectFullMesh",
-                            "Timed out", "timed out", "NCCL", "ProcessGroupGloo"))
+                            "Timed out", "timed out", "ncclRemoteError", "remote process exited",
+                            "ProcessGroupGloo"))
 
 
 if __name__ == "__main__":

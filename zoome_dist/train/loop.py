@@ -19,8 +19,8 @@ def gather(*arrays: np.ndarray) -> list[np.ndarray]:
 
 def _to_device(batch: tuple[torch.Tensor, ...], device: torch.device, channels_last: bool):
     image, meta, label, sid = (t.to(device, non_blocking=True) for t in batch)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
+    # either way, whatever the loader gave (the nvJPEG path gives channels_last, DALI and the workers NCHW)
+    image = image.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return image, meta, label, sid
 
 
