@@ -6,7 +6,7 @@
     python launchers/benchmark.py train    [--json]   # training img/s per rank + data wait, fp32 vs bf16
     python launchers/benchmark.py predict  [--json]   # zoome predict img/s, TTA 1 vs 8
     python launchers/benchmark.py cv       [--json]   # CV jobs sequential vs concurrent + ISIC-2020 projection
-    python launchers/benchmark.py gpu --out DIR       # the one-GPU check (launchers/gpu_check.sh)
+    python launchers/benchmark.py gpu --out DIR [--only PARTS] [--no-compile]  # the one-GPU check (gpu_check.sh)
 
 Record the figures, with the machine line this prints, in BENCHMARKS.md.
 """
@@ -17,6 +17,7 @@ import json
 import sys
 
 from zoome_dist.bench import machine
+from zoome_dist.bench.gpu import PARTS as GPU_PARTS
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -82,18 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("gpu", help="the one-GPU check: gpu tests + every GPU figure, JSON + markdown")
     g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
     g.add_argument("--n", type=int, default=1536, help="synthetic 1024 px images")
+    g.add_argument("--only", help="comma-separated parts to run (default: all): " + ",".join(GPU_PARTS))
     g.add_argument("--no-tests", action="store_true", help="skip the gpu-marked tests")
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile part (the last)")
     for q in (s, m, d, t, pr, c, me, g):
         q.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if a.what == "gpu":
+        parts = [x.strip() for x in a.only.split(",") if x.strip()] if a.only else list(GPU_PARTS)
+        bad = [x for x in parts if x not in GPU_PARTS]
+        if bad:
+            p.error(f"--only: unknown part(s) {bad}; valid: {','.join(GPU_PARTS)}")
         if not _cuda():
             print("benchmark.py gpu: error: no CUDA GPU visible; the GPU check needs one", file=sys.stderr)
             return 2
         from zoome_dist.bench.gpu import bench_gpu
 
-        r = bench_gpu(a.out, a.n, tests=not a.no_tests, compiled=not a.no_compile)
+        skip = ({"tests"} if a.no_tests else set()) | ({"compiled"} if a.no_compile else set())
+        r = bench_gpu(a.out, a.n, parts=tuple(x for x in parts if x not in skip))
     elif a.what == "meta":
         from zoome_dist.bench.meta import bench_meta
 

@@ -6,7 +6,7 @@
 # part). 2.5 minutes on an H200 before the torch.compile part (up to three compiles, 300 s budget) was added; the
 # aim is under 8 minutes.
 #
-#   bash launchers/gpu_check.sh [OUT_DIR [--no-compile] [--no-tests]]   (default OUT_DIR: runs/gpu_check)
+#   bash launchers/gpu_check.sh [OUT_DIR [--only PART,...] [--no-compile] [--no-tests]]   (default OUT_DIR: runs/gpu_check)
 #
 # On a GPU host with its own torch and no network, bring DeepSpeed and WebDataset as wheels
 # (README "GPU check") and put them on PYTHONPATH first; DALI is optional.
@@ -20,4 +20,4 @@ fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
 out="${1:-$root/runs/gpu_check}"
 shift $(( $# > 0 ? 1 : 0 ))
-exec "$python" "$root/launchers/benchmark.py" gpu --out "$out" "$@"   # e.g. --no-compile, --no-tests
+exec "$python" "$root/launchers/benchmark.py" gpu --out "$out" "$@"   # e.g. --no-compile, --only compiled

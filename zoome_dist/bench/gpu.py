@@ -367,13 +367,21 @@ def _markdown(res: dict) -> str:
                 ref = f"; plain-autograd Zoom-SE {v['zoome_reference_img_s']}" if "zoome_reference_img_s" in v else ""
                 v = f"zoome {v['zoome_img_s']} / resnext50 {v['resnext50_img_s']} img/s (ratio {v['ratio']}){ref}"
             if k != "tail":
-                rows.append(f"| {section} {k} | {str(v).replace('|', '/')[:300]} |")
+                rows.append(f"| {section} {k} | {str(v).replace('|', '/').replace(chr(10), ' ')[:300]} |")
     return "\n".join(rows) + "\n"
 
 
-def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, tests: bool = True,
-              compiled: bool = True) -> dict:
-    """Everything above; returns the result and writes ``gpu_check.{json,md}`` into ``out_dir``."""
+PARTS = ("tests", "models", "zoom_se_kernels", "pipeline", "data_wait", "train", "predict", "compiled")
+
+
+def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts: tuple[str, ...] = PARTS) -> dict:
+    """The ``parts`` above, in that order; returns the result and writes ``gpu_check.{json,md}`` into
+    ``out_dir`` after every part. Sections of an earlier run in ``out_dir`` that this one does not redo
+    are kept (``runs`` says which run measured what), so a short device session can run the check in
+    two calls (e.g. everything but ``compiled``, then ``compiled``)."""
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        raise ValueError(f"unknown gpu_check part(s) {bad}; valid: {list(PARTS)}")
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU visible (torch.cuda.is_available() is False): the GPU check needs one")
     from zoome_dist.bench.predict import bench_predict
@@ -382,42 +390,48 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, tests
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res: dict = {"machine": machine(), "gpu_info": gpu_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    res: dict = {}
+    try:
+        res = json.loads((out_dir / "gpu_check.json").read_text())
+    except (OSError, ValueError):
+        pass
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    res.update(machine=machine(), gpu_info=gpu_info(), started=started)
+    res["runs"] = res.get("runs", []) + [{"started": started, "parts": list(parts)}]
     t0 = time.perf_counter()
 
+    def save() -> None:
+        (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1))
+        (out_dir / "gpu_check.md").write_text(_markdown(res))  # a run cut short keeps both files
+
     def step(name: str, fn) -> None:
+        if name not in parts:
+            return
         t = time.perf_counter()
         try:
             res[name] = fn()
         except Exception as e:  # noqa: BLE001 - one failed part must not lose the others' figures
             res[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"[gpu_check] {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-        (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1))
-        (out_dir / "gpu_check.md").write_text(_markdown(res))  # a run cut short keeps both files
+        save()
 
-    step("tests", _pytest_gpu if tests else lambda: {"summary": "not run"})
+    step("tests", _pytest_gpu)
     step("models", bench_models)
     step("zoom_se_kernels", bench_zoom_se_kernels)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-
-        def make_shards() -> dict:
+    if {"pipeline", "data_wait", "train"} & set(parts):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
             imgs = reused_dataset(root / "src", n, source_size, os.cpu_count() or 2)
             build(root / "src" / "train.csv", imgs, root / "shards", BuildOptions(
                 folds=3, max_side=0, samples_per_shard=128, dedup=False), workers=min(8, os.cpu_count() or 2),
                 progress=False)
-            return {"images": n, "source_px": source_size}
-
-        step("shards", make_shards)  # if it fails, the sections on these shards fail with it, the rest not
-        step("pipeline", lambda: bench_pipeline_gpu(root / "shards"))
-        step("data_wait", lambda: bench_data_wait(root / "shards"))
-        step("train", lambda: bench_train_gpu(root / "shards", root))
+            step("pipeline", lambda: bench_pipeline_gpu(root / "shards"))
+            step("data_wait", lambda: bench_data_wait(root / "shards"))
+            step("train", lambda: bench_train_gpu(root / "shards", root))
     step("predict", lambda: bench_predict("zoome", 224, 256, batch_size=64, ttas=(1, 8), loader="torch"))
-    if compiled:  # last: its compile time (minutes on a cold cache) risks no other figure
-        partial = res["compiled"] = {}
-        step("compiled", lambda: bench_compiled(out=partial, save=lambda: (out_dir / "gpu_check.json").write_text(
-            json.dumps(res, indent=1))))
+    # last: its compile time (minutes on a cold cache) risks no other figure; saved as each model is measured
+    partial: dict = {}
+    step("compiled", lambda: bench_compiled(out=partial, save=lambda: (res.__setitem__("compiled", partial), save())))
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1))
-    (out_dir / "gpu_check.md").write_text(_markdown(res))
+    save()
     return res
