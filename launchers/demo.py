@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-folds", type=int, default=5, help="folds of the shard build")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--folds", default="0", help="folds to cross-validate (zoome cv --folds)")
-    p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (GPUs, or CPU processes)")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="DeepSpeed ranks (GPUs, or CPU processes); default 2, or the GPUs visible when fewer")
     a = p.parse_args(argv)
     out = Path(a.out)
     data, shards = out / "data", out / "shards"
@@ -45,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== 3. verify {shards}")
     if shards_main(["verify", str(shards), "--quiet"]):
         return 1
-    print(f"== 4. DeepSpeed training, {a.ranks} ranks, fold(s) {a.folds} → {out / 'cv'}", flush=True)
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if a.ranks is None:  # a 1-GPU host trains on its one GPU
+        a.ranks = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+    print(f"== 4. DeepSpeed training, {a.ranks} ranks, fold(s) {a.folds} → {out / 'cv'}", flush=True)
     from zoome_dist.cv import main as cv_main
 
     return cv_main(["--config", str(ROOT / "launchers" / "configs" / "demo-cpu.yaml"), "--shards", str(shards),
