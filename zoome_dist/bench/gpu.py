@@ -47,34 +47,45 @@ def gpu_info() -> dict[str, Any]:
     return info
 
 
-def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, iters: int,
-                device: str = "cuda") -> float:
-    """img/s of fwd + bwd + Adam step (GradScaler for fp16), synchronised at the end only (``device``:
-    cuda; cpu for a smoke run of the code)."""
+def _sync(device: torch.device) -> Callable[[], None]:
+    """What waits for the device's queued work: ``torch.cuda.synchronize`` on a GPU, nothing on a CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _train_step(model: torch.nn.Module, dtype: torch.dtype,
+                device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """One training step of ``model`` on a batch: fwd under autocast, bwd, Adam step (GradScaler for fp16)."""
     from zoome_dist.losses import make_loss
 
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    img = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
-    meta, target = torch.rand(batch, 12, device=dev), (torch.rand(batch, device=dev) > 0.5).long()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = make_loss("focal")
 
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=dtype):
+    def step(img: torch.Tensor, meta: torch.Tensor, target: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=dtype):
             loss = loss_fn(model(img, meta), target)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, iters: int,
+                device: str = "cuda") -> float:
+    """img/s of ``_train_step`` on one synthetic batch, synchronised at the end only (``device``: cuda;
+    cpu for a smoke run of the code)."""
+    dev = torch.device(device)
+    sync, step = _sync(dev), _train_step(model, dtype, dev)
+    img = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    meta, target = torch.rand(batch, 12, device=dev), (torch.rand(batch, device=dev) > 0.5).long()
     for _ in range(3):  # cudnn.benchmark picks kernels; Adam state allocated
-        step()
+        step(img, meta, target)
     sync()
     t = time.perf_counter()
     for _ in range(iters):
-        step()
+        step(img, meta, target)
     sync()
     return batch * iters / (time.perf_counter() - t)
 
@@ -82,7 +93,7 @@ def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtyp
 def _ms(fn, device: torch.device, n: int = 20) -> float:
     for _ in range(3):
         fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _sync(device)
     sync()
     t = time.perf_counter()
     for _ in range(n):
@@ -113,17 +124,26 @@ def bench_zoom_se_kernels(device: str = "cuda", batch: int = 64, dtype: torch.dt
     return out
 
 
-def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int = 30, rounds: int = 2) -> dict:
+def _contender(name: str) -> torch.nn.Module:
+    """``zoome`` (fused Zoom-SE), ``zoome_plain_autograd`` (Zoom-SE through plain autograd instead of the
+    fused function) or ``resnext50`` (the plain backbone)."""
     from zoome_dist.models import ZooME, create_model
 
+    if name == "resnext50":
+        return ZooME("resnext50_32x4d", zoom_se=False, meta=False)
+    model = create_model("zoome")
+    if name != "zoome":
+        for m in model.modules():
+            if hasattr(m, "fused"):
+                m.fused = False
+    return model
+
+
+def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int = 30, rounds: int = 2) -> dict:
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    reference = create_model("zoome")
-    for m in reference.modules():  # Zoom-SE through plain autograd instead of the fused function
-        if hasattr(m, "fused"):
-            m.fused = False
-    models = {"zoome": create_model("zoome"), "resnext50": ZooME("resnext50_32x4d", zoom_se=False, meta=False),
-              "zoome_reference": reference}
+    reference = _contender("zoome_plain_autograd")
+    models = {"zoome": _contender("zoome"), "resnext50": _contender("resnext50"), "zoome_reference": reference}
     for m in models.values():
         m.cuda().train().to(memory_format=torch.channels_last)
     out: dict = {}
@@ -151,8 +171,6 @@ def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: in
     compile time and img/s, measured right after its compile and ``save``d, so a run cut short keeps
     what it measured. A model whose turn comes after ``budget_s`` is skipped (compiles take minutes on
     a cold cache). The eager figures are in ``models``. (``device="cpu", backend="eager"``: a smoke run.)"""
-    from zoome_dist.models import ZooME, create_model
-
     torch.backends.cudnn.benchmark = True
     out = {} if out is None else out
     out.update(precision="bf16", micro=micro)
@@ -167,11 +185,7 @@ def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: in
             out[name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
             continue
         torch.manual_seed(0)
-        m = ZooME("resnext50_32x4d", zoom_se=False, meta=False) if name == "resnext50" else create_model("zoome")
-        if name == "zoome_plain_autograd":
-            for mod in m.modules():
-                if hasattr(mod, "fused"):
-                    mod.fused = False
+        m = _contender("zoome" if name == "zoome_fused" else name)
         m.to(device).train().to(memory_format=torch.channels_last)
         t = time.perf_counter()
         try:
@@ -257,17 +271,15 @@ def bench_data_wait(shards: Path, batch: int = 64, steps: int = 40, threads: int
     img/s and the share of time spent waiting for batches, with the loader's decode-ahead thread and
     without it (decode in the training thread), alternating, best of ``rounds``. (``device="cpu"``:
     the same code with the CPU twin of the batch decode, a smoke run of this function.)"""
-    from zoome_dist.losses import make_loss
     from zoome_dist.models import create_model
     from zoome_dist.pipeline.augment import LoaderSpec
     from zoome_dist.pipeline.selection import select_folds
     from zoome_dist.pipeline.torch_loader import torch_loader
 
     dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.backends.cudnn.benchmark = True
     model = create_model("zoome").to(dev).train().to(memory_format=torch.channels_last)
-    opt, loss_fn = torch.optim.Adam(model.parameters(), lr=1e-5), make_loss("focal")
+    sync, step = _sync(dev), _train_step(model, torch.bfloat16, dev)
     spec = LoaderSpec(train=True, batch_size=batch, image_size=image_size, device="gpu" if dev.type == "cuda" else "cpu",
                       num_threads=threads)
     loaders = {}
@@ -290,11 +302,7 @@ def bench_data_wait(shards: Path, batch: int = 64, steps: int = 40, threads: int
                 batches = iter(it)
                 b = next(batches)
             wait += time.perf_counter() - t
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                loss = loss_fn(model(b[0], b[1]), b[2])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(b[0], b[1], b[2])
             n += 1
         sync()
         elapsed = time.perf_counter() - t0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +56,10 @@ class FolderImages:
         except (OSError, TypeError):
             return b"missing\0"
 
-    def fingerprint(self, names: list[str]) -> str:
-        """Per listed image its name and ``stamp``, hashed (what ``--resume`` compares)."""
-        return _fingerprint(self, names)
+    def fingerprint(self, names: list[str], stamps: Mapping[str, bytes] | None = None) -> str:
+        """Per listed image its name and ``stamp``, hashed (what ``--resume`` compares); ``stamps``: the
+        ones a build has read already (the duplicate search's cache keys them), not read again."""
+        return _fingerprint(self, names, stamps)
 
     def __str__(self) -> str:
         return str(self.root.resolve())
@@ -116,8 +118,8 @@ class HDF5Images:
             return b"missing\0"
         return f"{len(raw)}\0".encode() + hashlib.sha256(raw[:4096]).digest()
 
-    def fingerprint(self, names: list[str]) -> str:
-        return _fingerprint(self, names)
+    def fingerprint(self, names: list[str], stamps: Mapping[str, bytes] | None = None) -> str:
+        return _fingerprint(self, names, stamps)
 
     def __str__(self) -> str:
         return str(self.path.resolve())
@@ -126,10 +128,11 @@ class HDF5Images:
 ImageStore = FolderImages | HDF5Images
 
 
-def _fingerprint(store: ImageStore, names: list[str]) -> str:
+def _fingerprint(store: ImageStore, names: list[str], stamps: Mapping[str, bytes] | None) -> str:
     h = hashlib.sha256()
     for name in names:
-        h.update(f"{name}\0".encode() + store.stamp(name))
+        stamp = stamps.get(name) if stamps is not None else None
+        h.update(f"{name}\0".encode() + (store.stamp(name) if stamp is None else stamp))
     return h.hexdigest()
 
 

@@ -214,12 +214,12 @@ def read_exclude(path: str | Path) -> set[str]:
     return {strip_image_ext(n) for n in names if n.strip()}
 
 
-def _sources_record(sources: list[Source], table: pd.DataFrame) -> list[dict]:
+def _sources_record(sources: list[Source], table: pd.DataFrame, stamps: dict[str, dict[str, bytes]]) -> list[dict]:
     out = []
     for src in sources:
         names = table["image_name"][table["source"] == src.name].tolist()
         rec = {"name": src.name, "kind": src.kind, "csv": str(src.csv.resolve()), "csv_sha256": sha256_file(src.csv),
-               "images": str(src.images), "images_fingerprint": src.images.fingerprint(names)}
+               "images": str(src.images), "images_fingerprint": src.images.fingerprint(names, stamps.get(src.name))}
         if src.metadata_csv is not None:  # read (and found) by read_sources already
             rec.update(metadata_csv=str(src.metadata_csv.resolve()), metadata_csv_sha256=sha256_file(src.metadata_csv))
         out.append(rec)
@@ -257,8 +257,11 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
     with build_lock(out):
         stores = {s.name: s.images for s in sources}
         pairs = []
+        stamps: dict[str, dict[str, bytes]] = {}  # read once: the digest cache's keys and the manifest's fingerprint
         if opts.dedup:
-            hashes = _digests(out, table, stores, workers, progress)
+            for src, name in zip(table["source"], table["image_name"]):
+                stamps.setdefault(src, {})[name] = stores[src].stamp(name)
+            hashes = _digests(out, table, stores, stamps, workers, progress)
             pairs = dedup.duplicate_pairs([h[0] for h in hashes], [h[1] for h in hashes], opts.dup_distance)
         table["group"] = dedup.groups(table, pairs)
         keep, pair_records, dropped, largest = dedup.resolve(table, pairs, {s.name: i for i, s in enumerate(sources)})
@@ -269,7 +272,7 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
         folds = assign_folds(table, opts.folds, opts.seed)
         plans = plan_shards(table, folds, opts)
 
-        records = _sources_record(sources, table)
+        records = _sources_record(sources, table, stamps)
         plan_key = {"format_version": FORMAT_VERSION, "options": asdict(opts),
                     "csv_sha256": [r["csv_sha256"] for r in records],
                     "metadata_csv_sha256": [r.get("metadata_csv_sha256") for r in records],
@@ -286,8 +289,8 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
 SAVE_DIGESTS_S = 30.0  # how much hashing a killed build can lose
 
 
-def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], workers: int,
-             progress: bool) -> list[tuple[str | None, str | None]]:
+def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], stamps: dict[str, dict[str, bytes]],
+             workers: int, progress: bool) -> list[tuple[str | None, str | None]]:
     """Every row's (sha256, phash), cached in ``.build/digests.json`` with each image's ``stamp`` (name,
     size, first 4 KiB), saved every ``SAVE_DIGESTS_S``, at the end and when interrupted: any re-run of a
     build (plain after a stop while hashing, or ``--resume``) hashes only the images it has no digest
@@ -301,9 +304,9 @@ def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], work
     except (OSError, ValueError, AttributeError):  # unreadable, or an older format: hash again
         old = {}
     keys = [f"{src}/{name}" for src, name in zip(table["source"], table["image_name"])]
-    stamps = [hashlib.sha256(stores[src].stamp(name)).hexdigest()[:32]
-              for src, name in zip(table["source"], table["image_name"])]
-    cache = {k: v for k, st in zip(keys, stamps) if isinstance(v := old.get(k), list) and len(v) == 3 and v[2] == st}
+    stamped = [hashlib.sha256(stamps[src][name]).hexdigest()[:32]
+               for src, name in zip(table["source"], table["image_name"])]
+    cache = {k: v for k, st in zip(keys, stamped) if isinstance(v := old.get(k), list) and len(v) == 3 and v[2] == st}
     todo = [i for i, k in enumerate(keys) if k not in cache]
 
     def save() -> None:
@@ -315,7 +318,7 @@ def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], work
     try:
         with contextlib.closing(found):  # an interrupted pass stops its workers now
             for i, h in zip(todo, found):
-                cache[keys[i]] = [*h, stamps[i]]
+                cache[keys[i]] = [*h, stamped[i]]
                 if time.monotonic() - saved > SAVE_DIGESTS_S:
                     save()
                     saved = time.monotonic()
