@@ -74,6 +74,23 @@ def test_batch_decode_set_epoch_repeats_a_fresh_loaders_epoch(shards_dir):
         assert torch.equal(x[3], y[3]) and torch.equal(x[0], y[0])
 
 
+def test_batch_decode_started_mid_epoch_draws_what_it_skips(shards_dir):
+    """A resumed epoch's first batches are not decoded, but their random draws are made: the rest of the
+    epoch gets the uninterrupted run's crops, angles and flips."""
+    whole = list(_loader(shards_dir, train=True, batch_decode=True, epoch=1)[0])
+    for prefetch in (False, True):  # inline, and through the decode-ahead thread (a GPU's default)
+        it, _ = _loader(shards_dir, train=True, batch_decode=True)
+        it.prefetch = prefetch
+        decoded = []
+        decode = it.decode.decode
+        it.decode.decode = lambda raws: decoded.append(len(raws)) or decode(raws)
+        it.set_epoch(1, start=2)
+        rest = list(it)
+        assert len(whole) > 3 and len(rest) == len(whole) - 2 == len(decoded), "skipped batches decoded"
+        for x, y in zip(rest, whole[2:]):
+            assert torch.equal(x[3], y[3]) and torch.equal(x[0], y[0])
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, cuda])])
 def test_decode_thread_gives_the_same_batches(shards_dir, device):
     """The decode-ahead thread keeps the batches and their random draws in order; a pass left early

@@ -146,6 +146,15 @@ def test_torch_loader_resume_mid_epoch_repeats_the_uninterrupted_run(shards_dir,
     assert len(a) == len(b) > 0 and (a - b.loc[a.index]).abs().max() <= 1e-6
 
 
+def test_a_skip_needs_a_loader_started_there():
+    """train_one_epoch(skip=k) runs micro-steps k.. on the loader's batches as they come: a loader not set
+    to start at k would silently feed batches 0.. to them (a broken exact resume), so it is refused."""
+    from zoome_dist.train.loop import train_one_epoch
+
+    with pytest.raises(ValueError, match=r"skip=3: the loader must be set to start .*set_epoch\(epoch, 3\)"):
+        train_one_epoch(None, [0, 1, 2, 3, 4], None, epoch=0, steps=5, skip=3)
+
+
 def test_pruning_keeps_the_newest_and_the_best(tmp_path):
     for step in (1, 2, 3, 4):
         (tmp_path / f"step{step:07d}").mkdir()

@@ -237,6 +237,39 @@ def test_one_training_loader_serves_every_epoch_as_a_fresh_one_would(shards_dir,
     assert not torch.equal(torch.cat([s for _, s in epoch0]), torch.cat([s for _, s in epoch1]))
 
 
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_loader_started_mid_epoch_serves_the_rest_of_that_epoch(shards_dir, loader, monkeypatch):
+    """A run resumed at micro-step k sets its loader to start there: it yields the epoch's batches from k
+    on, then whole epochs; the torch loader does not even read the k batches before (DALI runs them)."""
+    from zoome_dist.pipeline.torch_loader import ShardDataset
+
+    def batches(it):
+        return [(b[0], b[3]) for b in it]
+
+    opts = dict(train=True, batch_size=4, image_size=32, loader=loader, seed=5)
+    whole = batches(make_loader(shards_dir, [0, 2], num_threads=2, epoch=1, **opts)[0])
+    read = []
+    if loader == "torch":  # in-process (no workers), so the keys the dataset is asked for can be seen
+        get = ShardDataset.__getitem__
+        monkeypatch.setattr(ShardDataset, "__getitem__", lambda self, key: read.append(key) or get(self, key))
+    it, _ = make_loader(shards_dir, [0, 2], num_threads=0 if loader == "torch" else 2, **opts)
+    it.set_epoch(1, start=3)
+    rest = batches(it)
+    assert len(whole) > 4 and len(rest) == len(whole) - 3
+    for (x, sx), (y, sy) in zip(rest, whole[3:]):
+        assert torch.equal(sx, sy) and torch.equal(x, y), "not the uninterrupted epoch's batches"
+    if loader == "torch":
+        assert len(read) == 4 * len(rest) and all(e == 1 for e, _ in read), "the skipped batches were read"
+    it.set_epoch(2, start=1)
+    iter(it).close()  # a pass closed before its first batch still takes its epoch and start
+    nxt = batches(it)
+    want = batches(make_loader(shards_dir, [0, 2], num_threads=2, epoch=3, **opts)[0])
+    assert len(nxt) == len(want) == len(whole), "the next pass is not a whole epoch"
+    assert all(torch.equal(x, y) and torch.equal(sx, sy) for (x, sx), (y, sy) in zip(nxt, want))
+    with pytest.raises(ValueError, match="only a training loader starts mid-epoch"):
+        make_loader(shards_dir, [1], train=False, batch_size=4, image_size=32, loader=loader)[0].set_epoch(0, 1)
+
+
 def test_negative_seed_is_a_seed_like_any_other(shards_dir):
     """train.seed may be negative (SeedSequence, which the per-sample seeds use, takes none)."""
     it, _ = make_loader(shards_dir, [0], train=True, batch_size=4, image_size=32, loader="torch", num_threads=1,

@@ -3,7 +3,9 @@
 Same shards, same batch size and the same number of CPU threads/workers for every contender;
 repeated alternately, best epoch kept. With a GPU, DALI ``mixed`` (decode + augment on the GPU) too.
 And what an epoch's start costs (time to its first batch): a training loader built per epoch against
-one torch loader whose workers serve every epoch (``set_epoch``, what training does).
+one torch loader whose workers serve every epoch (``set_epoch``, what training does). And what a
+mid-epoch resume costs: a fresh loader's time to the first batch after the checkpoint, started there
+(``set_epoch(epoch, start)``) or reading and dropping the batches before it.
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ def _rates(shards: Path, batch_size: int, image_size: int, threads: int, rounds:
         out["dali_gpu_vs_decode"] = round(best["dali_gpu_img_s"] / best["decode_gpu_img_s"], 3)
     out["samples"] = sel.samples
     out.update(_epoch_start(shards, folds, batch_size, image_size, threads, rounds))
+    out.update(_resume_start(shards, folds, batch_size, image_size, threads, rounds))
     return out
 
 
@@ -111,6 +114,31 @@ def _epoch_start(shards: Path, folds: list[int], batch_size: int, image_size: in
             "torch_epoch_start_kept_s": round(mean["kept"], 3),
             "torch_epoch_start_fresh_vs_kept": round(mean["fresh"] / mean["kept"], 2),
             "dali_epoch_start_s": round(mean["dali"], 3)}
+
+
+def _resume_start(shards: Path, folds: list[int], batch_size: int, image_size: int, threads: int,
+                  rounds: int) -> dict:
+    """Seconds from building a fresh loader (what ``--resume`` does) to the first batch after a checkpoint
+    half-way through epoch 1: the torch loader started there, the same loader reading and dropping the
+    batches before it (what training did before), and DALI (which has to run them); best of ``rounds``."""
+    kw = dict(train=True, batch_size=batch_size, image_size=image_size, device="cpu", num_threads=threads, epoch=1)
+    best = {"started": float("inf"), "dropped": float("inf"), "dali": float("inf")}
+    for _ in range(rounds):
+        for name in best:
+            t = time.perf_counter()
+            it, steps = make_loader(shards, folds, loader="dali" if name == "dali" else "torch", **kw)
+            start = steps // 2
+            if name != "dropped":
+                it.set_epoch(1, start)
+            batches = iter(it)
+            for _ in range(start if name == "dropped" else 0):
+                next(batches)
+            next(batches)
+            best[name] = min(best[name], time.perf_counter() - t)
+            batches.close()
+            del batches, it
+    return {"resume_batches_skipped": start, **{f"resume_{k}_s": round(v, 3) for k, v in best.items()},
+            "resume_dropped_vs_started": round(best["dropped"] / best["started"], 2)}
 
 
 def bench_pipeline(shards: str | None = None, sizes: tuple[int, ...] = (600, 1024), n: int = 384,

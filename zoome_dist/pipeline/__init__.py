@@ -48,8 +48,8 @@ def make_loader(shards: str | Path, folds: list[int], *, train: bool, batch_size
 
     Training order and augmentation are a function of ``(seed, epoch, rank)``, so a run resumed
     mid-epoch sees exactly the batches the interrupted one would have. A training loader yields
-    ``epoch`` first, then the next epoch on each new iteration; ``loader.set_epoch(e)`` picks the
-    next one (the torch loader keeps its workers; DALI builds a pipeline per epoch).
+    ``epoch`` first, then the next epoch on each new iteration; ``loader.set_epoch(e, start=k)`` picks the
+    next one, from batch ``k`` on (the torch loader keeps its workers; DALI builds a pipeline per epoch).
     """
     if loader not in LOADERS:
         raise ValueError(f"Invalid loader {loader!r}. Only {list(LOADERS)} are available here.")

@@ -4,7 +4,8 @@ The torch loader's GPU path for hosts without DALI (another CUDA major, DALI not
 DataLoader workers only read bytes; the main process decodes the batch with
 ``torchvision.io.decode_jpeg(device="cuda")`` (nvJPEG) and augments it on the GPU. The same
 function on the CPU is its tested twin. Random draws come from a CPU generator seeded by
-``(seed, epoch, rank)``, so a resumed run that replays the skipped batches draws the same values.
+``(seed, epoch, rank)``; a run resumed mid-epoch draws (``skip``) but does not decode the batches
+it had consumed, so its next batch gets the same values as in the uninterrupted run.
 Order as in ``Augment``: centred zoom crop → resize → rotate (zero fill) → flip → normalise.
 
 On a GPU the work runs on a side stream of its own. ``decode_jpeg(device="cuda")`` lets nvJPEG write
@@ -45,6 +46,21 @@ class BatchAugment:
         however many batches (and epochs) this object served before."""
         self.gen.manual_seed(loader_seed(self.seed, epoch, self.rank))
 
+    def skip(self, batches: int, batch_size: int) -> None:
+        """Draw what ``batches`` batches of ``batch_size`` would have drawn, without decoding them (a
+        resumed epoch's consumed batches): the next batch then gets the draws it gets in a whole epoch."""
+        if self.train:
+            for _ in range(batches):
+                self._draw(batch_size)
+
+    def _draw(self, b: int) -> tuple[list[float], list[float], list[bool]]:
+        """Per image: zoom fraction, rotation angle (degrees), horizontal flip."""
+        lo, hi = self.aug.zoom
+        zoom = (lo + (hi - lo) * torch.rand(b, generator=self.gen)).tolist()
+        angle = ((2 * torch.rand(b, generator=self.gen) - 1) * self.aug.rotate).tolist()
+        flip = (torch.rand(b, generator=self.gen) < self.aug.flip).tolist()
+        return zoom, angle, flip
+
     def decode(self, raws: list[torch.Tensor]) -> list[torch.Tensor]:
         """uint8 (3, H, W) per image; one batched nvJPEG call on a GPU."""
         if self.device.type == "cuda":
@@ -65,13 +81,7 @@ class BatchAugment:
     def _augment(self, raws: list[torch.Tensor]) -> torch.Tensor:
         images = self.decode(raws)
         b = len(images)
-        if self.train:
-            lo, hi = self.aug.zoom
-            zoom = (lo + (hi - lo) * torch.rand(b, generator=self.gen)).tolist()
-            angle = ((2 * torch.rand(b, generator=self.gen) - 1) * self.aug.rotate).tolist()
-            flip = (torch.rand(b, generator=self.gen) < self.aug.flip).tolist()
-        else:
-            zoom, angle, flip = [1.0] * b, [0.0] * b, [False] * b
+        zoom, angle, flip = self._draw(b) if self.train else ([1.0] * b, [0.0] * b, [False] * b)
         x = torch.cat([self._crop_resize(img, z) for img, z in zip(images, zoom)])
         if any(angle):
             x = rotate(x, torch.tensor(angle, device=self.device))

@@ -10,6 +10,7 @@ loader builds one pipeline per epoch (``set_epoch``).
 """
 from __future__ import annotations
 
+from itertools import islice
 from typing import Iterator
 
 import torch
@@ -71,7 +72,7 @@ class DaliLoader:
 
     def __init__(self, sel: Selection, spec: LoaderSpec) -> None:
         self.sel, self.spec = sel, spec
-        self.epoch, self.built, self.used, self.it = spec.epoch, None, False, None
+        self.epoch, self.built, self.used, self.it, self.start = spec.epoch, None, False, None, 0
         self._build()
 
     def _build(self) -> None:
@@ -90,17 +91,25 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self.it)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The next iteration yields this epoch's batches."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields this epoch's batches, from batch ``start`` on (a run resumed
+        mid-epoch). Unlike the torch loader's, the batches before ``start`` still run through the
+        pipeline, read and decoded (its reader's shuffle and random operators have no way to skip)."""
+        if start < 0 or (start and not self.spec.train):
+            raise ValueError(f"start {start}: only a training loader starts mid-epoch, at a batch >= 0")
+        self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        start = 0
         if self.spec.train:
             if self.built != self.epoch or self.used:  # a pipeline that ran has moved on: build afresh
                 self._build()
             self.used = True
-            self.epoch += 1
-        for batch in self.it:
+            self.epoch, start, self.start = self.epoch + 1, self.start, 0
+        return self._pass(start)
+
+    def _pass(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in islice(self.it, start, None):
             d = batch[0]
             yield d["image"], d["meta"], d["label"].view(-1).long(), d["sid"].view(-1)
 

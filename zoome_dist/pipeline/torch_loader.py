@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Iterator
 
 import numpy as np
@@ -60,11 +61,14 @@ def make_transform(train: bool, image_size: int, aug: Augment) -> v2.Compose:
 class EpochSampler(DistributedSampler):
     """``DistributedSampler`` whose indices carry their epoch, ``(epoch, index)``: the dataset seeds the
     sample's augmentation from them (the sampler runs in the main process, so ``set_epoch`` reaches
-    persistent workers)."""
+    persistent workers). ``start`` leaves out the head of the rank's permutation (a resumed epoch's
+    consumed samples): the rest are the same keys, hence the same augmented samples."""
+
+    start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch  # the epoch of this pass's permutation, whatever set_epoch does meanwhile
-        return ((epoch, i) for i in super().__iter__())
+        return ((epoch, i) for i in islice(super().__iter__(), self.start, None))
 
 
 class ShardDataset(Dataset):
@@ -131,14 +135,18 @@ class TorchLoader:
     def __init__(self, loader: DataLoader, device: torch.device, epoch: int = 0,
                  decode: BatchAugment | None = None, prefetch: bool = False) -> None:
         self.loader, self.device, self.epoch, self.decode = loader, device, epoch, decode
-        self.prefetch, self._handoff, self._active = prefetch, None, None
+        self.prefetch, self._handoff, self._active, self.start = prefetch, None, None, 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The next iteration yields this epoch's batches (the workers stay)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields this epoch's batches (the workers stay), from batch ``start`` on: a
+        run resumed mid-epoch gets the rest of the epoch without reading or decoding the batches before
+        it (the decoder's random draws for them are skipped over); later iterations are whole epochs."""
+        if start < 0 or (start and not isinstance(self.loader.sampler, EpochSampler)):
+            raise ValueError(f"start {start}: only a training loader starts mid-epoch, at a batch >= 0")
+        self.epoch, self.start = epoch, start
 
     def _convert(self, batch: tuple) -> tuple[torch.Tensor, ...]:
         if self.decode is None:
@@ -151,15 +159,18 @@ class TorchLoader:
         batch in flight), so two passes never share the decoder's draws or the workers."""
         if self._active is not None:
             self._active.close()
-        self._active = self._pass()
+        self._active = self._pass(self.epoch, self.start)
+        self.epoch, self.start = self.epoch + 1, 0  # taken by this pass, even one closed before its first batch
         return self._active
 
-    def _pass(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        if isinstance(self.loader.sampler, DistributedSampler):
-            self.loader.sampler.set_epoch(self.epoch)
+    def _pass(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        sampler = self.loader.sampler
+        if isinstance(sampler, EpochSampler):
+            sampler.set_epoch(epoch)
+            sampler.start = start * self.loader.batch_size
         if self.decode is not None:
-            self.decode.set_epoch(self.epoch)
-        self.epoch += 1
+            self.decode.set_epoch(epoch)
+            self.decode.skip(start, self.loader.batch_size)
         if self.decode is None or not self.prefetch:
             for batch in self.loader:
                 yield self._convert(batch)

@@ -29,16 +29,17 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
                     progress: bool = True, log_every: int = 10,
                     before_step: Callable[[], None] | None = None) -> dict:
     """Run micro-steps ``skip..steps`` of one epoch; returns loss, speed, data wait and the
-    training predictions of every rank (for the Youden threshold).
+    training predictions of every rank (for the Youden threshold). A run resumed mid-epoch passes
+    the micro-step it resumes at as ``skip`` and a loader set to start there (``set_epoch(epoch, skip)``).
 
     Nothing is copied to the host per step: the loss sum, predictions and labels stay on the
     device and are copied once at the end (and the loss at each progress update), so the host
     can queue work ahead of a GPU. ``data_wait`` is the host time spent waiting for batches.
     """
+    if skip and getattr(loader, "start", None) != skip:  # it would serve batches 0.. for micro-steps skip..
+        raise ValueError(f"skip={skip}: the loader must be set to start at that batch (set_epoch(epoch, {skip}))")
     engine.train()
     it = iter(loader)
-    for _ in range(skip):  # resumed mid-epoch: batches consumed before the checkpoint
-        next(it)
     bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch}", unit="step", disable=not progress,
                dynamic_ncols=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -68,8 +69,8 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
                             img_s=f"{n_images * dist.get_world_size() / elapsed:.1f}",
                             wait=f"{100 * wait / elapsed:.1f}%", lr=f"{engine.get_lr()[0]:.2e}")
     bar.close()
-    for _ in it:  # leftover batches (steps was cut to whole optimizer steps): end the loader's epoch
-        pass
+    if hasattr(it, "close"):  # leftover batches (steps was cut to whole optimizer steps): closed, not drained (those
+        it.close()            # already sent to workers are still decoded there); the next pass starts afresh either way
     p = torch.sigmoid(torch.cat(probs)).cpu().numpy() if probs else np.zeros(0, np.float32)
     y = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, int)
     total_loss = float(loss_sum)  # the one device→host copy of the epoch (waits for the GPU)

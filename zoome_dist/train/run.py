@@ -372,7 +372,7 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
     checkpoint; returns the epoch's metrics record."""
     cfg, engine, state = t.cfg, t.engine, t.state
     skip = state["micro_step"] if epoch == state["epoch"] else 0
-    t.train_it.set_epoch(epoch)
+    t.train_it.set_epoch(epoch, skip)  # resumed mid-epoch: the batches before the checkpoint are not served again
     every = cfg.train.checkpoint_every_steps
 
     def on_step(micro: int) -> None:
