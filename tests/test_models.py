@@ -149,18 +149,22 @@ def test_focal_loss():
         make_loss("mse")
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("c,hw,pool", [(64, 8, 4), (32, 7, 4), (48, 5, 3), (32, 6, 1), (16, 12, 4)])
-def test_fused_zoomse_matches_reference(channels_last, c, hw, pool):
+def test_fused_zoomse_matches_reference(layout, c, hw, pool):
     """Maps divisible by P (8, 12, 6 with P = 1) take max_pool2d in the fused path, the others the adaptive
-    pool; ReLU-like zeros make ties, which both pools must break the same way."""
+    pool; ReLU-like zeros make ties, which both pools must break the same way. The backward adds the
+    pooled cells' gradient through a flat view of either memory layout (or of a copy, for others)."""
     ref, fused = ZoomSE(c, pool, fused=False), ZoomSE(c, pool)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(3, c, hw, hw)
     x[:, : c // 2] = x[:, : c // 2].clamp(min=0)  # half the channels with many tied zeros
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
     dy = torch.randn_like(x)
+    if layout == "channels_last":
+        x, dy = (t.to(memory_format=torch.channels_last) for t in (x, dy))
+    elif layout == "strided":  # neither layout: every other column of a wider map
+        x, dy = (torch.stack([t, t], -1).flatten(-2)[..., ::2] for t in (x, dy))
+        assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
     results = []
     for m in (ref, fused):
         xx = x.clone().requires_grad_()
@@ -171,12 +175,21 @@ def test_fused_zoomse_matches_reference(channels_last, c, hw, pool):
     torch.testing.assert_close(results[1][1], results[0][1])
     for name, grad in results[0][2].items():
         torch.testing.assert_close(results[1][2][name], grad, rtol=1e-3, atol=1e-4, msg=name)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    bf16 = []  # both paths on the same bf16 map under autocast (so the same maxima)
+    for m in (ref, fused):
+        m.zero_grad()
         xb = x.bfloat16().requires_grad_()
-        yb = fused(xb)
-    yb.float().sum().backward()
-    assert yb.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yb = m(xb)
+        yb.backward(dy.bfloat16())
+        bf16.append((yb, xb.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (yr, gr, pr), (yb, gb, pb) = bf16
+    assert yb.dtype == torch.bfloat16 and gb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), results[0][0], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(gb.float(), gr.float(), rtol=0.02, atol=0.02)
+    for name, grad in pr.items():  # the gate MLP's gradients, from the map's sums in bf16
+        torch.testing.assert_close(pb[name], grad.float(), rtol=0.05, atol=0.02 * float(grad.abs().max()) + 1e-6,
+                                   msg=name)
 
 
 def test_torch_compile_traces_fused_zoomse():
