@@ -1,13 +1,19 @@
-"""Forward+backward throughput of ``zoome`` against its plain backbone, alternating, same settings."""
+"""Forward+backward throughput of ``zoome`` against its plain backbone, alternating, same settings;
+and of ``zoome`` with the plain-autograd Zoom-SE (the fused function's reference).
+
+Ratios are medians of per-round ratios: each round times every contender back to back, so a round's
+ratio sees the same machine load on both sides (on a shared machine the load drifts between rounds).
+"""
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 
 import torch
 
 from zoome_dist.losses import make_loss
-from zoome_dist.models import ZooME, create_model
+from zoome_dist.models import ZooME, ZoomSE, create_model
 
 
 def _step_time(model: torch.nn.Module, img: torch.Tensor, meta: torch.Tensor, target: torch.Tensor,
@@ -26,10 +32,18 @@ def _step_time(model: torch.nn.Module, img: torch.Tensor, meta: torch.Tensor, ta
     return (time.perf_counter() - t) / iters
 
 
-def bench_model(image_size: int = 224, batch_size: int = 8, iters: int = 3, rounds: int = 3,
+def _plain_zoom_se(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():
+        if isinstance(m, ZoomSE):
+            m.fused = False
+    return model
+
+
+def bench_model(image_size: int = 224, batch_size: int = 8, iters: int = 2, rounds: int = 7,
                 threads: int | None = None, device: str = "cpu", precisions: tuple[str, ...] = ("fp32", "bf16"),
                 backbone: str = "resnext50_32x4d") -> dict:
-    """img/s of zoome vs the backbone alone (best of ``rounds`` alternating rounds), per precision."""
+    """img/s of zoome, of zoome with the plain-autograd Zoom-SE and of the backbone alone (median of
+    ``rounds`` alternating rounds of ``iters`` steps), and the median per-round ratios, per precision."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -37,20 +51,26 @@ def bench_model(image_size: int = 224, batch_size: int = 8, iters: int = 3, roun
     img = torch.randn(batch_size, 3, image_size, image_size, device=dev).to(memory_format=torch.channels_last)
     meta, target = torch.rand(batch_size, 12, device=dev), (torch.rand(batch_size, device=dev) > 0.5).long()
     models = {"zoome": create_model("zoome", backbone=backbone),
+              "zoome_plain": _plain_zoom_se(create_model("zoome", backbone=backbone)),
               "backbone": ZooME(backbone, zoom_se=False, meta=False)}
     for m in models.values():
         m.to(dev).train().to(memory_format=torch.channels_last)
     out: dict = {"image_size": image_size, "batch_size": batch_size, "threads": torch.get_num_threads(),
-                 "device": device, "backbone": backbone}
+                 "device": device, "backbone": backbone, "rounds": rounds}
     for prec in precisions:
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
-        best = {k: float("inf") for k in models}
+        times: dict[str, list[float]] = {k: [] for k in models}
         for m in models.values():  # warm-up
             _step_time(m, img, meta, target, dtype, 1)
         for _ in range(rounds):
             for name, m in models.items():
-                best[name] = min(best[name], _step_time(m, img, meta, target, dtype, iters))
-        z, b = batch_size / best["zoome"], batch_size / best["backbone"]
-        out[prec] = {"zoome_img_s": round(z, 2), "backbone_img_s": round(b, 2), "ratio": round(z / b, 3)}
+                times[name].append(_step_time(m, img, meta, target, dtype, iters))
+
+        def ratio(a: str, b: str) -> float:  # img/s of a over img/s of b, round by round
+            return round(statistics.median(tb / ta for ta, tb in zip(times[a], times[b])), 3)
+
+        out[prec] = {**{f"{k}_img_s": round(batch_size / statistics.median(v), 2) for k, v in times.items()},
+                     "ratio": ratio("zoome", "backbone"), "plain_ratio": ratio("zoome_plain", "backbone"),
+                     "fused_vs_plain": ratio("zoome", "zoome_plain")}
     out.update(out[precisions[0]])
     return out
