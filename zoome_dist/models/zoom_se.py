@@ -37,26 +37,22 @@ class _ZoomGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         u, idx, s, h, g, w1, w2 = ctx.saved_tensors
-        # float32 sums; a bf16/fp16 map is read as it is on CUDA, but a CPU reduction to another dtype first
-        # copies the whole map to it: there the sum is rounded to the map's dtype (accumulated in float)
-        dg = (dy * u).sum((2, 3), dtype=torch.float32 if dy.is_cuda else None).float()
+        dg = (dy * u).sum((2, 3), dtype=torch.float32)
         dq = dg * g * (1 - g)
         dw2, db2 = dq.t() @ h, dq.sum(0)
         dpre = (dq @ w2.float()) * (h > 0)
         dw1, db1 = dpre.t() @ s, dpre.sum(0)
         ds = (dpre @ w1.float()) / ctx.cells
         dx = dy * g.to(dy.dtype)[:, :, None, None]
-        b, c, hh, ww = dx.shape
+        b, c = ds.shape
+        src = ds.to(dx.dtype)[:, :, None].expand(b, c, idx.shape[2] * idx.shape[3])
         if not (dx.is_contiguous() or dx.is_contiguous(memory_format=torch.channels_last)):
             dx = dx.contiguous()
-        # the pooled cells' gradient, added at their argmax positions through a flat view of dx: index_add_
-        # touches those B·C·P² elements only (a CPU scatter_add_ on a bf16 map copied the whole map twice)
-        bc = torch.arange(b * c, device=idx.device).view(b, c, 1, 1)
         if dx.is_contiguous():
-            flat, pos = dx.view(-1), bc * (hh * ww) + idx
-        else:  # channels_last: element (b, c, i) sits at (b·HW + i)·C + c
-            flat, pos = dx.permute(0, 2, 3, 1).view(-1), ((bc // c) * (hh * ww) + idx) * c + bc % c
-        flat.index_add_(0, pos.reshape(-1), ds.to(dx.dtype)[:, :, None, None].expand(idx.shape).reshape(-1))
+            dx.view(b, c, -1).scatter_add_(2, idx.reshape(b, c, -1), src)
+        else:  # channels_last: scatter along H*W of the (B, H*W, C) view
+            dx.permute(0, 2, 3, 1).view(b, -1, c).scatter_add_(
+                1, idx.permute(0, 2, 3, 1).reshape(b, -1, c), src.transpose(1, 2))
         return dx, None, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
 
 
