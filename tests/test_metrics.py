@@ -69,13 +69,14 @@ def test_score_cli(tmp_path, capsys):
 
 
 def test_cv_report(shards_dir, tmp_path):
-    """Two folds, one process each, then the Table-I report, per-fold CSV and ROC PNG."""
+    """Two folds, one process each (two jobs at a time, one core each), then the Table-I report, per-fold
+    CSV and ROC PNG."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "launchers" / "cv.py"), "--shards", str(shards_dir), "--folds", "0-1",
            "--out", str(tmp_path / "cv"), "--variants", "zoome,zoome_no_meta",
            "--set", "model.backbone=resnet18", "--set", "data.image_size=32", "--set", "data.num_threads=1",
            "--set", "train.epochs=1", "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=16",
-           "--set", "train.precision=fp32"]
+           "--set", "train.precision=fp32", "--jobs", "2", "--cpus-per-job", "1"]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     folds = pd.read_csv(tmp_path / "cv" / "folds.csv")
