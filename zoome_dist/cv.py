@@ -82,6 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--select", choices=SELECT, default="last",
                    help="the epoch each fold reports (and whose model the calibration is stored in)")
     a = p.parse_args(argv)
+    try:  # the flags alone first: their errors come before seconds of torch and DeepSpeed imports
+        if a.jobs < 1:
+            raise ValueError(f"--jobs must be positive, got {a.jobs}")
+        for flag, value in (("--max-retries", a.max_retries), ("--cpus-per-job", a.cpus_per_job)):
+            if value < 0:
+                raise ValueError(f"{flag} must be zero or more, got {value}")
+        if a.hostfile and (a.jobs > 1 or a.ray_address):
+            raise ValueError("--hostfile runs one multi-node job at a time; it cannot be combined with --jobs "
+                             "or --ray-address (use one or the other)")
+        if a.ray_address and a.jobs > 1:
+            raise ValueError("--jobs is for this node; with --ray-address the cluster's free resources decide "
+                             "how many jobs run at once")
+    except ValueError as e:
+        return error("zoome cv", e)
 
     from zoome_dist.config import apply_overrides, load_config, parse_set
     from zoome_dist.jobs import Job, Resources, run_local, run_ray
@@ -99,17 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         folds = parse_folds(a.folds)
         check_folds(folds, a.shards)
         Launch(ranks=a.ranks, hostfile=a.hostfile, master_addr=a.master_addr).validate()
-        if a.jobs < 1:
-            raise ValueError(f"--jobs must be positive, got {a.jobs}")
-        for flag, value in (("--max-retries", a.max_retries), ("--cpus-per-job", a.cpus_per_job)):
-            if value < 0:
-                raise ValueError(f"{flag} must be zero or more, got {value}")
-        if a.hostfile and (a.jobs > 1 or a.ray_address):
-            raise ValueError("--hostfile runs one multi-node job at a time; it cannot be combined with --jobs "
-                             "or --ray-address (use one or the other)")
-        if a.ray_address and a.jobs > 1:
-            raise ValueError("--jobs is for this node; with --ray-address the cluster's free resources decide "
-                             "how many jobs run at once")
         variants = list(dict.fromkeys(v for v in a.variants.split(",") if v)) or [cfg.model.name]
         unknown = [v for v in variants if v not in MODELS]
         if unknown:
