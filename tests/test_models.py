@@ -1,6 +1,8 @@
 """ZooME model family on CPU with small inputs."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,47 +151,58 @@ def test_focal_loss():
         make_loss("mse")
 
 
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # neither layout: every other column of a wider map
+        return torch.stack([t, t], -1).flatten(-2)[..., ::2]
+    return t.contiguous()
+
+
+def _fwd_bwd(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, autocast: bool = False):
+    """Output, input gradient and parameter gradients; ``x`` keeps its strides (a leaf, not a copy)."""
+    m.zero_grad()
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = m(x)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad for n, p in m.named_parameters()}
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("c,hw,pool", [(64, 8, 4), (32, 7, 4), (48, 5, 3), (32, 6, 1), (16, 12, 4)])
 def test_fused_zoomse_matches_reference(layout, c, hw, pool):
     """Maps divisible by P (8, 12, 6 with P = 1) take max_pool2d in the fused path, the others the adaptive
-    pool; ReLU-like zeros make ties, which both pools must break the same way. The backward adds the
-    pooled cells' gradient through a flat view of either memory layout (or of a copy, for others)."""
+    pool; ReLU-like zeros make ties, which both pools must break the same way. Either memory layout, or
+    neither. Under bf16 autocast the fused path is checked against float64 on the same bf16 map (the
+    plain path under autocast rounds more: a poor reference)."""
+    torch.manual_seed(c * 100 + hw * 10 + pool)
     ref, fused = ZoomSE(c, pool, fused=False), ZoomSE(c, pool)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(3, c, hw, hw)
     x[:, : c // 2] = x[:, : c // 2].clamp(min=0)  # half the channels with many tied zeros
     dy = torch.randn_like(x)
-    if layout == "channels_last":
-        x, dy = (t.to(memory_format=torch.channels_last) for t in (x, dy))
-    elif layout == "strided":  # neither layout: every other column of a wider map
-        x, dy = (torch.stack([t, t], -1).flatten(-2)[..., ::2] for t in (x, dy))
+    x, dy = _layout(x, layout), _layout(dy, layout)
+    if layout == "strided":
         assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-    results = []
-    for m in (ref, fused):
-        xx = x.clone().requires_grad_()
-        y = m(xx)
-        y.backward(dy)
-        results.append((y, xx.grad, {n: p.grad for n, p in m.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    torch.testing.assert_close(results[1][1], results[0][1])
-    for name, grad in results[0][2].items():
-        torch.testing.assert_close(results[1][2][name], grad, rtol=1e-3, atol=1e-4, msg=name)
-    bf16 = []  # both paths on the same bf16 map under autocast (so the same maxima)
-    for m in (ref, fused):
-        m.zero_grad()
-        xb = x.bfloat16().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yb = m(xb)
-        yb.backward(dy.bfloat16())
-        bf16.append((yb, xb.grad, {n: p.grad for n, p in m.named_parameters()}))
-    (yr, gr, pr), (yb, gb, pb) = bf16
+    (yr, gr, pr), (yf, gf, pf) = _fwd_bwd(ref, x, dy), _fwd_bwd(fused, x, dy)
+    torch.testing.assert_close(yf, yr)
+    torch.testing.assert_close(gf, gr)
+    for name, grad in pr.items():
+        torch.testing.assert_close(pf[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+    xb, dyb = _layout(x.bfloat16(), layout), _layout(dy.bfloat16(), layout)
+    yb, gb, pb = _fwd_bwd(fused, xb, dyb, autocast=True)
+    exact = copy.deepcopy(ref).double()
+    y64, g64, p64 = _fwd_bwd(exact, xb.double(), dyb.double())  # same values, same maxima and ties
     assert yb.dtype == torch.bfloat16 and gb.dtype == torch.bfloat16
-    torch.testing.assert_close(yb.float(), results[0][0], rtol=0.05, atol=0.05)
-    torch.testing.assert_close(gb.float(), gr.float(), rtol=0.02, atol=0.02)
-    for name, grad in pr.items():  # the gate MLP's gradients, from the map's sums in bf16
-        torch.testing.assert_close(pb[name], grad.float(), rtol=0.05, atol=0.02 * float(grad.abs().max()) + 1e-6,
-                                   msg=name)
+    for name, got, want in (("output", yb, y64), ("input grad", gb, g64)):
+        torch.testing.assert_close(got.double(), want, rtol=0.02, atol=0.02 * float(want.abs().max()), msg=name)
+    # the gate MLP's gradients sum bf16 products dy·u over the map, then over channels, with cancellation: a
+    # bias gradient can be tiny beside its errors, so each layer is held to 5% of its weight's and bias's scale
+    for name, want in p64.items():
+        layer = name.split(".")[0]
+        scale = max(float(g.abs().max()) for n, g in p64.items() if n.startswith(layer + "."))
+        torch.testing.assert_close(pb[name].double(), want, rtol=0.02, atol=0.05 * scale, msg=name)
 
 
 def test_torch_compile_traces_fused_zoomse():
