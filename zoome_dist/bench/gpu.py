@@ -127,16 +127,13 @@ def bench_zoom_se_kernels(device: str = "cuda", batch: int = 64, dtype: torch.dt
 def _contender(name: str) -> torch.nn.Module:
     """``zoome`` (fused Zoom-SE), ``zoome_plain_autograd`` (Zoom-SE through plain autograd instead of the
     fused function) or ``resnext50`` (the plain backbone)."""
+    from zoome_dist.bench.model import plain_zoom_se
     from zoome_dist.models import ZooME, create_model
 
     if name == "resnext50":
         return ZooME("resnext50_32x4d", zoom_se=False, meta=False)
     model = create_model("zoome")
-    if name != "zoome":
-        for m in model.modules():
-            if hasattr(m, "fused"):
-                m.fused = False
-    return model
+    return model if name == "zoome" else plain_zoom_se(model)
 
 
 def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int = 30, rounds: int = 2) -> dict:
