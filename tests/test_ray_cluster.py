@@ -1,7 +1,7 @@
 """Ray for real: ``ray up`` / ``ray submit`` / ``ray job submit`` of the tuning search onto network-
 namespace nodes (``tests/cluster.py``: own IP, own process table, own home and /tmp/ray), with the
-project's ``tuning/cluster.yaml`` as written except the provider addresses, the ssh key, where the
-project is synced, and the install step (a prebuilt environment: a full install per node is too heavy
+project's ``tuning/cluster.yaml`` as written except the provider addresses, the user, the ssh key and
+the install step (a prebuilt environment: a full install per node is too heavy
 for CI). Token authentication is on; a lost worker node costs a restart from the last checkpoint.
 
 Never ``ray stop``/``ray down`` here: both end every Ray process on the machine. The nodes' processes
@@ -39,16 +39,15 @@ TINY = ["--batch-sizes", "16", "--scheduler", "fifo", "--verbose", "0", "--cpus-
         "--set", "train.micro_batch_size=16", "--set", "train.precision=fp32", "--set", "optim.warmup_epochs=0"]
 
 
-def cluster_yaml(c: Cluster, project: Path) -> dict:
-    """``tuning/cluster.yaml`` for the test nodes: addresses, key and sync target swapped, install step
-    replaced by a link to this checkout's environment; every other line runs as written."""
+def cluster_yaml(c: Cluster) -> dict:
+    """``tuning/cluster.yaml`` for the test nodes: addresses, user and key swapped, install step replaced
+    by a link to this checkout's environment; every other line (the sync into each node's own home
+    included) runs as written."""
     cfg = yaml.safe_load((ROOT / "tuning" / "cluster.yaml").read_text())
     cfg["cluster_name"] = f"zoome-test-{c.tag}"
     cfg["provider"].update(head_ip=c.addrs[0], worker_ips=c.addrs[1:])
     cfg["auth"] = {"ssh_user": getpass.getuser(), "ssh_private_key": str(c.dir / "id_ed25519")}
     cfg["min_workers"] = cfg["max_workers"] = len(c.addrs) - 1
-    assert "~/zoome_dist" in cfg["file_mounts"], "the yaml no longer syncs the project to ~/zoome_dist"
-    cfg["file_mounts"] = {(str(project) if k == "~/zoome_dist" else k): v for k, v in cfg["file_mounts"].items()}
     install = [s for s in cfg["setup_commands"] if "pip install" in s or "-m venv" in s]
     assert len(install) == 2, cfg["setup_commands"]
     cfg["setup_commands"] = [f"ln -sfn {VENV} ~/zoome-venv"] + [s for s in cfg["setup_commands"] if s not in install]
@@ -110,7 +109,7 @@ def ray_cluster(tmp_path_factory):
     try:
         with Cluster(2) as c:
             client = RayClient(c, root)
-            client.yaml.write_text(yaml.safe_dump(cluster_yaml(c, root / "project"), sort_keys=False))
+            client.yaml.write_text(yaml.safe_dump(cluster_yaml(c), sort_keys=False))
             try:
                 r = client.ray("get-auth-token", "--generate", env={"RAY_AUTH_MODE": "token"})
                 assert r.returncode == 0, r.stderr
@@ -129,9 +128,13 @@ def test_ray_up_starts_every_node_with_token_auth(ray_cluster):
     c, client = ray_cluster
     # every command Ray runs on a node gets the project's Python and token authentication
     # the whole package was synced (the excludes name top-level folders only: not zoome_dist/data)
-    synced = {p.relative_to(client.yaml.parent / "project").as_posix() for p in (client.yaml.parent / "project").rglob("*.py")}
-    assert {"zoome_dist/data/__init__.py", "zoome_dist/pipeline/dali.py", "tuning/tune.py"} <= synced
-    assert not any(p.startswith((".venv/", "runs/")) for p in synced)
+    # into each node's own home, at the yaml's ~/zoome-src (not ~/zoome_dist, which shadows the package)
+    for i in range(2):
+        project = c.dir / f"node{i}" / "home" / "zoome-src"
+        synced = {p.relative_to(project).as_posix() for p in project.rglob("*.py")}
+        assert {"zoome_dist/data/__init__.py", "zoome_dist/pipeline/dali.py", "tuning/tune.py"} <= synced, i
+        assert not any(p.startswith((".venv/", "runs/")) for p in synced)
+        assert not (c.dir / f"node{i}" / "home" / "zoome_dist").exists()
     r = client.ray("exec", str(client.yaml), "which python; echo mode=$RAY_AUTH_MODE", timeout=60)
     assert "/zoome-venv/bin/python" in r.stdout and "mode=token" in r.stdout, r.stdout[-2000:]
     for i in range(2):

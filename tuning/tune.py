@@ -4,7 +4,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `ray submit` runs this file directly, from a checkout
+# run from a checkout: its package first. `ray submit` runs a copy in the home folder: the installed package
+if (ROOT / "zoome_dist" / "__init__.py").is_file() and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from zoome_dist.tune import main  # noqa: E402

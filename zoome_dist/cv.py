@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {len(jobs)} job(s), {sum(j.done for j in jobs)} finished before", flush=True)
         if a.paper:
             print(expected_time(a.shards, folds, variants, cfg.train.epochs), flush=True)
-        failed = (run_ray(jobs, res, a.ray_address, a.max_retries) if a.ray_address
+        failed = (run_ray(jobs, res, a.ray_address, a.max_retries, out, a.shards) if a.ray_address
                   else run_local(jobs, res, a.jobs, a.max_retries, gpu=accelerator() == "cuda"))
         if failed:
             for name, why in failed.items():

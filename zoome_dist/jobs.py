@@ -19,10 +19,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from zoome_dist.launch import Launch, job_env, train_command, visible_devices
 from zoome_dist.procs import die_with_parent, exit_description, log_tail
 from zoome_dist.rundir import RunDir
+from zoome_dist.storage import check_ray_nodes
 
 
 @dataclass(frozen=True)
@@ -159,11 +161,12 @@ def _ray_job(job: Job, res: Resources, gpu: bool) -> str:
     return node
 
 
-def run_ray(jobs: list[Job], res: Resources, address: str, retries: int = 2) -> dict[str, str]:
+def run_ray(jobs: list[Job], res: Resources, address: str, retries: int, out: Path, shards: str) -> dict[str, str]:
     """Run ``jobs`` as Ray tasks on the cluster at ``address``, as many at once as its free resources
     allow; returns ``{name: error}`` of the jobs that failed every attempt. A job holds ``res.ranks``
     GPUs when the cluster has GPUs, else ``res.ranks`` CPU ranks; and ``res.cpus`` cores (at least one
-    per rank). Run folders must be on storage every node mounts at the same path."""
+    per rank). The run folders (under ``out``) must be on storage every node mounts at the same path, and
+    every node must read the same ``shards``: checked on every node before any job starts."""
     import ray
 
     todo = [j for j in jobs if not j.done]
@@ -171,6 +174,7 @@ def run_ray(jobs: list[Job], res: Resources, address: str, retries: int = 2) -> 
         return {}
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
+        check_ray_nodes(out, shards)  # every node sees the run folders and shards
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         gpu = any(n.get("GPU", 0) > 0 for n in nodes)
         need = {"CPU": max(res.cpus, res.ranks), "GPU": res.ranks if gpu else 0}

@@ -36,17 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="32,64,128", help="global batch sizes to search")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
     p.add_argument("--search", choices=["random", "optuna"], default="random")
-    p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial (from its checkpoint)")
+    p.add_argument("--tolerate-failed-trials", type=int, default=0, metavar="N",
+                   help="exit 0 even when up to N trials ended in ERROR (after their restarts)")
     p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
     p.add_argument("--seed", type=int, default=0, help="seed of the search algorithm's sampling")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2, 3], help="Ray Tune console output")
     a = p.parse_args(argv)
 
     from zoome_dist.config import load_config, parse_set
+    from zoome_dist.storage import check_ray_nodes
     from zoome_dist.train.engine import validate
-    from zoome_dist.tuning import base_tree, check_pickles_are_ours, search_space, trainable, write_results
+    from zoome_dist.tuning import (base_tree, check_pickles_are_ours, error_line, search_space, trainable,
+                                   write_results)
 
     try:
+        if a.tolerate_failed_trials < 0:
+            raise ValueError(f"--tolerate-failed-trials must be zero or more, got {a.tolerate_failed_trials}")
         cfg = load_config(a.config, parse_set(a.set))
         validate(cfg)
         folds = parse_folds(a.folds)
@@ -80,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=a.ray_address, include_dashboard=False) if a.ray_address else ray.init(
         include_dashboard=False)
     try:
+        try:
+            check_ray_nodes(out, a.shards)  # every node sees --out and the same shards, before any trial
+        except ValueError as e:
+            return error("zoome tune", e)
         fn = tune.with_parameters(trainable, base=base_tree(cfg), shards=str(Path(a.shards).resolve()),
                                   folds=folds, run_root=str(out / "trials"), workers=workers,
                                   gpus=a.gpus_per_trial, threads=a.cpus_per_worker)
@@ -107,9 +117,22 @@ def main(argv: list[str] | None = None) -> int:
                                           failure_config=tune.FailureConfig(max_failures=a.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         results = tuner.fit()
-        summary = write_results(results, out, base_tree(cfg), folds)
+        failed = [r for r in results if r.error]
+        try:
+            summary = write_results(results, out, base_tree(cfg), folds)
+        except RuntimeError as e:  # no trial finished every fold
+            summary = None
+            print(f"zoome tune: error: {e}", file=sys.stderr)
     finally:
         ray.shutdown()
+    for r in failed:
+        print(f"zoome tune: trial {Path(r.path).name} ended in ERROR: {error_line(r.error)} "
+              f"(see {Path(r.path) / 'error.txt'})", file=sys.stderr)
+    if summary is None or len(failed) > a.tolerate_failed_trials:
+        if failed:
+            print(f"zoome tune: {len(failed)} trial(s) ended in ERROR (--tolerate-failed-trials "
+                  f"{a.tolerate_failed_trials}); rerun the same command to resume them", file=sys.stderr)
+        return 1
     print((out / "trials.md").read_text())
     print(f"best mean AUC {summary['best_mean_auc']:.4f} over folds {folds} ({summary['complete']} of "
           f"{summary['trials']} trials finished every fold): {summary['best']}")

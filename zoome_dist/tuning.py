@@ -133,7 +133,7 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _error_line(error: BaseException | None) -> str:
+def error_line(error: BaseException | None) -> str:
     """A failed trial's own message (not Ray's task header): its first line, for trials.csv."""
     if error is None:
         return ""
@@ -158,7 +158,7 @@ def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
                "folds_done": m.get("folds_done", 0), "mean_auc": m.get("mean_auc"),
                "complete": m.get("folds_done", 0) == len(folds), "node_id": m.get("node_id"),
                "node_ip": m.get("node_ip"),
-               "error": _error_line(r.error)}
+               "error": error_line(r.error)}
         rows.append(row)
     df = pd.DataFrame(rows).sort_values("mean_auc", ascending=False, na_position="last")
     df.to_csv(out / "trials.csv", index=False)

@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         missing = [f"--{k}" for k in ("shards", "fold", "out") if getattr(a, k) is None]
         if missing:
             p.error(f"the following arguments are required: {', '.join(missing)}")
+    from zoome_dist.slurm import slurm_env
     from zoome_dist.train.run import run  # imports DeepSpeed, which sets its logger up: configure after it
 
+    try:  # an srun task: its rank first, so that logging and every error know it
+        os.environ.update(slurm_env(os.environ))
+    except ValueError as e:
+        return error("zoome train", e)
     setup_logging(a.log_level)
 
     try:

@@ -18,6 +18,7 @@ from zoome_dist.losses import LOSSES
 from zoome_dist.models import MODELS, create_model, model_options
 from zoome_dist.pipeline import DEVICES, LOADERS
 from zoome_dist.rundir import RunDir
+from zoome_dist.slurm import slurm_env
 
 
 
@@ -104,6 +105,7 @@ def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
     import deepspeed
 
     dist_cfg = dist_cfg or DistConfig()
+    os.environ.update(slurm_env(os.environ))  # srun tasks: rank, world size, master from SLURM_*
     if "RANK" not in os.environ:  # plain `python launchers/train.py`: no MPI discovery (docs/stack.md)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
@@ -116,6 +118,9 @@ def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
         import torch
 
         visible = torch.cuda.device_count()
+        if visible == 1 and local_rank > 0:  # a task bound to its own GPU (srun --gpus-per-task=1): use it
+            local_rank = 0
+            os.environ["LOCAL_RANK"] = "0"  # DeepSpeed's engine picks its device from LOCAL_RANK too
         if local_rank >= visible:
             raise ValueError(f"LOCAL_RANK {local_rank} but only {visible} GPU(s) are visible on this node: "
                              "start at most one rank per GPU (deepspeed --num_gpus / --include, CUDA_VISIBLE_DEVICES)")

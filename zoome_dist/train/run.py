@@ -34,6 +34,7 @@ from zoome_dist.metrics import binary_metrics, youden_threshold
 from zoome_dist.pipeline import Augment, make_loader, resolve_loader
 from zoome_dist.report import plot_curves
 from zoome_dist.rundir import RunDir
+from zoome_dist.storage import check_ranks
 from zoome_dist.subgroups import SUBGROUP_COLUMNS, auc_by_source, subgroup_metrics
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
@@ -229,9 +230,14 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: not writable")
     info = setup_distributed(cfg.dist)
+    ok = False
+    try:
+        check_ranks(out, shards)  # every rank sees rank 0's --out and the same shards, or all stop now
+    except BaseException:
+        dist.destroy_process_group()
+        raise
     lock = FolderLock(RunDir(out).lock, f"{out} is being trained",
                       "wait for that run to end, or train into another --out")
-    ok = False
     try:
         _hold_on_rank0(lock)
         resuming = _check_run_folder(RunDir(out), resume)  # again: a run that held the folder may have ended

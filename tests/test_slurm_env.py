@@ -1,0 +1,82 @@
+"""Rank discovery from SLURM's variables (``zoome_dist.slurm``): expectations written out by hand."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from zoome_dist.slurm import master_port, parse_nodelist, slurm_env, tasks_on_node
+
+STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",
+        "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("n1", ["n1"]),
+    ("n[1-3]", ["n1", "n2", "n3"]),
+    ("gpu[01-04,07]", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07"]),
+    ("gpu[098-101]", ["gpu098", "gpu099", "gpu100", "gpu101"]),
+    ("a[1-2],login1,b[9]", ["a1", "a2", "login1", "b9"]),
+    ("r[1-2]-n[01-02]", ["r1-n01", "r1-n02", "r2-n01", "r2-n02"]),
+    ("node-a,node-b", ["node-a", "node-b"]),
+])
+def test_parse_nodelist(nodelist, hosts):
+    assert parse_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["n[1-", "n[a-b]", "n1]"])
+def test_parse_nodelist_rejects_garbage(bad):
+    with pytest.raises(ValueError, match="SLURM node list"):
+        parse_nodelist(bad)
+
+
+def test_tasks_per_node():
+    assert [tasks_on_node("2(x3),1", i) for i in range(4)] == [2, 2, 2, 1]
+    assert tasks_on_node("8", 0) == 8
+    with pytest.raises(ValueError, match="SLURM_NODEID 2"):
+        tasks_on_node("4(x2)", 2)
+
+
+def test_step_task_gets_rank_world_and_master():
+    env = slurm_env(STEP)
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+                   "MASTER_PORT": str(10000 + (4242 * 16) % 20000), "LOCAL_WORLD_SIZE": "2"}
+    # the next step of the same job gets another port; every task of one step the same
+    assert master_port("4242", "1") == master_port("4242", "0") + 1
+    assert slurm_env({**STEP, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})["MASTER_PORT"] \
+        == env["MASTER_PORT"]
+
+
+def test_explicit_variables_win():
+    assert slurm_env({**STEP, "RANK": "0"}) == {}            # torchrun / deepspeed started it
+    assert slurm_env({**STEP, "TORCHELASTIC_RUN_ID": "x"}) == {}
+    env = slurm_env({**STEP, "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "1234"})
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.5", "1234")
+
+
+def test_not_slurm_or_one_task_changes_nothing():
+    assert slurm_env({}) == {}
+    assert slurm_env({**STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == {}
+    assert slurm_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) == {}
+
+
+def test_multi_task_job_without_srun_is_an_error():
+    # `salloc -n2` then the program by hand: its peers would never come
+    with pytest.raises(ValueError, match="not started by srun"):
+        slurm_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"})
+    with pytest.raises(ValueError, match="SLURM_PROCID 4 is outside"):
+        slurm_env({**STEP, "SLURM_PROCID": "4"})
+
+
+def test_the_error_reaches_the_user_as_one_line(tmp_path):
+    """`zoome train` in a 2-task allocation without srun: one line, exit 2, before any work."""
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]", "PATH": "/usr/bin:/bin",
+           "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.train", "--shards", str(tmp_path / "missing"),
+                        "--fold", "0", "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert lines and "not started by srun" in lines[-1], r.stderr[-2000:]

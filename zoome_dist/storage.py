@@ -1,0 +1,109 @@
+"""The storage contract of a run that spans nodes, checked before any work instead of assumed.
+
+Every rank (``check_ranks``) and every node of a Ray cluster (``check_ray_nodes``) must see the run
+folder the launching side writes into, and read the same shard build. A marker with a fresh random
+name is written into ``--out`` and each participant looks for it (a new name, so no cached negative
+lookup on NFS can hide it); the shards' ``manifest.json`` digest is compared too, so shards copied to
+node-local disks at one path are allowed but must be the same build. A participant that fails stops
+everything at once, with one line naming its node, the path and what to do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+
+MARKER = ".zoome-storage-"
+WAIT_S = 10.0  # how long a participant looks for the marker (slow NFS attribute caches)
+SHARED = ("must be on storage every node mounts at the same path (NFS, Lustre, GPFS, a cluster file system)")
+
+
+def manifest_digest(shards: str | Path) -> str:
+    """SHA-256 of the shard build's ``manifest.json`` (its counts, checksums and vocabulary)."""
+    try:
+        return hashlib.sha256((Path(shards) / "manifest.json").read_bytes()).hexdigest()
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+
+
+def write_marker(out: Path, digest: str) -> Path:
+    """A new marker in ``out``, holding the writer's node and the shards' digest."""
+    path = Path(out) / f"{MARKER}{secrets.token_hex(8)}"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"node": socket.gethostname(), "digest": digest}))
+    os.replace(tmp, path)
+    return path
+
+
+def probe(marker: str, shards: str, wait_s: float = WAIT_S) -> dict:
+    """What this node sees: the marker (waiting up to ``wait_s``) and the shards' digest."""
+    deadline = time.monotonic() + wait_s
+    seen = None
+    while seen is None:
+        try:
+            seen = json.loads(Path(marker).read_text())
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    return {"node": socket.gethostname(), "sees_out": seen is not None, "digest": manifest_digest(shards)}
+
+
+def problems(reports: list[dict], writer: str, digest: str, out: Path, shards: str | Path, who: str) -> list[str]:
+    """One line per participant that breaks the contract (``who`` names it: "rank 1", "Ray node")."""
+    lines = []
+    for r in reports:
+        where = f"{r.get('who', who)} on {r['node']}"
+        if not r["sees_out"]:
+            lines.append(f"{where} does not see the run folder {out} that {writer} wrote into: the folder (--out) "
+                         f"{SHARED}")
+        elif r["digest"] != digest:
+            lines.append(f"{where} reads another shard build at {shards} (manifest digest {r['digest'][:12]}, "
+                         f"{writer} reads {digest[:12]}): copy the same build to every node, or put the shards on "
+                         "shared storage")
+    return lines
+
+
+def check_ranks(out: Path, shards: str | Path) -> None:
+    """Every rank of the process group sees ``out`` as rank 0 wrote it, and the same shards (collective)."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() < 2:
+        return
+    digest = manifest_digest(shards)
+    marker = [str(write_marker(out, digest)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(marker, src=0)
+    mine = {**probe(marker[0], str(shards)), "who": f"rank {dist.get_rank()}"}
+    reports: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    if dist.get_rank() == 0:
+        Path(marker[0]).unlink(missing_ok=True)
+    bad = problems(reports, f"rank 0 on {reports[0]['node']}", reports[0]["digest"], out, shards, "rank")
+    if bad:
+        raise ValueError(bad[0] + (f" (and {len(bad) - 1} more rank(s))" if len(bad) > 1 else ""))
+
+
+def check_ray_nodes(out: Path, shards: str | Path) -> None:
+    """Every alive node of the connected Ray cluster sees ``out`` and the same shards (one small task per
+    node, pinned to it); raises ``ValueError`` naming the first node that does not."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    digest = manifest_digest(shards)
+    marker = write_marker(out, digest)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        task = ray.remote(probe).options(num_cpus=0)
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            str(marker), str(shards)) for n in nodes]
+        reports = [{**r, "who": f"Ray node {n['NodeManagerAddress']}"} for r, n in
+                   zip(ray.get(refs, timeout=60 + WAIT_S), nodes)]
+    finally:
+        marker.unlink(missing_ok=True)
+    bad = problems(reports, f"the driver on {socket.gethostname()}", digest, out, shards, "Ray node")
+    if bad:
+        raise ValueError(bad[0] + (f" (and {len(bad) - 1} more node(s))" if len(bad) > 1 else ""))
