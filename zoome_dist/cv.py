@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper", action="store_true",
                    help="reproduce the paper: Table I and II variants (unless --variants), the paper's recipe (unless "
                         "--config), the expected run time first and OUT/paper.md (ours beside the paper's) last")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the (variant, fold) jobs, numbered from 0, with their run folders and state; run nothing")
+    p.add_argument("--only-job", type=int, metavar="I",
+                   help="train only job I of the --dry-run list (resuming it), and write no report: one task of "
+                        "a SLURM job array (launchers/slurm/cv.sh); a later plain run writes the report")
     p.add_argument("--select", choices=SELECT, default="last",
                    help="the epoch each fold reports (and whose model the calibration is stored in)")
     a = p.parse_args(argv)
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.hostfile and (a.jobs > 1 or a.ray_address):
             raise ValueError("--hostfile runs one multi-node job at a time; it cannot be combined with --jobs "
                              "or --ray-address (use one or the other)")
+        if a.only_job is not None and (a.ray_address or a.hostfile or a.only_job < 0):
+            raise ValueError(f"--only-job {a.only_job}: a job number ≥ 0 (see --dry-run), on this node (not with "
+                             "--ray-address or --hostfile)")
         if a.ray_address and a.jobs > 1:
             raise ValueError("--jobs is for this node; with --ray-address the cluster's free resources decide "
                              "how many jobs run at once")
@@ -131,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                     fold_args(a, variant, fold, fold_dir(out, variant, fold)))
                 for variant in variants for fold in folds]
         res = Resources(ranks=a.ranks, cpus=a.cpus_per_job, hostfile=a.hostfile, master_addr=a.master_addr)
+        if a.dry_run:
+            for i, j in enumerate(jobs):
+                print(f"job {i}: {j.name} -> {j.run.path} ({'finished' if j.done else 'to train'})")
+            return 0
+        if a.only_job is not None:
+            if a.only_job >= len(jobs):
+                raise ValueError(f"--only-job {a.only_job}: there are {len(jobs)} jobs (0-{len(jobs) - 1}; see --dry-run)")
+            jobs = [jobs[a.only_job]]
         print(f"== {len(jobs)} job(s), {sum(j.done for j in jobs)} finished before", flush=True)
         if a.paper:
             print(expected_time(a.shards, folds, variants, cfg.train.epochs), flush=True)
@@ -142,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"zoome cv: {len(failed)} of {len(jobs)} job(s) failed; rerun the same command to resume them "
                   "(finished jobs are not retrained)", file=sys.stderr)
             return 1
+        if a.only_job is not None:
+            print(f"== {jobs[0].name}: done ({jobs[0].run.path}); the report: the same command without --only-job")
+            return 0
         md = report(out, variants, folds, a.select)
     except KeyboardInterrupt:
         print("zoome cv: interrupted; every running job was stopped. Rerun the same command to resume",

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,10 +431,11 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
 
 def _finish(t: _Training, last: dict[str, Any]) -> dict[str, Any]:
     """Check that every rank ends with the same parameters; write the summary (the run's last file)."""
-    digests: list = [None] * t.info.world_size
-    dist.all_gather_object(digests, _params_digest(t.engine.module))
+    gathered: list = [None] * t.info.world_size
+    dist.all_gather_object(gathered, (_params_digest(t.engine.module), socket.gethostname()))
+    digests = [d for d, _ in gathered]
     summary = {"fold": t.fold, "epochs": t.cfg.train.epochs, "global_steps": int(t.engine.global_steps),
-               "world_size": t.info.world_size, "best": t.state["best"],
+               "world_size": t.info.world_size, "hosts": [h for _, h in gathered], "best": t.state["best"],
                "last": last, "ranks_identical": len(set(digests)) == 1,
                "skipped_steps": int(t.engine.skipped_steps)}  # fp16 steps skipped on inf/NaN gradients
     if t.rank0:

@@ -1,0 +1,114 @@
+"""SLURM for real: ``slurmctld`` + ``slurmd`` on network-namespace nodes (``tests/slurm_cluster.py``),
+jobs submitted with the project's own ``launchers/slurm/`` scripts, edited only where a user edits them
+(the settings at their top; the GPU line deleted, as on CPU-only nodes).
+
+Skipped, with the reason, where the cluster cannot be made (not root, SLURM or munge not installed).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CV_TINY
+from slurm_cluster import SlurmCluster, unavailable
+from test_cv import same_table
+from test_multinode import TINY, check_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.usefixtures("deepspeed_shm_op"),
+              pytest.mark.skipif(bool(unavailable()), reason=f"no SLURM test cluster: {unavailable()}")]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {"PATH": f"{BIN}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # CI's timeout still tears down
+    try:
+        with SlurmCluster(2) as c:
+            yield c
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def scripts(tmp_path: Path) -> Path:
+    """``launchers/slurm`` as a CPU-only user edits it: the GPU request deleted."""
+    d = tmp_path / "slurm"
+    d.mkdir()
+    for f in (ROOT / "launchers" / "slurm").iterdir():
+        text = f.read_text()
+        (d / f.name).write_text("\n".join(ln for ln in text.splitlines() if "--gpus-per-task" not in ln) + "\n")
+    return d
+
+
+def submit(c: SlurmCluster, *args: str, env: dict) -> str:
+    r = c.client("sbatch", "--parsable", *args, env={**ENV, **env}, cwd=ROOT)
+    return r.stdout.strip().split(";")[0]
+
+
+def tiny_config(tmp_path: Path, **train) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], **train}}))
+    return path
+
+
+def test_sbatch_trains_one_run_across_two_nodes(slurm, shards_dir, tmp_path):
+    """`sbatch launchers/slurm/train.sbatch`: srun's two tasks on two nodes form one world of 2."""
+    out = tmp_path / "run"
+    job = submit(slurm, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
+                 str(scripts(tmp_path) / "train.sbatch"),
+                 env={"CONFIG": str(tiny_config(tmp_path, epochs=1)), "SHARDS": str(shards_dir), "FOLD": "0",
+                      "OUT": str(out), "OMP_NUM_THREADS": "1"})
+    state = slurm.wait_job(job, timeout=400)
+    log = (tmp_path / "job.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    summary = check_run(out, shards_dir, 2)
+    assert summary["hosts"] == ["n1", "n2"], summary["hosts"]  # rank 0 on the first node: MASTER_ADDR
+
+
+def test_out_not_shared_fails_fast_naming_the_node(slurm, shards_dir, tmp_path):
+    """--out on each node's own disk: every task stops within seconds, naming the node and the path
+    (before: the first run 'succeeded' and a resume hung until dist.timeout_s)."""
+    out = slurm.node_local / f"run-{tmp_path.name}"
+    start = time.time()
+    r = slurm.client("srun", "-N2", "-n2", "--kill-on-bad-exit=1", "python", "-m", "zoome_dist.train",
+                     "--config", str(tiny_config(tmp_path)), "--shards", str(shards_dir), "--fold", "0",
+                     "--out", str(out), "--no-progress", env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                     check=False, timeout=120)
+    took = time.time() - start
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("zoome train: error:")]
+    assert errors, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "on n2 does not see the run folder" in errors[0] and str(out) in errors[0], errors
+    assert "every node mounts" in errors[0]
+    assert took < 45, f"{took:.0f} s"  # imports (~10 s per task on 2 shared cores) + the 10 s marker wait
+    assert not any(slurm.local_dir(2).rglob("checkpoints")), "rank 1 trained anyway"
+    shutil.rmtree(slurm.local_dir(1) / out.name, ignore_errors=True)
+
+
+def test_array_cv_then_report_equals_sequential(slurm, cv_sequential, cv_config, shards_dir, tmp_path):
+    """`bash launchers/slurm/cv.sh`: one array task per (variant, fold), then the report step; the table
+    equals the sequential `zoome cv`'s (same per-fold AUCs)."""
+    out = tmp_path / "cv"
+    d = scripts(tmp_path)
+    env = {**ENV, "CONFIG": str(cv_config), "SHARDS": str(shards_dir), "FOLDS": "0,1", "VARIANTS": "zoome,zoome_no_meta",
+           "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "SBATCH_ARGS": f"--cpus-per-task=1 --output={tmp_path}/%x-%A_%a.out"}
+    r = slurm.client("bash", str(d / "cv.sh"), env=env, cwd=ROOT, timeout=120)
+    ids = dict(kv.split("=") for kv in r.stdout.split() if kv.startswith(("array=", "report=")))
+    assert "4 training task(s)" in r.stdout, r.stdout
+    assert slurm.wait_job(ids["array"], timeout=600).split() == ["COMPLETED"] * 4, \
+        "\n".join(p.read_text()[-1500:] for p in tmp_path.glob("*.out"))
+    assert slurm.wait_job(ids["report"], timeout=300) == "COMPLETED", \
+        "\n".join(p.read_text()[-1500:] for p in tmp_path.glob("*report*.out"))
+    report = next(tmp_path.glob("zoome-cv-report-*.out")).read_text()
+    assert "4 finished before" in report, report[-2000:]
+    same_table(out, cv_sequential)
+    assert CV_TINY["train"]["epochs"] == 1
