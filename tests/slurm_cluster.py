@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+RAY_TMP = "/tmp/ray"
 TOOLS = ("ip", "unshare", "nsenter", "slurmctld", "slurmd", "munged", "srun", "sbatch", "scontrol")
 # PID 1 of a node: starts its daemons and reaps every orphan until it is killed.
 INIT = """
@@ -88,7 +89,7 @@ class SlurmCluster:
         raise RuntimeError("no free cluster tag")
 
     def local_dir(self, node: int) -> Path:
-        """Where node ``node``'s own ``node_local`` folder lives on the host (node 1 = n1)."""
+        """Where node ``node``'s own folders live on the host (node 1 = n1); ``own`` is its ``node_local``."""
         return self.dir / "local" / self.names[node]
 
     def up(self, attempts: int = 3) -> "SlurmCluster":
@@ -123,6 +124,7 @@ SlurmctldHost=ctl({self.addrs[0]})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -171,10 +173,13 @@ SlurmdLogFile={d}/log/slurmd-%n.log
         d, name = self.dir, self.names[i]
         mounts = ["mount --make-rprivate /", f"hostname {name}", "mount -t tmpfs tmpfs /run",
                   "mkdir -p /run/munge", f"mount --bind {d / 'hosts'} /etc/hosts", f"mount --bind {d / 'conf'} /etc/slurm"]
-        if i > 0:
-            self.local_dir(i).mkdir(parents=True, exist_ok=True)
+        if i > 0:  # a node's own /tmp/ray (Ray's sockets and sessions) and node-local folder
+            (self.local_dir(i) / "tmp-ray").mkdir(parents=True, exist_ok=True)
+            Path(RAY_TMP).mkdir(exist_ok=True)  # the mount point
+            mounts.append(f"mount --bind {self.local_dir(i) / 'tmp-ray'} {RAY_TMP}")
+            (self.local_dir(i) / "own").mkdir(exist_ok=True)
             self.node_local.mkdir(exist_ok=True)
-            mounts.append(f"mount --bind {self.local_dir(i)} {self.node_local}")
+            mounts.append(f"mount --bind {self.local_dir(i) / 'own'} {self.node_local}")
         munge = (f"{_which('munged')} -F --force --key-file={d / 'munge.key'} --socket=/run/munge/munge.socket.2 "
                  f"--pid-file=/run/munge/munged.pid --seed-file=/run/munge/seed --log-file={d / 'log' / f'munge-{name}.log'}")
         daemon = f"{_which('slurmctld')} -D -i" if i == 0 else f"{_which('slurmd')} -D -N {name}"
@@ -237,6 +242,13 @@ SlurmdLogFile={d}/log/slurmd-%n.log
             time.sleep(1)
         raise TimeoutError(f"SLURM job {job} still queued or running after {timeout}s")
 
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of slurmctld's log (for a failing test's message)."""
+        try:
+            return "\nslurmctld.log:\n" + (self.dir / "log" / "slurmctld.log").read_text()[-chars:]
+        except OSError:
+            return ""
+
     def kill_node(self, i: int) -> None:
         """The machine dies: SIGKILL every process of the node at once."""
         for pid in self.pids(i):
@@ -255,6 +267,10 @@ SlurmdLogFile={d}/log/slurmd-%n.log
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.rmdir(RAY_TMP)  # the mount point, if nothing else uses it
+        except OSError:
+            pass
 
     def __enter__(self) -> "SlurmCluster":
         return self.up()

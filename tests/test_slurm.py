@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -20,6 +21,7 @@ from conftest import CV_TINY
 from slurm_cluster import SlurmCluster, unavailable
 from test_cv import same_table
 from test_multinode import TINY, check_run
+from test_ray_cluster import TINY as RAY_TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(bool(unavailable()), reason=f"no SLURM test cluster: {unavailable()}")]
@@ -59,18 +61,53 @@ def tiny_config(tmp_path: Path, **train) -> Path:
     return path
 
 
-def test_sbatch_trains_one_run_across_two_nodes(slurm, shards_dir, tmp_path):
-    """`sbatch launchers/slurm/train.sbatch`: srun's two tasks on two nodes form one world of 2."""
+def train_job(c: SlurmCluster, tmp_path: Path, shards: Path, out: Path) -> str:
+    """`sbatch launchers/slurm/train.sbatch`: 2 nodes, one task each, 2 epochs of the tiny recipe."""
+    return submit(c, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/job-%j.out",
+                  str(scripts(tmp_path) / "train.sbatch"),
+                  env={"CONFIG": str(tiny_config(tmp_path, epochs=2)), "SHARDS": str(shards), "FOLD": "0",
+                       "OUT": str(out), "OMP_NUM_THREADS": "1"})
+
+
+def job_logs(tmp_path: Path) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("job-*.out")))
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, shards_dir, tmp_path_factory) -> dict:
+    """An uninterrupted `sbatch` training run across the two nodes."""
+    tmp = tmp_path_factory.mktemp("slurmref")
+    state = slurm.wait_job(train_job(slurm, tmp, shards_dir, tmp / "run"), timeout=400)
+    assert state == "COMPLETED", job_logs(tmp)
+    return check_run(tmp / "run", shards_dir, 2)
+
+
+def test_sbatch_trains_one_run_across_two_nodes(reference):
+    """srun's two tasks on two nodes form one world of 2, rank 0 on the first node (MASTER_ADDR)."""
+    assert reference["hosts"] == ["n1", "n2"], reference["hosts"]
+
+
+def test_lost_node_then_the_requeued_job_resumes(slurm, reference, shards_dir, tmp_path):
+    """A node dies mid-epoch: SLURM requeues the job (--requeue), which runs again once the node is back
+    and resumes from the newest checkpoint to the uninterrupted run's optimizer steps."""
     out = tmp_path / "run"
-    job = submit(slurm, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
-                 str(scripts(tmp_path) / "train.sbatch"),
-                 env={"CONFIG": str(tiny_config(tmp_path, epochs=1)), "SHARDS": str(shards_dir), "FOLD": "0",
-                      "OUT": str(out), "OMP_NUM_THREADS": "1"})
-    state = slurm.wait_job(job, timeout=400)
-    log = (tmp_path / "job.out").read_text()
-    assert state == "COMPLETED", log[-4000:]
-    summary = check_run(out, shards_dir, 2)
-    assert summary["hosts"] == ["n1", "n2"], summary["hosts"]  # rank 0 on the first node: MASTER_ADDR
+    job = train_job(slurm, tmp_path, shards_dir, out)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((out / "checkpoints").glob("step*")):
+        time.sleep(0.2)
+    assert any((out / "checkpoints").glob("step*")), job_logs(tmp_path)
+    assert not (out / "summary.json").exists(), "the run ended before the node could be lost"
+    slurm.kill_node(2)
+    deadline = time.time() + 120
+    while time.time() < deadline and "Restarts=1" not in slurm.client("scontrol", "show", "job", job).stdout:
+        time.sleep(1)
+    assert "Restarts=1" in slurm.client("scontrol", "show", "job", job).stdout, job_logs(tmp_path)
+    slurm.start_node(2)
+    assert slurm.wait_job(job, timeout=500) == "COMPLETED", job_logs(tmp_path) + slurm.log_tail()
+    got = check_run(out, shards_dir, 2)
+    assert got["global_steps"] == reference["global_steps"]
+    assert abs(got["last"]["val_auc"] - reference["last"]["val_auc"]) <= 1e-3
+    assert "resumed from" in job_logs(tmp_path)
 
 
 def test_out_not_shared_fails_fast_naming_the_node(slurm, shards_dir, tmp_path):
@@ -89,8 +126,8 @@ def test_out_not_shared_fails_fast_naming_the_node(slurm, shards_dir, tmp_path):
     assert "on n2 does not see the run folder" in errors[0] and str(out) in errors[0], errors
     assert "every node mounts" in errors[0]
     assert took < 45, f"{took:.0f} s"  # imports (~10 s per task on 2 shared cores) + the 10 s marker wait
-    assert not any(slurm.local_dir(2).rglob("checkpoints")), "rank 1 trained anyway"
-    shutil.rmtree(slurm.local_dir(1) / out.name, ignore_errors=True)
+    assert not any((slurm.local_dir(2) / "own").rglob("checkpoints")), "rank 1 trained anyway"
+    shutil.rmtree(slurm.local_dir(1) / "own" / out.name, ignore_errors=True)
 
 
 def test_array_cv_then_report_equals_sequential(slurm, cv_sequential, cv_config, shards_dir, tmp_path):
@@ -112,3 +149,24 @@ def test_array_cv_then_report_equals_sequential(slurm, cv_sequential, cv_config,
     assert "4 finished before" in report, report[-2000:]
     same_table(out, cv_sequential)
     assert CV_TINY["train"]["epochs"] == 1
+
+
+def test_ray_tune_on_the_allocation(slurm, shards_dir, tmp_path):
+    """`sbatch launchers/slurm/tune.sbatch`: a Ray head and worker as job steps with token auth, trials on
+    both nodes, the search's results written; the allocation's Ray ends with the job."""
+    out = tmp_path / "tune"
+    job = submit(slurm, "--nodes=2", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
+                 str(scripts(tmp_path) / "tune.sbatch"),
+                 env={"CONFIG": "", "SHARDS": str(shards_dir), "OUT": str(out), "FOLDS": "0", "NUM_SAMPLES": "2",
+                      "GPUS_PER_TRIAL": "0", "EXTRA": " ".join(["--pool-sizes", "2,4", "--set", "train.epochs=1", *RAY_TINY])})
+    state = slurm.wait_job(job, timeout=600)
+    log = (tmp_path / "job.out").read_text()
+    assert state == "COMPLETED", log[-5000:]
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2 and trials["complete"].all(), trials.to_string()
+    assert set(trials["node_ip"]) == {slurm.addrs[1], slurm.addrs[2]}, trials["node_ip"].tolist()
+    assert not list(out.glob(".ray-token-*")), "the job's token was left behind"
+    for node in (1, 2):  # nothing of Ray is left on the nodes
+        ps = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in slurm.pids(node)
+                      if Path(f"/proc/{pid}/cmdline").exists())
+        assert "raylet" not in ps and "gcs_server" not in ps, ps

@@ -97,7 +97,7 @@ def check_ray_nodes(out: Path, shards: str | Path) -> None:
     marker = write_marker(out, digest)
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        task = ray.remote(probe).options(num_cpus=0)
+        task = ray.remote(num_cpus=0)(probe)
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
             str(marker), str(shards)) for n in nodes]
         reports = [{**r, "who": f"Ray node {n['NodeManagerAddress']}"} for r, n in

@@ -4,7 +4,7 @@
 # Edit the lines marked "edit" (and the #SBATCH lines of cv.sbatch), then, from the checkout's folder:
 #   bash launchers/slurm/cv.sh
 # Rerunning it resumes: finished jobs are not retrained, interrupted ones continue from their checkpoint.
-CONFIG=${CONFIG:-launchers/configs/zoome.yaml}   # edit
+CONFIG=${CONFIG-launchers/configs/zoome.yaml}    # edit (empty: the built-in paper recipe)
 SHARDS=${SHARDS:-/shared/isic/shards}            # edit: shared storage (every task's node reads it)
 FOLDS=${FOLDS:-0-9}                              # edit
 VARIANTS=${VARIANTS:-}                           # edit: e.g. zoome,zoome_no_meta (empty: the config's)
