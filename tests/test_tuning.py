@@ -108,6 +108,22 @@ def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
     assert epochs == [0, 1, 2]
 
 
+def test_failed_trials_make_the_search_fail(cluster, shards_dir, tmp_path):
+    """A trial in ERROR after its restarts is an exit status of 1 naming the trial and its error file (it
+    was exit 0 with trials in ERROR); --tolerate-failed-trials N accepts up to N of them."""
+    out = tmp_path / "tune"
+    # weights that are not there: found by the trial's rank when it builds the model
+    args = [sys.executable, "-m", "zoome_dist.tune", "--shards", str(shards_dir), "--folds", "0", "--num-samples", "1",
+            "--ray-address", cluster.address, "--scheduler", "fifo", "--verbose", "0", "--max-failures", "0", *TINY,
+            "--set", f"model.pretrained={tmp_path / 'missing.pth'}", "--out", str(out)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    line = next(ln for ln in r.stderr.splitlines() if "ended in ERROR" in ln)
+    trial = pd.read_csv(out / "trials.csv").iloc[0]
+    assert trial["trial_id"] in line and "error.txt" in line and "missing.pth" in line, line
+    assert "1 trial(s) ended in ERROR" in r.stderr
+
+
 def test_cluster_yaml_passes_ray_schema():
     """tuning/cluster.yaml through the steps `ray up` runs first: fill defaults, then validate against
     Ray's cluster schema (Ray's own, private API)."""
@@ -116,7 +132,9 @@ def test_cluster_yaml_passes_ray_schema():
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "tuning" / "cluster.yaml").read_text())
     validate_config(prepare_config(cfg))
-    assert cfg["provider"]["type"] == "local" and "~/zoome_dist" in cfg["file_mounts"]
+    assert cfg["provider"]["type"] == "local" and "~/zoome-src" in cfg["file_mounts"]
+    # a synced folder named like the package, in the home `ray submit` runs scripts from, would shadow it
+    assert not any(Path(k).name in ("zoome_dist", "shards", "tuning") for k in cfg["file_mounts"])
     assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
 
 
@@ -125,11 +143,11 @@ def test_trials_csv_error_is_the_trials_own_message():
     error column of trials.csv keeps the trial's own first line."""
     from ray.exceptions import RayTaskError
 
-    from zoome_dist.tuning import _error_line
+    from zoome_dist.tuning import error_line
 
     cause = RuntimeError("fold 0: rank 0 killed by SIGKILL; the end of r/rank0.log:\n    epoch 0: loss 0.49")
     wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...", cause, proctitle="ray::ImplicitFunc.train()",
                            pid=1, ip="192.0.2.2").as_instanceof_cause()
     assert "killed by SIGKILL" not in str(wrapped).splitlines()[0]  # what trials.csv showed before
-    assert _error_line(wrapped) == "fold 0: rank 0 killed by SIGKILL; the end of r/rank0.log:"
-    assert _error_line(ValueError("plain")) == "plain" and _error_line(None) == ""
+    assert error_line(wrapped) == "fold 0: rank 0 killed by SIGKILL; the end of r/rank0.log:"
+    assert error_line(ValueError("plain")) == "plain" and error_line(None) == ""

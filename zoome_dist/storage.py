@@ -87,9 +87,10 @@ def check_ranks(out: Path, shards: str | Path) -> None:
         raise ValueError(bad[0] + (f" (and {len(bad) - 1} more rank(s))" if len(bad) > 1 else ""))
 
 
-def check_ray_nodes(out: Path, shards: str | Path) -> None:
-    """Every alive node of the connected Ray cluster sees ``out`` and the same shards (one small task per
-    node, pinned to it); raises ``ValueError`` naming the first node that does not."""
+def check_ray_nodes(out: Path, shards: str | Path, need_out: bool = True) -> None:
+    """Every alive node of the connected Ray cluster sees ``out`` (unless not ``need_out``: its work goes to
+    object storage) and the same shards (one small task per node, pinned to it); raises ``ValueError``
+    naming the first node that does not."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -99,11 +100,35 @@ def check_ray_nodes(out: Path, shards: str | Path) -> None:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         task = ray.remote(num_cpus=0)(probe)
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            str(marker), str(shards)) for n in nodes]
-        reports = [{**r, "who": f"Ray node {n['NodeManagerAddress']}"} for r, n in
-                   zip(ray.get(refs, timeout=60 + WAIT_S), nodes)]
+            str(marker), str(shards), WAIT_S if need_out else 0) for n in nodes]
+        reports = [{**r, "who": f"Ray node {n['NodeManagerAddress']}", "sees_out": r["sees_out"] or not need_out}
+                   for r, n in zip(ray.get(refs, timeout=60 + WAIT_S), nodes)]
     finally:
         marker.unlink(missing_ok=True)
     bad = problems(reports, f"the driver on {socket.gethostname()}", digest, out, shards, "Ray node")
     if bad:
         raise ValueError(bad[0] + (f" (and {len(bad) - 1} more node(s))" if len(bad) > 1 else ""))
+
+
+def open_storage(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """``--storage``: an object store URI (``s3://BUCKET/PREFIX``, with ``?endpoint_override=HOST:PORT&scheme=http``
+    for an S3-compatible server; ``gs://...``) or a folder every node mounts, as a pyarrow filesystem (what
+    Ray Tune uses) and the path in it. Proven reachable and writable now, not after the first trial."""
+    import pyarrow.fs as pafs
+
+    try:
+        if "://" in uri:
+            fs, path = pafs.FileSystem.from_uri(uri)
+        else:
+            fs, path = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        fs.create_dir(path, recursive=True)
+        probe_path = f"{path.rstrip('/')}/.zoome-storage-{secrets.token_hex(8)}"
+        with fs.open_output_stream(probe_path) as f:
+            f.write(b"zoome_dist storage probe")
+        fs.delete_file(probe_path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--storage {uri}: cannot write there ({first}). Expected s3://BUCKET/PREFIX (an existing "
+                         "bucket; credentials from the usual AWS variables or files; for an S3-compatible server add "
+                         "?endpoint_override=HOST:PORT&scheme=http), gs://BUCKET/PREFIX, or a folder") from None
+    return fs, path

@@ -13,7 +13,9 @@ Re-running with the same --out and --name resumes the experiment.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
@@ -29,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="zoome_tune", help="experiment name (re-run to resume)")
     p.add_argument("--ray-address", help="join this cluster (e.g. auto or HOST:6379); default: local Ray")
+    p.add_argument("--storage", metavar="URI",
+                   help="where Ray Tune keeps the experiment and each trial's checkpoints, run folders included, for "
+                        "clusters whose nodes share no folder: s3://BUCKET/PREFIX (an S3-compatible server: "
+                        "add ?endpoint_override=HOST:PORT&scheme=http), gs://BUCKET/PREFIX, or a folder every node "
+                        "mounts. Trials then train in --scratch on their node. Default: OUT/ray, with the run folders "
+                        "in OUT/trials (OUT shared by every node)")
+    p.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "zoome-trials"),
+                   help="with --storage: each node's folder for the run folders of the trials it trains (~ is the "
+                        "node's home)")
     p.add_argument("--gpus-per-trial", type=int, default=0)
     p.add_argument("--workers-per-trial", type=int, default=0, help="ranks per trial (default: GPUs, or 1)")
     p.add_argument("--cpus-per-worker", type=int, default=1)
@@ -45,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from zoome_dist.config import load_config, parse_set
-    from zoome_dist.storage import check_ray_nodes
+    from zoome_dist.storage import check_ray_nodes, open_storage
     from zoome_dist.train.engine import validate
-    from zoome_dist.tuning import (base_tree, check_pickles_are_ours, error_line, search_space, trainable,
+    from zoome_dist.tuning import (base_tree, check_pickles_are_ours, error_line, search_space, trainable, trial_id,
                                    write_results)
 
     try:
@@ -70,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--workers-per-trial {a.workers_per_trial} > --gpus-per-trial {a.gpus_per_trial}: "
                              "a GPU trial runs one rank per GPU")
         experiment = Path(a.out).resolve() / "ray" / a.name
-        if experiment.is_dir():
+        if not a.storage and experiment.is_dir():
             check_pickles_are_ours(experiment)  # Ray unpickles a resumed experiment's state
+        storage_fs, storage_path = open_storage(a.storage) if a.storage else (None, str(Path(a.out).resolve() / "ray"))
     except USER_ERRORS as e:
         return error("zoome tune", e)
 
@@ -87,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         include_dashboard=False)
     try:
         try:
-            check_ray_nodes(out, a.shards)  # every node sees --out and the same shards, before any trial
+            check_ray_nodes(out, a.shards, need_out=not a.storage)  # every node: --out (unless --storage), shards
         except ValueError as e:
             return error("zoome tune", e)
         fn = tune.with_parameters(trainable, base=base_tree(cfg), shards=str(Path(a.shards).resolve()),
-                                  folds=folds, run_root=str(out / "trials"), workers=workers,
-                                  gpus=a.gpus_per_trial, threads=a.cpus_per_worker)
+                                  folds=folds, run_root=a.scratch if a.storage else str(out / "trials"),
+                                  workers=workers, gpus=a.gpus_per_trial, threads=a.cpus_per_worker,
+                                  carry_runs=bool(a.storage))
         fn = tune.with_resources(fn, {"cpu": workers * a.cpus_per_worker, "gpu": a.gpus_per_trial})
         epochs = cfg.train.epochs
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(folds) * epochs,
@@ -102,18 +115,19 @@ def main(argv: list[str] | None = None) -> int:
                   else BasicVariantGenerator(random_state=a.seed))
         if a.search == "optuna" and a.max_concurrent:
             search = ConcurrencyLimiter(search, a.max_concurrent)
-        path = out / "ray" / a.name
-        if tune.Tuner.can_restore(str(path)):
-            print(f"resuming experiment {path}", flush=True)
-            tuner = tune.Tuner.restore(str(path), trainable=fn, param_space=space, resume_unfinished=True,
-                                       resume_errored=True)
+        path = f"{storage_path.rstrip('/')}/{a.name}"
+        if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
+            print(f"resuming experiment {a.storage or path}", flush=True)
+            tuner = tune.Tuner.restore(path, trainable=fn, param_space=space, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=storage_fs)
         else:
             tuner = tune.Tuner(
                 fn, param_space=space,
                 tune_config=tune.TuneConfig(metric="mean_auc", mode="max", num_samples=a.num_samples,
                                             scheduler=scheduler, search_alg=search,
                                             max_concurrent_trials=a.max_concurrent or None),
-                run_config=tune.RunConfig(name=a.name, storage_path=str(out / "ray"), verbose=a.verbose,
+                run_config=tune.RunConfig(name=a.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                          verbose=a.verbose,
                                           failure_config=tune.FailureConfig(max_failures=a.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         results = tuner.fit()
@@ -126,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     for r in failed:
-        print(f"zoome tune: trial {Path(r.path).name} ended in ERROR: {error_line(r.error)} "
-              f"(see {Path(r.path) / 'error.txt'})", file=sys.stderr)
+        print(f"zoome tune: trial {trial_id(r)} ended in ERROR: {error_line(r.error, last=True)} "
+              f"(see {r.path}/error.txt)", file=sys.stderr)
     if summary is None or len(failed) > a.tolerate_failed_trials:
         if failed:
             print(f"zoome tune: {len(failed)} trial(s) ended in ERROR (--tolerate-failed-trials "

@@ -13,12 +13,16 @@ Design (see README "Tuning"):
 - **Checkpoints**: every epoch the ranks write DeepSpeed checkpoints into the trial's run folder
   (``OUT/trials/<trial_id>/fold-XX``, on storage all nodes share); the Tune checkpoint holds the
   small trial state (finished folds and their AUC), so a restarted trial skips finished folds and
-  resumes the current one with ``--resume``.
+  resumes the current one with ``--resume``. Without shared storage (``zoome tune --storage s3://...``)
+  the run folders live in each node's scratch and every Tune checkpoint carries them (newest
+  DeepSpeed checkpoint only) to the object store, from which a trial restarted elsewhere resumes.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -77,7 +81,9 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
     seen = 0
     try:
         while True:
-            records = run.read_metrics()
+            # an epoch is reported once its checkpoint is written (the metrics line comes first): a Tune
+            # checkpoint taken at the report then holds it, and a restart resumes after that epoch
+            records = [r for r in run.read_metrics() if _checkpointed(run, r["global_step"])]
             yield from records[seen:]
             seen = len(records)
             codes = [p.poll() for p in procs]
@@ -96,24 +102,64 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
                 p.wait()
 
 
+def snapshot_runs(src: Path, dst: Path) -> None:
+    """Copy a trial's run folders ``src`` to ``dst`` with only each run's newest checkpoint (what a resume
+    reads), for a Tune checkpoint that carries them to storage. A checkpoint still being written is not
+    yet ``latest`` and is left out; ``latest`` is written last, naming the tag that was copied."""
+    kept: dict[Path, str] = {}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        here = Path(folder)
+        skip = {n for n in names if n in (".lock", ".rendezvous")}
+        if here.name == "checkpoints" and "latest" in names:
+            tag = (here / "latest").read_text().strip()
+            kept[here] = tag
+            skip |= {n for n in names if n != tag}
+        return skip
+
+    shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
+    for here, tag in kept.items():
+        (dst / here.relative_to(src) / "latest").write_text(tag)
+
+
+def _checkpointed(run: RunDir, global_step: int) -> bool:
+    """The run's newest checkpoint is at or past optimizer step ``global_step``."""
+    from zoome_dist.train.safe_checkpoint import step_tag  # imports DeepSpeed: only where ranks run
+
+    try:
+        return run.latest.read_text().strip() >= step_tag(global_step)
+    except OSError:
+        return False
+
+
 def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_root: str, workers: int,
-              gpus: int, threads: int) -> None:
-    """The Tune function: every fold with one configuration, a report (and checkpoint) per epoch."""
+              gpus: int, threads: int, carry_runs: bool = False) -> None:
+    """The Tune function: every fold with one configuration, a report (and checkpoint) per epoch. With
+    ``carry_runs`` (``zoome tune --storage``) ``run_root`` is this node's scratch and every checkpoint
+    carries the trial's run folders, so a trial restarted on another node resumes from storage."""
     import ray
     from ray import tune
 
     state = {"done": {}, "reported": {}}
-    ckpt = tune.get_checkpoint()
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(os.path.expanduser(run_root)) / trial_id
+    ckpt, carried = tune.get_checkpoint(), False
     if ckpt:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / "state.json").read_text())
-    trial_id = tune.get_context().get_trial_id()
-    trial_dir = Path(run_root) / trial_id
+            if carry_runs and (Path(d) / "runs").is_dir():
+                shutil.rmtree(trial_dir, ignore_errors=True)  # what this node may hold is older
+                shutil.copytree(Path(d) / "runs", trial_dir)
+                carried = True
     trial_dir.mkdir(parents=True, exist_ok=True)
+    node, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    with open(trial_dir / "trial.log", "a") as f:  # where each attempt ran, and what it started from
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} attempt on {node_ip}: "
+                + (f"from checkpoint {ckpt.path} (folds done {sorted(state['done'])}"
+                   + (", run folders restored from it)" if carried else ")") if ckpt else "from the start") + "\n")
     cfg = trial_config(base, config)
     cfg_path = trial_dir / "trial_config.yaml"
     cfg.dump(cfg_path)
-    node, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
     for fold in folds:
         if str(fold) in state["done"]:
             continue
@@ -130,15 +176,26 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
                        "run_dir": str(trial_dir), **{f"auc_fold_{k}": v for k, v in aucs.items()}}
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / "state.json").write_text(json.dumps(state))
+                if carry_runs:
+                    snapshot_runs(trial_dir, Path(d) / "runs")
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def error_line(error: BaseException | None) -> str:
-    """A failed trial's own message (not Ray's task header): its first line, for trials.csv."""
+def error_line(error: BaseException | None, last: bool = False) -> str:
+    """A failed trial's own message (not Ray's task header): its first line, for trials.csv; with ``last``
+    also its last line (where a rank's log tail ends with the rank's own error)."""
     if error is None:
         return ""
-    lines = str(getattr(error, "cause", None) or error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__
+    lines = [ln.strip() for ln in str(getattr(error, "cause", None) or error).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0][:300] + (f" ... {lines[-1][:300]}" if last and len(lines) > 1 else "")
+
+
+def trial_id(result) -> str:
+    """The trial id of a Tune result (``60874_00000``), also for a trial that never reported."""
+    m = re.search(r"_([0-9a-f]+_\d{5})(?:_|$)", Path(result.path or "").name)
+    return (result.metrics or {}).get("trial_id") or (m.group(1) if m else Path(result.path or "").name)
 
 
 def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
@@ -152,7 +209,7 @@ def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
     rows = []
     for r in results:
         m = r.metrics or {}
-        row = {"trial_id": m.get("trial_id", r.path.rsplit("/", 1)[-1] if r.path else ""),
+        row = {"trial_id": trial_id(r),
                **{k: v for k, v in (r.config or {}).items()},
                **{f"auc_fold_{k}": m.get(f"auc_fold_{k}") for k in folds},
                "folds_done": m.get("folds_done", 0), "mean_auc": m.get("mean_auc"),

