@@ -4,6 +4,7 @@
         --out runs/cv --variants zoome,zoome_no_zoomse,zoome_no_meta --jobs 8     # 8 one-GPU jobs at once
     zoome cv ... --ray-address auto --gpus-per-job 1    # on a Ray cluster: jobs wherever GPUs are free
     zoome cv ... --gpus-per-job 8                       # one 8-GPU data-parallel job at a time
+    zoome cv ... --dry-run; zoome cv ... --only-job 3   # list the jobs; train one (a SLURM array task)
 
 Each job is the training command of ``zoome train`` (``--gpus-per-job`` ranks on one node, or a
 ``--hostfile`` job over several nodes), writing OUT/<variant>/fold-XX/ (a run folder; its output in

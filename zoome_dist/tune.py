@@ -5,10 +5,13 @@ trained with the same hyperparameters). ASHA early stopping by default, Optuna a
 Local (starts a Ray instance on this machine):
     zoome tune --config launchers/configs/zoome.yaml --shards data/shards --folds 0,1,2 \\
         --num-samples 32 --out runs/tune --gpus-per-trial 1
-On a running cluster (shards and --out on storage every node sees):
+On a running cluster (shards and --out on storage every node sees, checked before any trial):
     zoome tune ... --ray-address auto
+On a cluster whose nodes share no folder (trials checkpoint their run folders to the object store):
+    zoome tune ... --ray-address auto --storage s3://BUCKET/tune
     ray submit tuning/cluster.yaml tuning/tune.py -- --shards /shared/shards --out /shared/tune ...
-Re-running with the same --out and --name resumes the experiment.
+Re-running with the same --out and --name (and --storage) resumes the experiment. Exit status 1 when a
+trial ended in ERROR after its restarts (--tolerate-failed-trials N accepts up to N).
 """
 from __future__ import annotations
 
