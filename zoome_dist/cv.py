@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="jobs at once on this node (each with its own GPUs)")
     p.add_argument("--ray-address", help="run the jobs as Ray tasks on this cluster (e.g. auto), as many at once "
                                          "as its free resources allow; run folders on shared storage")
+    p.add_argument("--storage", metavar="URI",
+                   help="with --ray-address, for nodes that share no folder: keep every job's run folder in "
+                        "s3://BUCKET/PREFIX (an S3-compatible server: add ?endpoint_override=HOST:PORT&scheme=http), "
+                        "gs://..., or a shared folder; jobs train on their node's disk at --out's path, a retried "
+                        "job resumes from the stored copy, and the report reads them back into --out")
     p.add_argument("--max-retries", type=int, default=2,
                    help="retries of a failed job, each resuming from its checkpoint")
     p.add_argument("--hostfile", help="one multi-node data-parallel job at a time: DeepSpeed hostfile "
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.hostfile and (a.jobs > 1 or a.ray_address):
             raise ValueError("--hostfile runs one multi-node job at a time; it cannot be combined with --jobs "
                              "or --ray-address (use one or the other)")
+        if a.storage and not a.ray_address:
+            raise ValueError("--storage is for jobs on a Ray cluster (--ray-address); here every job writes --out")
         if a.only_job is not None and (a.ray_address or a.hostfile or a.only_job < 0):
             raise ValueError(f"--only-job {a.only_job}: a job number ≥ 0 (see --dry-run), on this node (not with "
                              "--ray-address or --hostfile)")
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {len(jobs)} job(s), {sum(j.done for j in jobs)} finished before", flush=True)
         if a.paper:
             print(expected_time(a.shards, folds, variants, cfg.train.epochs), flush=True)
-        failed = (run_ray(jobs, res, a.ray_address, a.max_retries, out, a.shards) if a.ray_address
+        failed = (run_ray(jobs, res, a.ray_address, a.max_retries, out, a.shards, a.storage) if a.ray_address
                   else run_local(jobs, res, a.jobs, a.max_retries, gpu=accelerator() == "cuda"))
         if failed:
             for name, why in failed.items():

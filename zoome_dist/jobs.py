@@ -24,7 +24,7 @@ from pathlib import Path
 from zoome_dist.launch import Launch, job_env, train_command, visible_devices
 from zoome_dist.procs import die_with_parent, exit_description, log_tail
 from zoome_dist.rundir import RunDir
-from zoome_dist.storage import check_ray_nodes
+from zoome_dist.storage import check_ray_nodes, download_run, open_storage, stored_file, upload_run
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ def _attempt(job: Job, res: Resources, gpu: bool, extra_env: dict[str, str], str
     its own process group, ended as a whole when this attempt ends (its launcher and ranks too)."""
     job.run.path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **res.env(gpu), **extra_env}
+    if res.ranks == 1 and not res.hostfile:  # one process: a world of 1, also inside a multi-task SLURM job
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cmd = job.command(res.launch, env)
     with (contextlib.nullcontext() if stream else open(job.run.job_log, "a")) as log:
         if not stream:
@@ -148,33 +150,68 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
     return failed
 
 
-def _ray_job(job: Job, res: Resources, gpu: bool) -> str:
+def _ray_job(job: Job, res: Resources, gpu: bool, remote: str | None = None, storage: str | None = None) -> str:
     """A Ray task: one attempt of ``job`` on the node Ray placed it on; raises on failure (so that Ray
-    retries it, resuming). Returns the node's IP."""
+    retries it, resuming). Returns the node's IP. With ``storage`` the run folder lives on this node's
+    disk: it starts from the copy stored at ``remote`` (a retry on another node resumes from it), and
+    is stored back whenever a new checkpoint appears and when the attempt ends."""
     import ray
 
     node = ray.util.get_node_ip_address()
-    rc = _attempt(job, res, gpu, {}, stream=False, where=f"[node {node}] ")
+    if storage is None:
+        rc = _attempt(job, res, gpu, {}, stream=False, where=f"[node {node}] ")
+    else:
+        fs, _ = open_storage(storage)
+        download_run(fs, remote, job.run.path)
+        stop = threading.Event()
+        keeper = threading.Thread(target=_keep_storing, args=(fs, remote, job.run, stop), daemon=True)
+        keeper.start()
+        try:
+            rc = _attempt(job, res, gpu, {}, stream=False, where=f"[node {node}] ")
+        finally:
+            stop.set()
+            keeper.join()
+            upload_run(fs, remote, job.run.path)
     if rc != 0:
         raise RuntimeError(f"{job.name}: training {exit_description(rc)} on {node}; the end of {job.run.job_log}:\n"
                            f"{log_tail(job.run.job_log)}")
     return node
 
 
-def run_ray(jobs: list[Job], res: Resources, address: str, retries: int, out: Path, shards: str) -> dict[str, str]:
+def _keep_storing(fs, remote: str, run: RunDir, stop: threading.Event, every_s: float = 5.0) -> None:
+    """Store ``run`` at ``remote`` each time its newest checkpoint changes, until ``stop``."""
+    stored = None
+    while not stop.wait(every_s):
+        try:
+            tag = run.latest.read_text().strip()
+        except OSError:
+            continue
+        if tag != stored:
+            upload_run(fs, remote, run.path)
+            stored = tag
+
+
+def run_ray(jobs: list[Job], res: Resources, address: str, retries: int, out: Path, shards: str,
+            storage: str | None = None) -> dict[str, str]:
     """Run ``jobs`` as Ray tasks on the cluster at ``address``, as many at once as its free resources
     allow; returns ``{name: error}`` of the jobs that failed every attempt. A job holds ``res.ranks``
     GPUs when the cluster has GPUs, else ``res.ranks`` CPU ranks; and ``res.cpus`` cores (at least one
     per rank). The run folders (under ``out``) must be on storage every node mounts at the same path, and
-    every node must read the same ``shards``: checked on every node before any job starts."""
+    every node must read the same ``shards``: checked on every node before any job starts. With
+    ``storage`` (an object store URI) the jobs train on their node's disk and keep their run folders
+    at ``storage``/<variant>/fold-XX, from where they are copied into ``out`` when all have ended."""
     import ray
 
-    todo = [j for j in jobs if not j.done]
+    fs, root = open_storage(storage) if storage else (None, "")
+    remote = {j.name: f"{root}/{j.run.path.relative_to(out).as_posix()}" for j in jobs}
+    done = (lambda j: stored_file(fs, f"{remote[j.name]}/summary.json")) if storage else (lambda j: j.done)
+    todo = [j for j in jobs if not done(j)]
     if not todo:
+        _fetch(fs, jobs, remote)
         return {}
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        check_ray_nodes(out, shards)  # every node sees the run folders and shards
+        check_ray_nodes(out, shards, need_out=not storage)  # every node sees the run folders and shards
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         gpu = any(n.get("GPU", 0) > 0 for n in nodes)
         need = {"CPU": max(res.cpus, res.ranks), "GPU": res.ranks if gpu else 0}
@@ -184,7 +221,7 @@ def run_ray(jobs: list[Job], res: Resources, address: str, retries: int, out: Pa
                              "--gpus-per-job / --cpus-per-job")
         task = ray.remote(_ray_job).options(num_cpus=need["CPU"], num_gpus=need["GPU"], max_retries=retries,
                                             retry_exceptions=True)
-        refs = {task.remote(j, res, gpu): j for j in todo}
+        refs = {task.remote(j, res, gpu, remote[j.name] if storage else None, storage): j for j in todo}
         print(f"== {len(refs)} job(s) submitted to the Ray cluster at {address}, each with {need['GPU']} GPU(s) "
               f"and {need['CPU']} CPU(s){'' if gpu else ' (the cluster shows no GPU: CPU ranks)'}", flush=True)
         failed, pending = {}, list(refs)
@@ -197,6 +234,14 @@ def run_ray(jobs: list[Job], res: Resources, address: str, retries: int, out: Pa
             except Exception as e:  # noqa: BLE001 - every failure is reported per job
                 failed[job.name] = str(e).strip().splitlines()[-1][:300]
                 print(f"== {job.name}: failed: {failed[job.name]}", file=sys.stderr, flush=True)
+        _fetch(fs, jobs, remote)
         return failed
     finally:
         ray.shutdown()
+
+
+def _fetch(fs, jobs: list[Job], remote: dict[str, str]) -> None:
+    """The stored run folders into ``out`` (where the report reads them); nothing without storage."""
+    if fs is not None:
+        for j in jobs:
+            download_run(fs, remote[j.name], j.run.path)

@@ -17,6 +17,7 @@ this type, so a file's name lives here and nowhere else.
     best.json              the best epoch, its checkpoint tag and metrics
     summary.json           written last: the run finished
     checkpoints/latest     names the newest DeepSpeed checkpoint checkpoints/stepNNNNNNN/
+    checkpoints/committed  the newest one every rank has finished writing (what is copied to storage)
     tensorboard/           DeepSpeed's TensorBoard monitor; monitor/: its CSV monitor (monitor.csv)
     flops.txt              DeepSpeed's flops profile (monitor.flops_profile_step)
     job.log, rank<R>.log   output of a CV job / a Ray trial's ranks; .rendezvous: their rendezvous file
@@ -61,6 +62,18 @@ class RunDir:
     best = property(lambda self: self.path / "best.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     latest = property(lambda self: self.path / "checkpoints" / "latest")
+    committed = property(lambda self: self.path / "checkpoints" / "committed")
+
+    def committed_tag(self) -> str | None:
+        """The newest checkpoint every rank finished writing (``latest`` for runs from before that file)."""
+        for marker in (self.committed, self.latest):
+            try:
+                tag = marker.read_text().strip()
+            except OSError:
+                continue
+            if tag:
+                return tag
+        return None
     tensorboard = property(lambda self: self.path / "tensorboard")
     monitor_csv = property(lambda self: self.path / "monitor")
     flops = property(lambda self: self.path / "flops.txt")

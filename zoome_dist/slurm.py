@@ -17,7 +17,9 @@ import subprocess
 from typing import Mapping
 
 EXPLICIT = ("RANK", "TORCHELASTIC_RUN_ID")  # set by torchrun, deepspeed, zoome's own launchers
-PORT_BASE, PORT_SPAN = 10000, 20000          # below Linux's ephemeral range (32768-60999)
+# MASTER_PORT range: above Ray's default worker ports (10002-19999) and tune.sbatch's (20000-28999), below
+# Linux's ephemeral range (32768-60999)
+PORT_BASE, PORT_SPAN = 29000, 3700
 
 
 def _expand_item(item: str) -> list[str]:
@@ -25,14 +27,16 @@ def _expand_item(item: str) -> list[str]:
     m = re.search(r"\[([^\]]*)\]", item)
     if m is None:
         if "[" in item or "]" in item:
-            raise ValueError(f"unbalanced brackets in SLURM node list item {item!r}")
+            raise ValueError(f"unbalanced brackets in SLURM node list item {item!r}: export MASTER_ADDR (the first "
+                             "node's address) to skip reading the node list")
         return [item]
     head, tail = item[:m.start()], item[m.end():]
     out: list[str] = []
     for part in m.group(1).split(","):
         lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise ValueError(f"bad range {part!r} in SLURM node list item {item!r}")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise ValueError(f"bad range {part!r} in SLURM node list item {item!r}: export MASTER_ADDR (the first "
+                             "node's address) to skip reading the node list")
         width = len(lo)
         for n in range(int(lo), int(hi or lo) + 1):
             out += [f"{head}{n:0{width}d}{rest}" for rest in _expand_item(tail)]
@@ -74,13 +78,15 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
             raise ValueError(f"unreadable SLURM tasks-per-node value {tasks_per_node!r}")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     if not 0 <= node_id < len(counts):
-        raise ValueError(f"SLURM_NODEID {node_id} but tasks per node {tasks_per_node!r} lists {len(counts)} node(s)")
+        raise ValueError(f"SLURM_NODEID {node_id} but tasks per node {tasks_per_node!r} lists {len(counts)} node(s): "
+                         "export LOCAL_WORLD_SIZE (this node's tasks) yourself")
     return counts[node_id]
 
 
 def master_port(job_id: str, step_id: str = "0") -> int:
-    """A port every task of one step computes alike, and different for the next step of the job."""
-    return PORT_BASE + (int(job_id) * 16 + int(step_id or 0)) % PORT_SPAN
+    """A port every task of one step computes alike; consecutive jobs, and the steps of one job, get
+    different ones (it repeats only every PORT_SPAN job ids)."""
+    return PORT_BASE + (int(job_id) + 997 * int(step_id or 0)) % PORT_SPAN
 
 
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -93,24 +99,29 @@ def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
     try:
         world = int(ntasks or "1")
     except ValueError:
-        raise ValueError(f"SLURM task count {ntasks!r} is not a number") from None
+        raise ValueError(f"SLURM task count {ntasks!r} is not a number: export RANK, WORLD_SIZE, LOCAL_RANK, "
+                         "MASTER_ADDR and MASTER_PORT yourself") from None
     if world <= 1:
         return {}
     job = env["SLURM_JOB_ID"]
     if not in_step:
         raise ValueError(f"this process runs inside SLURM job {job} of {world} tasks but was not started by srun "
-                         "(no SLURM_STEP_ID/SLURM_PROCID), so its peers would never come: start it as "
-                         "`srun python -m zoome_dist.train ...` (one task per GPU), or set RANK=0 WORLD_SIZE=1 "
-                         "to train one process")
+                         "(no SLURM_STEP_ID/SLURM_PROCID): it would train alone, not with the job's other tasks. "
+                         "Start it as `srun python -m zoome_dist.train ...` (one task per GPU), or export RANK=0 "
+                         "WORLD_SIZE=1 to train one process")
     rank, local = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0"))
     if not 0 <= rank < world:
-        raise ValueError(f"SLURM_PROCID {rank} is outside the step's {world} tasks (SLURM_STEP_NUM_TASKS)")
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
-        raise ValueError(f"SLURM step of {world} tasks without a node list (SLURM_STEP_NODELIST/SLURM_JOB_NODELIST): "
-                         "set MASTER_ADDR to the first node's address")
-    out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
-           "MASTER_ADDR": env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
+        raise ValueError(f"SLURM_PROCID {rank} is outside the step's {world} tasks (SLURM_STEP_NUM_TASKS): export "
+                         "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself")
+    master = env.get("MASTER_ADDR")
+    if not master:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        hosts = expand_nodelist(nodelist) if nodelist else []
+        if not hosts:
+            raise ValueError(f"SLURM step of {world} tasks without a node list (SLURM_STEP_NODELIST/"
+                             "SLURM_JOB_NODELIST): export MASTER_ADDR, the first node's address")
+        master = hosts[0]
+    out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local), "MASTER_ADDR": master,
            "MASTER_PORT": env.get("MASTER_PORT") or str(master_port(job, env.get("SLURM_STEP_ID", "0")))}
     per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
     if per_node:

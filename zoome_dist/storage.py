@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +64,9 @@ def problems(reports: list[dict], writer: str, digest: str, out: Path, shards: s
         if not r["sees_out"]:
             lines.append(f"{where} does not see the run folder {out} that {writer} wrote into: the folder (--out) "
                          f"{SHARED}")
+        elif r["digest"].startswith("unreadable"):
+            lines.append(f"{where} cannot read {Path(shards) / 'manifest.json'}: {r['digest']}; the shards must be "
+                         "at the same path on every node (shared storage, or the same build copied to each node)")
         elif r["digest"] != digest:
             lines.append(f"{where} reads another shard build at {shards} (manifest digest {r['digest'][:12]}, "
                          f"{writer} reads {digest[:12]}): copy the same build to every node, or put the shards on "
@@ -75,8 +81,15 @@ def check_ranks(out: Path, shards: str | Path) -> None:
     if dist.get_world_size() < 2:
         return
     digest = manifest_digest(shards)
-    marker = [str(write_marker(out, digest)) if dist.get_rank() == 0 else None]
+    marker: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            marker = [str(write_marker(out, digest))]
+        except OSError as e:  # a full or read-only --out: every rank stops with rank 0's reason
+            marker = [e]
     dist.broadcast_object_list(marker, src=0)
+    if isinstance(marker[0], BaseException):
+        raise marker[0]
     mine = {**probe(marker[0], str(shards)), "who": f"rank {dist.get_rank()}"}
     reports: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, mine)
@@ -94,15 +107,29 @@ def check_ray_nodes(out: Path, shards: str | Path, need_out: bool = True) -> Non
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    shards = Path(shards).resolve()  # the tasks run in other folders
     digest = manifest_digest(shards)
     marker = write_marker(out, digest)
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        task = ray.remote(num_cpus=0)(probe)
+        task = ray.remote(num_cpus=0, max_retries=0)(probe)
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
             str(marker), str(shards), WAIT_S if need_out else 0) for n in nodes]
-        reports = [{**r, "who": f"Ray node {n['NodeManagerAddress']}", "sees_out": r["sees_out"] or not need_out}
-                   for r, n in zip(ray.get(refs, timeout=60 + WAIT_S), nodes)]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60 + WAIT_S)
+        reports, silent = [], []
+        for ref, n in zip(refs, nodes):
+            who = f"Ray node {n['NodeManagerAddress']}"
+            try:
+                r = ray.get(ref, timeout=0) if ref in ready else None
+            except Exception as e:  # noqa: BLE001 - the probe failed there: name the node
+                raise ValueError(f"{who}: the storage check failed there: {str(e).strip().splitlines()[-1][:300]}")
+            if r is None:
+                silent.append(who)
+            else:
+                reports.append({**r, "who": who, "sees_out": r["sees_out"] or not need_out})
+        if silent:
+            raise ValueError(f"{', '.join(silent)} did not run the storage check within {60 + WAIT_S:.0f} s (no free "
+                             "worker there, or the node is unreachable): check `ray status`")
     finally:
         marker.unlink(missing_ok=True)
     bad = problems(reports, f"the driver on {socket.gethostname()}", digest, out, shards, "Ray node")
@@ -132,3 +159,75 @@ def open_storage(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
                          "bucket; credentials from the usual AWS variables or files; for an S3-compatible server add "
                          "?endpoint_override=HOST:PORT&scheme=http), gs://BUCKET/PREFIX, or a folder") from None
     return fs, path
+
+
+def snapshot_runs(src: Path, dst: Path) -> None:
+    """Copy run folders (``src`` itself or the runs under it) to ``dst`` with only each run's newest
+    *committed* checkpoint (every rank's files written; DeepSpeed's ``latest`` comes earlier), for a
+    Tune checkpoint or the object store. Files that training replaces meanwhile are taken as they are
+    or skipped; the kept checkpoint is copied whole or the copy fails."""
+    from zoome_dist.rundir import RunDir
+
+    kept: dict[Path, str] = {}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        here = Path(folder)
+        skip = {n for n in names if n in (".lock", ".rendezvous") or n.endswith(".tmp")}
+        if here.name == "checkpoints":
+            tag = RunDir(here.parent).committed_tag()
+            if tag:
+                kept[here] = tag
+            skip |= set(names)  # the kept checkpoint is copied below, on its own
+        return skip
+
+    try:
+        shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
+    except shutil.Error as e:  # a file renamed or pruned while copying (not the checkpoint: copied next)
+        if any(Path(source).exists() for source, _, _ in e.args[0]):
+            raise
+    for here, tag in kept.items():
+        to = dst / here.relative_to(src)
+        shutil.copytree(here / tag, to / tag, dirs_exist_ok=True)
+        for marker in ("latest", "committed"):
+            (to / marker).write_text(tag)
+
+
+def upload_run(fs: "pyarrow.fs.FileSystem", remote: str, local: Path) -> None:
+    """Store run folder ``local`` at ``remote`` with its newest checkpoint only; the older checkpoints
+    stored there before are removed after the new one is in (never none in between)."""
+    import pyarrow.fs as pafs
+
+    from zoome_dist.rundir import RunDir
+
+    if not Path(local).is_dir():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot_runs(Path(local), Path(tmp) / "run")
+        pafs.copy_files(str(Path(tmp) / "run"), remote, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+        keep = RunDir(Path(tmp) / "run").committed_tag()
+    if keep:
+        stored = fs.get_file_info(pafs.FileSelector(f"{remote}/checkpoints", allow_not_found=True))
+        for info in stored:
+            name = info.path.rstrip("/").rsplit("/", 1)[-1]
+            if info.type == pafs.FileType.Directory and re.fullmatch(r"step\d{7}", name) and name != keep:
+                fs.delete_dir(info.path)
+
+
+def download_run(fs: "pyarrow.fs.FileSystem", remote: str, local: Path) -> bool:
+    """Replace run folder ``local`` with the one stored at ``remote``; False (``local`` untouched) when
+    nothing is stored there."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(remote).type != pafs.FileType.Directory:
+        return False
+    shutil.rmtree(local, ignore_errors=True)
+    Path(local).mkdir(parents=True)
+    pafs.copy_files(remote, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return True
+
+
+def stored_file(fs: "pyarrow.fs.FileSystem", path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return fs.get_file_info(path).type == pafs.FileType.File

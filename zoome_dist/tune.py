@@ -16,9 +16,7 @@ trial ended in ERROR after its restarts (--tolerate-failed-trials N accepts up t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
@@ -40,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         "add ?endpoint_override=HOST:PORT&scheme=http), gs://BUCKET/PREFIX, or a folder every node "
                         "mounts. Trials then train in --scratch on their node. Default: OUT/ray, with the run folders "
                         "in OUT/trials (OUT shared by every node)")
-    p.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "zoome-trials"),
+    p.add_argument("--scratch",
                    help="with --storage: each node's folder for the run folders of the trials it trains (~ is the "
-                        "node's home)")
+                        "node's home; default: zoome-trials in the node's temp folder)")
     p.add_argument("--gpus-per-trial", type=int, default=0)
     p.add_argument("--workers-per-trial", type=int, default=0, help="ranks per trial (default: GPUs, or 1)")
     p.add_argument("--cpus-per-worker", type=int, default=1)
@@ -84,9 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--workers-per-trial {a.workers_per_trial} > --gpus-per-trial {a.gpus_per_trial}: "
                              "a GPU trial runs one rank per GPU")
         experiment = Path(a.out).resolve() / "ray" / a.name
-        if not a.storage and experiment.is_dir():
+        if a.scratch and not a.storage:
+            raise ValueError("--scratch is for --storage runs (without --storage trials train in OUT/trials)")
+        shared_folder = a.storage and "://" not in a.storage  # a folder every node mounts
+        if shared_folder:
+            experiment = Path(a.storage).expanduser().resolve() / a.name
+        if (not a.storage or shared_folder) and experiment.is_dir():
             check_pickles_are_ours(experiment)  # Ray unpickles a resumed experiment's state
-        storage_fs, storage_path = open_storage(a.storage) if a.storage else (None, str(Path(a.out).resolve() / "ray"))
+        storage_fs, storage_path = (open_storage(a.storage) if a.storage
+                                    else (None, str(Path(a.out).resolve() / "ray")))
     except USER_ERRORS as e:
         return error("zoome tune", e)
 
@@ -102,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         include_dashboard=False)
     try:
         try:
-            check_ray_nodes(out, a.shards, need_out=not a.storage)  # every node: --out (unless --storage), shards
+            # every node: --out (or a --storage folder) and the shards; an object store was proven writable above
+            check_ray_nodes(Path(storage_path) if shared_folder else out, a.shards,
+                            need_out=not a.storage or bool(shared_folder))
         except ValueError as e:
             return error("zoome tune", e)
         fn = tune.with_parameters(trainable, base=base_tree(cfg), shards=str(Path(a.shards).resolve()),
-                                  folds=folds, run_root=a.scratch if a.storage else str(out / "trials"),
+                                  folds=folds, run_root=(a.scratch or "") if a.storage else str(out / "trials"),
                                   workers=workers, gpus=a.gpus_per_trial, threads=a.cpus_per_worker,
                                   carry_runs=bool(a.storage))
         fn = tune.with_resources(fn, {"cpu": workers * a.cpus_per_worker, "gpu": a.gpus_per_trial})

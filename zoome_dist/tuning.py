@@ -35,6 +35,7 @@ from zoome_dist.config import Config, apply_overrides, check_keys
 from zoome_dist.launch import job_env, local_rank_commands
 from zoome_dist.procs import die_with_parent, exit_description, log_tail
 from zoome_dist.rundir import RunDir
+from zoome_dist.storage import snapshot_runs
 
 
 
@@ -102,34 +103,20 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
                 p.wait()
 
 
-def snapshot_runs(src: Path, dst: Path) -> None:
-    """Copy a trial's run folders ``src`` to ``dst`` with only each run's newest checkpoint (what a resume
-    reads), for a Tune checkpoint that carries them to storage. A checkpoint still being written is not
-    yet ``latest`` and is left out; ``latest`` is written last, naming the tag that was copied."""
-    kept: dict[Path, str] = {}
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        here = Path(folder)
-        skip = {n for n in names if n in (".lock", ".rendezvous")}
-        if here.name == "checkpoints" and "latest" in names:
-            tag = (here / "latest").read_text().strip()
-            kept[here] = tag
-            skip |= {n for n in names if n != tag}
-        return skip
-
-    shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
-    for here, tag in kept.items():
-        (dst / here.relative_to(src) / "latest").write_text(tag)
-
-
 def _checkpointed(run: RunDir, global_step: int) -> bool:
-    """The run's newest checkpoint is at or past optimizer step ``global_step``."""
+    """The run's newest committed checkpoint is at or past optimizer step ``global_step``."""
     from zoome_dist.train.safe_checkpoint import step_tag  # imports DeepSpeed: only where ranks run
 
-    try:
-        return run.latest.read_text().strip() >= step_tag(global_step)
-    except OSError:
-        return False
+    tag = run.committed_tag()
+    return tag is not None and tag >= step_tag(global_step)
+
+
+def _newer_here(local: Path, stored: Path) -> bool:
+    """This node's copy of a trial (restarted where it ran) holds a committed checkpoint newer than the
+    stored one in some fold, and none older: keep it."""
+    folds = sorted(p.name for p in stored.glob("fold-*"))
+    pairs = [(RunDir(local / f).committed_tag() or "", RunDir(stored / f).committed_tag() or "") for f in folds]
+    return bool(pairs) and all(mine >= theirs for mine, theirs in pairs) and any(mine > theirs for mine, theirs in pairs)
 
 
 def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_root: str, workers: int,
@@ -142,13 +129,14 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
 
     state = {"done": {}, "reported": {}}
     trial_id = tune.get_context().get_trial_id()
-    trial_dir = Path(os.path.expanduser(run_root)) / trial_id
+    root = os.path.expanduser(run_root) if run_root else os.path.join(tempfile.gettempdir(), "zoome-trials")
+    trial_dir = Path(root) / trial_id  # run_root "": this node's temp folder
     ckpt, carried = tune.get_checkpoint(), False
     if ckpt:
         with ckpt.as_directory() as d:
             state = json.loads((Path(d) / "state.json").read_text())
-            if carry_runs and (Path(d) / "runs").is_dir():
-                shutil.rmtree(trial_dir, ignore_errors=True)  # what this node may hold is older
+            if carry_runs and (Path(d) / "runs").is_dir() and not _newer_here(trial_dir, Path(d) / "runs"):
+                shutil.rmtree(trial_dir, ignore_errors=True)
                 shutil.copytree(Path(d) / "runs", trial_dir)
                 carried = True
     trial_dir.mkdir(parents=True, exist_ok=True)

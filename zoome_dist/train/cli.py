@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # an srun task: its rank first, so that logging and every error know it
         os.environ.update(slurm_env(os.environ))
     except ValueError as e:
-        return error("zoome train", e)
+        if not a.print_config:  # printing the config starts no process group
+            return error("zoome train", e)
     setup_logging(a.log_level)
 
     try:

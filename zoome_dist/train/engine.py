@@ -107,8 +107,11 @@ def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
     dist_cfg = dist_cfg or DistConfig()
     os.environ.update(slurm_env(os.environ))  # srun tasks: rank, world size, master from SLURM_*
     if "RANK" not in os.environ:  # plain `python launchers/train.py`: no MPI discovery (docs/stack.md)
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # one process (also RANK=0 WORLD_SIZE=1 set by hand)
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     ifname = socket_interface(os.environ["MASTER_ADDR"], dist_cfg.socket_ifname)
     if ifname:
         os.environ["GLOO_SOCKET_IFNAME"] = ifname
@@ -118,7 +121,9 @@ def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
         import torch
 
         visible = torch.cuda.device_count()
-        if visible == 1 and local_rank > 0:  # a task bound to its own GPU (srun --gpus-per-task=1): use it
+        devices = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        bound = "SLURM_STEP_ID" in os.environ and len(devices) == 1  # srun --gpus-per-task=1
+        if visible == 1 and local_rank > 0 and bound:  # the task's own GPU, whatever its SLURM_LOCALID
             local_rank = 0
             os.environ["LOCAL_RANK"] = "0"  # DeepSpeed's engine picks its device from LOCAL_RANK too
         if local_rank >= visible:

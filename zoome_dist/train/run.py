@@ -124,7 +124,10 @@ def save(engine, run: RunDir, state: dict, keep: int) -> str:
     engine.save_checkpoint(str(run.checkpoints), tag=tag,
                            client_state={"zoome": {**state, "grad_scaler": scaler_state(engine)}})
     dist.barrier()
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # every rank's files are written: mark the tag complete (DeepSpeed's `latest` comes earlier)
+        tmp = run.committed.with_name(run.committed.name + ".tmp")
+        tmp.write_text(tag)
+        os.replace(tmp, run.committed)
         _prune(run.checkpoints, keep, {tag, (state.get("best") or {}).get("tag")})
     return tag
 
