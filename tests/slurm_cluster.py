@@ -171,6 +171,9 @@ SlurmdLogFile={d}/log/slurmd-%n.log
         """(Re)start node ``i`` (0: the controller): a fresh PID namespace whose init mounts the node's
         own /run, hosts, slurm conf and node-local folders, then runs munged and its SLURM daemon."""
         d, name = self.dir, self.names[i]
+        # a restarted node keeps no slurmd state: stale step records of the job it ran before it died
+        # would otherwise end that job's requeued run (same job and step ids)
+        shutil.rmtree(d / "spool" / name, ignore_errors=True)
         mounts = ["mount --make-rprivate /", f"hostname {name}", "mount -t tmpfs tmpfs /run",
                   "mkdir -p /run/munge", f"mount --bind {d / 'hosts'} /etc/hosts", f"mount --bind {d / 'conf'} /etc/slurm"]
         if i > 0:  # a node's own /tmp/ray (Ray's sockets and sessions) and node-local folder

@@ -230,7 +230,7 @@ def _lost_node_cv(c, s3: S3Server, shards: Path, cfg: Path) -> None:
     deadline, victim = time.time() + 400, None
     while time.time() < deadline and victim is None and driver.poll() is None:
         for fold in (worker_out.glob("fold-*") if worker_out.is_dir() else []):
-            if fs.get_file_info(f"zoome-test/cv/zoome/{fold.name}/checkpoints/latest").type == pafs_file():
+            if fs.get_file_info(f"zoome-test/cv/zoome/{fold.name}/checkpoints/committed").type == pafs_file():
                 victim = fold.name
         time.sleep(0.5)
     assert victim, "no job of the worker node stored a checkpoint:\n" + (driver.stdout.read() if driver.poll()

@@ -193,8 +193,9 @@ def snapshot_runs(src: Path, dst: Path) -> None:
 
 
 def upload_run(fs: "pyarrow.fs.FileSystem", remote: str, local: Path) -> None:
-    """Store run folder ``local`` at ``remote`` with its newest checkpoint only; the older checkpoints
-    stored there before are removed after the new one is in (never none in between)."""
+    """Store run folder ``local`` at ``remote`` with its newest committed checkpoint only. Its markers
+    (``latest``, ``committed``) go last, so a copy cut short (the node died) still names a checkpoint
+    that is there whole; the older checkpoints are removed after that (never none in between)."""
     import pyarrow.fs as pafs
 
     from zoome_dist.rundir import RunDir
@@ -203,10 +204,16 @@ def upload_run(fs: "pyarrow.fs.FileSystem", remote: str, local: Path) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         snapshot_runs(Path(local), Path(tmp) / "run")
+        keep = RunDir(Path(tmp) / "run").committed_tag()
+        markers = [Path(tmp) / "run" / "checkpoints" / m for m in ("latest", "committed")]
+        for m in markers:
+            m.unlink(missing_ok=True)  # written last, below: a copy cut short names no checkpoint it lacks
         pafs.copy_files(str(Path(tmp) / "run"), remote, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)
-        keep = RunDir(Path(tmp) / "run").committed_tag()
     if keep:
+        for m in ("latest", "committed"):
+            with fs.open_output_stream(f"{remote}/checkpoints/{m}") as f:
+                f.write(keep.encode())
         stored = fs.get_file_info(pafs.FileSelector(f"{remote}/checkpoints", allow_not_found=True))
         for info in stored:
             name = info.path.rstrip("/").rsplit("/", 1)[-1]
