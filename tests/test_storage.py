@@ -223,25 +223,10 @@ def _lost_node_cv(c, s3: S3Server, shards: Path, cfg: Path) -> None:
     out = Path.home() / "cv-out"  # on each node, that node's own home
     args = [*cv_args(cfg, shards, out), "--variants", "zoome", "--cpus-per-job", "2", "--set", f"train.epochs={EPOCHS}",
             "--ray-address", address, "--storage", s3.uri("zoome-test/cv")]
-    driver = subprocess.Popen(["ssh", "-o", "BatchMode=yes", c.addrs[0],
-                               f"{env} {BIN / 'python'} -m zoome_dist.cv {shlex.join(args)}"],
-                              env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = drive_on_head(c, env, "zoome_dist.cv", args)
     fs, worker_out = s3fs(s3), c.dir / "node1" / "home" / "cv-out" / "zoome"
-    deadline, victim = time.time() + 400, None
-    while time.time() < deadline and victim is None and driver.poll() is None:
-        for fold in (worker_out.glob("fold-*") if worker_out.is_dir() else []):
-            if fs.get_file_info(f"zoome-test/cv/zoome/{fold.name}/checkpoints/committed").type == pafs_file():
-                victim = fold.name
-        time.sleep(0.5)
-    assert victim, "no job of the worker node stored a checkpoint:\n" + (driver.stdout.read() if driver.poll()
-                                                                         is not None else "")
-    c.kill_node(1)
-    try:
-        log, _ = driver.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        driver.kill()
-        pytest.fail("the CV did not end after the node was lost")
-    assert driver.returncode == 0, log[-5000:]
+    victim, log = lose_worker_once(c, driver, worker_out, lambda fold: fs.get_file_info(
+        f"zoome-test/cv/zoome/{fold}/checkpoints/committed").type == pafs_file(), 0.5, "the CV", "job")
     home0 = c.dir / "node0" / "home" / "cv-out"
     folds = pd.read_csv(home0 / "folds.csv")
     assert sorted(folds["fold"]) == [0, 1] and (home0 / "table.md").is_file()
@@ -279,6 +264,35 @@ def ray_on_nodes(c, s3: S3Server) -> tuple[str, str]:
     return env, head
 
 
+def drive_on_head(c, env: str, module: str, args: list[str]) -> subprocess.Popen:
+    """``python -m MODULE ARGS`` on node 0 (the Ray head) over ssh, with ``env``; output captured."""
+    return subprocess.Popen(["ssh", "-o", "BatchMode=yes", c.addrs[0],
+                             f"{env} {BIN / 'python'} -m {module} {shlex.join(args)}"],
+                            env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def lose_worker_once(c, driver: subprocess.Popen, local: Path, stored, poll_s: float, what: str,
+                     unit: str) -> tuple[str, str]:
+    """Kill node 1 once one of the entries of its ``local`` folder (a trial or job it runs) is ``stored``;
+    the driver must then end with status 0. Returns that entry's name and the driver's output."""
+    deadline, victim = time.time() + 400, None
+    while time.time() < deadline and victim is None and driver.poll() is None:
+        for entry in local.glob("*") if local.is_dir() else []:
+            if stored(entry.name):
+                victim = entry.name
+        time.sleep(poll_s)
+    assert victim, f"no {unit} of the worker node stored a checkpoint:\n" + (
+        driver.stdout.read() if driver.poll() is not None else "")
+    c.kill_node(1)
+    try:
+        log, _ = driver.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        pytest.fail(f"{what} did not end after the node was lost")
+    assert driver.returncode == 0, log[-5000:]
+    return victim, log
+
+
 def s3fs(s3: S3Server):
     import pyarrow.fs as pafs
 
@@ -296,30 +310,17 @@ def _lost_node_run(c, s3: S3Server, shards: Path, tmp_path: Path, tiny: list[str
             "--ray-address", address, "--scheduler", "fifo", "--verbose", "0", "--cpus-per-worker", "2",
             "--set", f"train.epochs={EPOCHS}", *tiny,
             "--storage", s3.uri("zoome-test/exp"), "--scratch", "~/trials", "--out", out]
-    driver = subprocess.Popen(["ssh", "-o", "BatchMode=yes", head,
-                               f"{env} {BIN / 'python'} -m zoome_dist.tune {shlex.join(args)}"],
-                              env=c.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = drive_on_head(c, env, "zoome_dist.tune", args)
     fs = s3fs(s3)
-    worker_scratch = c.dir / "node1" / "home" / "trials"
-    deadline, victim = time.time() + 400, None
-    while time.time() < deadline and victim is None and driver.poll() is None:
-        for trial in worker_scratch.glob("*") if worker_scratch.is_dir() else []:
-            found = fs.get_file_info(pafs.FileSelector("zoome-test/exp/zoome_tune", recursive=True))
-            # its second checkpoint stored: the driver has taken the first (a checkpoint reaches storage
-            # before its result reaches the driver; a node lost in between restarts the trial from scratch)
-            if any(trial.name in f.path and f.path.endswith("checkpoint_000001/runs/fold-00/checkpoints/latest")
-                   for f in found):
-                victim = trial.name
-        time.sleep(1)
-    assert victim, "no trial of the worker node checkpointed to S3:\n" + (driver.stdout.read() if driver.poll()
-                                                                          is not None else "")
-    c.kill_node(1)
-    try:
-        log, _ = driver.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        driver.kill()
-        pytest.fail("the search did not end after the node was lost")
-    assert driver.returncode == 0, log[-5000:]
+
+    def stored(trial: str) -> bool:
+        # its second checkpoint stored: the driver has taken the first (a checkpoint reaches storage
+        # before its result reaches the driver; a node lost in between restarts the trial from scratch)
+        found = fs.get_file_info(pafs.FileSelector("zoome-test/exp/zoome_tune", recursive=True))
+        return any(trial in f.path and f.path.endswith("checkpoint_000001/runs/fold-00/checkpoints/latest")
+                   for f in found)
+
+    victim, log = lose_worker_once(c, driver, c.dir / "node1" / "home" / "trials", stored, 1, "the search", "trial")
     home0 = c.dir / "node0" / "home"
     trials = pd.read_csv(home0 / "tune-out" / "trials.csv")
     assert len(trials) == 2 and trials["complete"].all(), trials.to_string()
