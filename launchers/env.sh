@@ -19,8 +19,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
   "$venv/bin/python" -c "import zoome_dist, torch, nvidia.dali, deepspeed, ray" >/dev/null 2>&1 \
     || { echo "[env] install failed" >&2; exit 1; }
-  echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH" DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null && echo cuda || echo cpu)}"
+# DeepSpeed's JIT-built ops (on CPU: the shared-memory collective every rank loads) live in the venv, so
+# two installs never rebuild them for each other; on CPU it is built here, once, not by the first run.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  if [ "$DS_ACCELERATOR" = cpu ]; then
+    echo "[env] building DeepSpeed's CPU shared-memory op with g++ (once per install, about a minute)" >&2
+    "$venv/bin/python" -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" \
+      >/dev/null 2>&1 || echo "[env] warning: the op did not build (needs g++); DeepSpeed builds it on first use" >&2
+  fi
+  echo "$want" > "$stamp"
+fi
 cd "$root"
 exec "$@"

@@ -40,6 +40,7 @@ def finished(out: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in out.glob("*/fold-*/summary.json")}
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_equal_sequential_and_rerun_retrains_nothing(cv_sequential, cv_config, shards_dir, tmp_path):
     out = tmp_path / "cv"
     r = zoome_cv(*cv_args(cv_config, shards_dir, out, "--jobs", "2"))
@@ -57,6 +58,7 @@ def test_concurrent_jobs_equal_sequential_and_rerun_retrains_nothing(cv_sequenti
     same_table(out, cv_sequential)
 
 
+@pytest.mark.slow
 def test_failed_job_is_retried_from_its_checkpoint(cv_config, shards_dir, tmp_path):
     """One job's training process is killed after its first checkpoint: the job is retried, resumes
     (not restarts), and the CV completes."""
@@ -89,6 +91,7 @@ def test_failed_job_is_retried_from_its_checkpoint(cv_config, shards_dir, tmp_pa
     assert len(finished(out)) == 2
 
 
+@pytest.mark.slow
 def test_failing_job_reports_and_exits_nonzero(cv_config, shards_dir, tmp_path):
     """Shards that break at run time (a fold's tar overwritten with zeros): every attempt fails, the CV
     says which jobs and how to resume, and writes no table."""
@@ -109,6 +112,7 @@ def test_failing_job_reports_and_exits_nonzero(cv_config, shards_dir, tmp_path):
     (["--jobs", "2", "--ray-address", "auto"], "--jobs is for this node"),
     (["--jobs", "2", "--hostfile", "HOSTFILE", "--master-addr", "10.0.0.1"], "cannot be combined"),
     (["--variants", "zoome,nope"], "Unknown variant(s) ['nope']"),
+    (["--set", "model.pretrained=missing.pth"], "model.pretrained 'missing.pth': no such file"),
 ])
 def test_cv_argument_errors(cv_config, shards_dir, tmp_path, extra, message):
     hosts = tmp_path / "hosts"
@@ -127,6 +131,7 @@ def test_fold_selection_is_parsed_once_and_strictly():
             parse_folds(bad)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path):
     """SIGINT (Ctrl-C) to `zoome cv`: every running job's process group ends, nothing is retried, exit 130."""
     out = tmp_path / "cv"
@@ -146,6 +151,7 @@ def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path
     assert not left, [q.info["cmdline"] for q in left]
 
 
+@pytest.mark.slow
 def test_report_has_out_of_fold_threshold_calibration_and_subgroups(cv_sequential):
     """The report's honest operating point: fold k scored at the threshold of the other folds'
     out-of-fold predictions; a calibration fit on all of them, stored in each fold's model file."""
@@ -174,6 +180,7 @@ def test_report_has_out_of_fold_threshold_calibration_and_subgroups(cv_sequentia
     assert "| sex |" in (out / "subgroups.md").read_text()
 
 
+@pytest.mark.slow
 def test_paper_comparison_and_expected_time(cv_sequential, shards_dir):
     from zoome_dist.cv import expected_time
     from zoome_dist.paper import VARIANTS, comparison_markdown

@@ -168,6 +168,7 @@ def test_index_fallback_matches_wds2idx(shards_dir, tmp_path):
     assert (tmp_path / "ours.idx").read_bytes() == (tmp_path / "dali.idx").read_bytes()
 
 
+@pytest.mark.slow
 def test_grad_scaler_standin_skips_lr_and_round_trips(tmp_path):
     """DeepSpeed's fp16 GradScaler path, with a CPU GradScaler standing in for the CUDA one."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",

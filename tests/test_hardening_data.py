@@ -53,6 +53,7 @@ def test_second_build_into_the_same_folder_fails_at_once(synth_data, tmp_path):
     build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_killed_build_leaves_no_workers(tmp_path):
     data = tmp_path / "data"
     synthesize(data, 240, seed=1, size=128, progress=False)

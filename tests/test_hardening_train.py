@@ -62,6 +62,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_planted_pickle_in_checkpoint_never_runs(base_run, shards_dir, tmp_path):
     run = copy_run(base_run, tmp_path)
     marker = tmp_path / "pwned"
@@ -74,6 +75,7 @@ def test_planted_pickle_in_checkpoint_never_runs(base_run, shards_dir, tmp_path)
     assert not marker.exists(), "the planted payload ran"
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back(base_run, shards_dir, tmp_path):
     run = copy_run(base_run, tmp_path)
     tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))
@@ -85,6 +87,7 @@ def test_truncated_newest_checkpoint_falls_back(base_run, shards_dir, tmp_path):
     assert "cannot be loaded" in r.stdout and f"resumed from the older checkpoint {tags[-2]}" in r.stdout
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_a_clean_error(base_run, shards_dir, tmp_path):
     run = copy_run(base_run, tmp_path)
     files = sorted((run / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))
@@ -96,6 +99,7 @@ def test_no_intact_checkpoint_is_a_clean_error(base_run, shards_dir, tmp_path):
     assert all(f.parent.name in r.stderr for f in files)
 
 
+@pytest.mark.slow
 def test_latest_must_name_one_of_our_checkpoints(base_run, shards_dir, tmp_path):
     run = copy_run(base_run, tmp_path)
     (run / "checkpoints" / "latest").write_text("../../../etc")
@@ -103,6 +107,7 @@ def test_latest_must_name_one_of_our_checkpoints(base_run, shards_dir, tmp_path)
     assert r.returncode == 2 and "not one written by zoome_dist" in r.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_changed_config_is_refused(base_run, shards_dir, tmp_path):
     run = copy_run(base_run, tmp_path)
     before = (run / "config.yaml").read_text()
@@ -118,6 +123,7 @@ def test_resume_with_changed_config_is_refused(base_run, shards_dir, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_torch_loader_resume_mid_epoch_repeats_the_uninterrupted_run(shards_dir, tmp_path):
     """One torch training loader serves every epoch (persistent workers, set_epoch); a resumed run builds
     a fresh one and skips to its micro-step. Rewind a finished 2-epoch run to a mid-epoch-1 checkpoint and
@@ -169,6 +175,7 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
     ("optim.lr=-1", "optim.lr must be a finite number"),
     ("data.num_threads=0", "data.num_threads must be positive"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be positive"),
+    ("model.pretrained=/nonexistent/resnext50.pth", "model.pretrained '/nonexistent/resnext50.pth': no such file"),
 ])
 def test_bad_config_values(override, message):
     with pytest.raises(ValueError, match=message):
@@ -188,6 +195,7 @@ def test_config_file_that_is_not_a_mapping(tmp_path, text, message):
         load_config(tmp_path / "c.yaml")
 
 
+@pytest.mark.slow
 def test_out_that_is_a_file(base_run, shards_dir, tmp_path):
     (tmp_path / "f").write_text("x")
     r = train(base_run[0], shards_dir, tmp_path / "f")
@@ -238,6 +246,7 @@ def test_safe_load_refuses_any_global_outside_the_allow_list(tmp_path):
         safe_load(tmp_path / "p.pt")
 
 
+@pytest.mark.slow
 def test_resume_with_another_fold_is_refused(base_run, shards_dir, tmp_path):
     run = copy_run(base_run, tmp_path)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
@@ -248,6 +257,7 @@ def test_resume_with_another_fold_is_refused(base_run, shards_dir, tmp_path):
     assert r.returncode == 2 and "is a run of fold 0" in r.stderr
 
 
+@pytest.mark.slow
 def test_empty_latest_falls_back_to_the_newest_folder(base_run, shards_dir, tmp_path):
     run = copy_run(base_run, tmp_path)
     newest = newest_tag(run)
@@ -274,6 +284,7 @@ def test_socket_interface_avoids_loopback_in_a_multi_node_job(monkeypatch):
     assert engine.socket_interface("127.0.1.1", configured="eth7") == "eth7"
 
 
+@pytest.mark.slow
 def test_second_training_into_a_running_folder_stops_at_once(base_run, shards_dir, tmp_path):
     """A relaunch into the --out of a run that still trains stops on the lock held by the first run's
     rank 0, on every rank of the relaunch (2 here: rank 1 learns it from rank 0) and before writing

@@ -277,6 +277,7 @@ def test_build_input_errors(merged, tmp_path):
               BuildOptions(folds=2, dup_distance=99), progress=False)
 
 
+@pytest.mark.slow
 def test_per_source_and_subgroup_metrics_of_a_training_run(merged, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
@@ -408,3 +409,20 @@ def test_keep_rule_chain_empty_source_and_uncertain_diagnoses(merged, tmp_path):
                    "diagnosis_1": "Indeterminate"}]).to_csv(dl / "metadata.csv", index=False)
     m = build([root / "2020" / "train.csv", dl], [root / "2020" / "jpeg", dl], tmp_path / "out", OPTS, progress=False)
     assert m["per_source"]["archive:dl"] == {"samples": 0, "positives": 0} and m["totals"]["samples"] == 30
+
+
+@pytest.mark.parametrize("rec, target", [
+    ({"diagnosis": "melanoma metastasis", "benign_malignant": "malignant"}, 1),  # the older flat vocabulary
+    ({"diagnosis": "Melanoma in situ"}, 1),
+    ({"diagnosis": "melanoma"}, 1),
+    ({"diagnosis": "basal cell carcinoma", "benign_malignant": "malignant"}, 0),  # malignant, not melanoma
+    ({"diagnosis": "nevus", "benign_malignant": "benign"}, 0),
+    ({"diagnosis": "nevus", "benign_malignant": "malignant"}, None),  # contradictory: skipped with its reason
+    ({"diagnosis": "atypical melanocytic proliferation"}, None),
+    ({"diagnosis": "", "benign_malignant": "malignant"}, None),
+])
+def test_flat_archive_vocabulary_labels(rec, target):
+    from zoome_dist.data.archive import archive_target
+
+    got, _, reason = archive_target(rec)
+    assert got == target and (reason != "") == (target is None), (rec, got, reason)

@@ -68,6 +68,7 @@ def test_score_cli(tmp_path, capsys):
     assert "duplicate image(s) ['I0']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cv_report(shards_dir, tmp_path):
     """Two folds, one process each (two jobs at a time, one core each), then the Table-I report, per-fold
     CSV and ROC PNG."""

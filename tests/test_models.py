@@ -205,6 +205,7 @@ def test_fused_zoomse_matches_reference(layout, c, hw, pool):
         torch.testing.assert_close(pb[name].double(), want, rtol=0.02, atol=0.05 * scale, msg=name)
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_fused_zoomse():
     """Dynamo + AOT autograd (the ``aot_eager`` backend: the tracing inductor builds on, without its
     C++ compile) through the fused Zoom-SE function: same outputs and gradients as eager."""
@@ -220,6 +221,7 @@ def test_torch_compile_traces_fused_zoomse():
     torch.testing.assert_close(img.grad, ref_img.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_fused_zoomse_under_autocast():
     """``model.compile`` with bf16 training: compiled under autocast, the fused Zoom-SE must leave the
     rest of the model autocast (it once turned autocast off for every later op under dynamo, so the

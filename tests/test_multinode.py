@@ -19,7 +19,7 @@ import yaml
 from cluster import Cluster, unavailable
 from zoome_dist.train.engine import free_port
 
-pytestmark = [pytest.mark.usefixtures("deepspeed_shm_op"),
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(bool(unavailable()), reason=f"no test cluster: {unavailable()}")]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

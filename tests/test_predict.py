@@ -273,6 +273,7 @@ def test_decisions_at_stored_threshold_calibration_selection_and_rank_ensemble(c
                        *base]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
     """One model and a 2-member ensemble, exported, score real images like ``predict`` does."""
@@ -300,15 +301,39 @@ def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
         from zoome_dist.predict import read_test_csv
 
         _, meta, _ = read_test_csv(root / "test.csv", ENC)
+        shipped = tmp_path / f"shipped{len(ckpts)}"  # what the user copies elsewhere: the files it lists
+        shipped.mkdir()
+        assert info["files"] == [out.name] and sorted(p.name for p in tmp_path.glob(f"{out.name}*")) == \
+            [out.name, out.name + ".json"]  # nothing else was left beside it
+        for name in info["files"]:
+            shutil.copy(out.with_name(name), shipped / name)
         if fmt == "onnx":
             import onnxruntime
 
-            got = onnxruntime.InferenceSession(str(out)).run(None, {"image": images, "metadata": meta})[0]
+            got = onnxruntime.InferenceSession(str(shipped / out.name)).run(None, {"image": images, "metadata": meta})[0]
         else:
-            got = torch.jit.load(str(out))(torch.from_numpy(images), torch.from_numpy(meta)).numpy()
+            got = torch.jit.load(str(shipped / out.name))(torch.from_numpy(images), torch.from_numpy(meta)).numpy()
         # the same images through our own resize give the exported graph's inputs (antialiased
         # bilinear in both): probabilities agree closely, not bit for bit
         np.testing.assert_allclose(got, expect["prob"], atol=2e-3)
+    if fmt == "onnx":  # weights too large to inline: one external file, named after the final file, listed
+        import onnxruntime
+
+        import zoome_dist.export as ex
+
+        big = tmp_path / "big" / "m.onnx"
+        big.parent.mkdir()
+        limit, ex.ONNX_INLINE_LIMIT = ex.ONNX_INLINE_LIMIT, 0
+        try:
+            info = ex.export([load_member(checkpoint / "model_last.pt", torch.device("cpu"))], fmt, big)
+        finally:
+            ex.ONNX_INLINE_LIMIT = limit
+        assert info["files"] == ["m.onnx.data", "m.onnx"]
+        assert sorted(p.name for p in big.parent.iterdir()) == ["m.onnx", "m.onnx.data", "m.onnx.json"]
+        moved = tmp_path / "moved"
+        shutil.copytree(big.parent, moved)
+        shutil.rmtree(big.parent)
+        assert onnxruntime.InferenceSession(str(moved / "m.onnx")).run(None, {"image": images, "metadata": meta})[0].shape == (5,)
     with pytest.raises(ValueError, match="no out-of-fold temperature"):
         from zoome_dist.export import export
         export([load_member(checkpoint / "model_last.pt", torch.device("cpu"))], fmt, tmp_path / "x", calibrate=True)

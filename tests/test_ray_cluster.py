@@ -30,7 +30,7 @@ from conftest import cv_args
 from zoome_dist.rundir import RunDir
 from test_cv import finished, same_table
 
-pytestmark = [pytest.mark.usefixtures("deepspeed_shm_op"),
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(bool(unavailable()), reason=f"no test cluster: {unavailable()}")]
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)

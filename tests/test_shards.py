@@ -142,6 +142,7 @@ def test_nonempty_out_needs_resume(synth_data, shards_dir):
               progress=False)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(synth_data, shards_dir, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(synth_data / "train.csv"),
@@ -291,6 +292,18 @@ def test_isic2019_mapping(tmp_path):
     enc = MetadataEncoding()
     v = enc.encode(t.loc["ISIC_0000002_downsampled", "age_approx"], "", "lateral torso")
     assert v[1] == 1 and v[enc.names.index("sex=unknown")] == 1 and v[enc.names.index("site=torso")] == 1
+    # ground-truth values that are no probabilities are skipped with their reason, never read as 0/1
+    gt = (tmp_path / "ISIC_2019_Training_GroundTruth.csv").read_text()
+    (tmp_path / "bad_gt.csv").write_text(gt.replace("ISIC_0000001,1.0", "ISIC_0000001,nan")
+                                         .replace("ISIC_0000003,1.0", "ISIC_0000003,-1"))
+    r = read_isic(tmp_path / "bad_gt.csv", tmp_path / "ISIC_2019_Training_Metadata.csv")
+    assert sorted(r.table["image_name"]) == ["ISIC_0000000", "ISIC_0000002_downsampled"]
+    assert {k.image_name: k.reason for k in r.skipped}["ISIC_0000003"].startswith("ground-truth values outside [0, 1]")
+    # a metadata file that matches none of the images (the wrong --metadata-csv) is an error, not 4 images
+    # without age, site and lesion
+    (tmp_path / "other_meta.csv").write_text("image,age_approx,anatom_site_general,lesion_id,sex\nISIC_9,50,torso,L,male\n")
+    with pytest.raises(ValueError, match="none of the 4 images"):
+        read_isic(tmp_path / "ISIC_2019_Training_GroundTruth.csv", tmp_path / "other_meta.csv")
     (tmp_path / "ISIC_2019_Training_Metadata.csv").unlink()
     with pytest.raises(FileNotFoundError, match="ISIC_2019_Training_Metadata.csv"):
         read_isic(tmp_path / "ISIC_2019_Training_GroundTruth.csv")

@@ -1,6 +1,7 @@
 """Rank discovery from SLURM's variables (``zoome_dist.slurm``): expectations written out by hand."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -75,7 +76,8 @@ def test_multi_task_job_without_srun_is_an_error():
 def test_its_advice_works_one_process_in_a_multi_task_job():
     """RANK=0 WORLD_SIZE=1 (what the error suggests) inside a 2-task allocation: a world of one."""
     env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]", "RANK": "0", "WORLD_SIZE": "1",
-           "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+           "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
+           **{k: os.environ[k] for k in ("HOME", "TORCH_EXTENSIONS_DIR") if k in os.environ}}  # DeepSpeed's built op
     code = ("from zoome_dist.train.engine import setup_distributed; import torch.distributed as d; "
             "print(setup_distributed()); d.destroy_process_group()")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

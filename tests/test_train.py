@@ -61,6 +61,7 @@ def reference_run(tiny_cfg, shards_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_rank_run(reference_run, shards_dir):
     summary = json.loads((reference_run / "summary.json").read_text())
     run = json.loads((reference_run / "run.json").read_text())
@@ -73,6 +74,11 @@ def test_two_rank_run(reference_run, shards_dir):
     folds = pd.read_csv(shards_dir / "folds.csv")
     pred = pd.read_csv(reference_run / "predictions.csv")
     assert sorted(pred["image_name"]) == sorted(folds[folds["fold"] == 0]["image_name"])
+    # what the 2 ranks trained on: the other folds only (all of them but each rank's last partial batch)
+    assert run["train_folds"] == [1, 2]
+    trained = set(pd.read_csv(reference_run / "predictions_train.csv")["image_name"])
+    others = set(folds[folds["fold"] != 0]["image_name"])
+    assert trained <= others and len(others - trained) < 2 * TINY["train"]["micro_batch_size"]
     assert list(pred.columns) == ["image_name", "patient_id", "target", "prob", "source", "sex", "age_approx", "site",
                                   "fitzpatrick_skin_type"]  # + the subgroups of folds.csv
     assert pred["prob"].between(0, 1).all()
@@ -90,6 +96,7 @@ def test_two_rank_run(reference_run, shards_dir):
     assert state["metadata_encoding"]["dim"] == 12 and "backbone.fc.weight" in state["state_dict"]
 
 
+@pytest.mark.slow
 def test_kill_one_rank_and_resume(reference_run, tiny_cfg, shards_dir, tmp_path):
     out = tmp_path / "killed"
     spe = json.loads((reference_run / "run.json").read_text())["steps_per_epoch"]
@@ -131,6 +138,7 @@ def test_kill_one_rank_and_resume(reference_run, tiny_cfg, shards_dir, tmp_path)
     assert (a - b.loc[a.index]).abs().max() <= 1e-3
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_with_zero2(tiny_cfg, shards_dir, tmp_path):
     """Two launcher invocations (node ranks 0 and 1) on 127.0.0.1, ZeRO stage 2 across them."""
     port = free_port()
@@ -150,6 +158,7 @@ def test_two_nodes_on_loopback_with_zero2(tiny_cfg, shards_dir, tmp_path):
     assert json.loads((out / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
 
 
+@pytest.mark.slow
 def test_data_parallel_equals_single_process_bn_free(tmp_path):
     script = str(ROOT / "tests" / "helpers" / "dp_equivalence.py")
     for ranks in (1, 2):
@@ -180,6 +189,7 @@ def test_default_config_starts_at_every_world_size_dividing_the_global_batch():
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 3)
 
 
+@pytest.mark.slow
 def test_config_errors(tmp_path, shards_dir):
     with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['optim.learning_rate'\].*optim.lr"):
         load_config(overrides={"optim.learning_rate": 0.1})
@@ -209,6 +219,7 @@ def test_config_errors(tmp_path, shards_dir):
     assert r.returncode == 2 and "no manifest.json" in r.stderr
 
 
+@pytest.mark.slow
 def test_non_editable_install_trains(shards_dir, tiny_cfg, tmp_path):
     """`pip install .` (not -e) then `python -m zoome_dist.train` from elsewhere: no path into the checkout."""
     import shutil
@@ -284,6 +295,7 @@ def test_batch_policy_micro_scales_global_batch_and_lr():
         assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_batch_policy_micro_on_two_ranks(tiny_cfg, shards_dir, tmp_path):
     """Two real ranks with a fixed micro batch: the run steps micro × 2 samples with the lr scaled."""
     out = tmp_path / "run"

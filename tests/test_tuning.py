@@ -45,6 +45,7 @@ def cluster():
     c.shutdown()
 
 
+@pytest.mark.slow
 def test_search_across_two_nodes(cluster, shards_dir, tmp_path):
     out = tmp_path / "tune"
     args = ["--shards", str(shards_dir), "--folds", "0,1", "--num-samples", "4",
@@ -72,6 +73,7 @@ def test_search_across_two_nodes(cluster, shards_dir, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/fold-*/summary.json")} == finished
 
 
+@pytest.mark.slow
 def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
     out = tmp_path / "tune"
     killed = {}
@@ -108,6 +110,7 @@ def test_killed_trial_resumes_from_checkpoint(cluster, shards_dir, tmp_path):
     assert epochs == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_failed_trials_make_the_search_fail(cluster, shards_dir, tmp_path):
     """A trial in ERROR after its restarts is an exit status of 1 naming the trial and its error file (it
     was exit 0 with trials in ERROR); --tolerate-failed-trials N accepts up to N of them."""
@@ -151,3 +154,17 @@ def test_trials_csv_error_is_the_trials_own_message():
     assert "killed by SIGKILL" not in str(wrapped).splitlines()[0]  # what trials.csv showed before
     assert error_line(wrapped) == "fold 0: rank 0 killed by SIGKILL; the end of r/rank0.log:"
     assert error_line(ValueError("plain")) == "plain" and error_line(None) == ""
+
+
+def test_trials_get_a_gpu_by_default_where_the_cluster_has_gpus():
+    from zoome_dist.tune import trial_resources
+
+    assert trial_resources(None, 0, cluster_gpus=8) == (1, 1)   # GPU cluster: never silently CPU-only trials
+    assert trial_resources(None, 0, cluster_gpus=0) == (1, 0)   # CPU cluster: CPU trials
+    assert trial_resources(None, 2, cluster_gpus=0) == (2, 0)
+    assert trial_resources(0, 0, cluster_gpus=8) == (1, 0)      # asked for explicitly
+    assert trial_resources(2, 0, cluster_gpus=8) == (2, 2)
+    with pytest.raises(ValueError, match="--workers-per-trial 3 > --gpus-per-trial 2"):
+        trial_resources(2, 3, cluster_gpus=8)
+    with pytest.raises(ValueError, match="--gpus-per-trial must be zero or more, got -1"):
+        trial_resources(-1, 0, cluster_gpus=0)

@@ -123,8 +123,10 @@ def _export(a: argparse.Namespace) -> int:
     check_writable(out)
     members = [load_member(p, torch.device("cpu")) for p in find_checkpoints(a.checkpoint, a.select)]
     info = export(members, a.format, out, calibrate=a.calibrate)
+    extra = [f for f in info["files"] if f != out.name]
     print(f"wrote {out} ({a.format}, {len(members)} member(s), {info['image_size']} px; outputs within "
-          f"{info['max_abs_diff_vs_pytorch']:.1e} of PyTorch) and {out.name}.json", file=sys.stderr)
+          f"{info['max_abs_diff_vs_pytorch']:.1e} of PyTorch) and {out.name}.json"
+          + (f"; its weights are in {', '.join(extra)}: keep the files together" if extra else ""), file=sys.stderr)
     return 0
 
 

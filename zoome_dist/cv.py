@@ -28,9 +28,11 @@ predict --threshold oof --calibrate``. ``--select last`` (default) reports each 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -41,6 +43,28 @@ from zoome_dist.rundir import SELECT, RunDir
 def fold_dir(out: Path, variant: str, fold: int) -> Path:
     """Where the CV's job (variant, fold) trains: its run folder."""
     return out / variant / f"fold-{fold:02d}"
+
+
+def check_reuse(jobs: list[tuple[Any, Any]], shards: Path) -> None:
+    """A fold already trained (or begun) in ``--out`` is reused only if it is the same job: the same
+    resolved config and shards. Otherwise the CV would report (or resume) a run of something else."""
+    from zoome_dist.config import flatten, load_config
+
+    problems = []
+    for job, cfg in jobs:
+        if not job.run.config.is_file():
+            continue
+        old, new = flatten(load_config(job.run.config).to_dict()), flatten(cfg.to_dict())
+        changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+        info = json.loads(job.run.run_info.read_text()) if job.run.run_info.is_file() else {}
+        if info.get("shards", str(shards)) != str(shards):
+            changed.append(f"shards: {info['shards']} -> {shards}")
+        if changed:
+            problems.append(f"{job.name} ({'finished' if job.done else 'unfinished'}, {job.run.path}): {'; '.join(changed)}")
+    if problems:
+        raise ValueError("--out holds folds trained with another config or shards; reusing them would report "
+                         "results of another setup:\n  " + "\n  ".join(problems) + "\nUse a new --out, or the "
+                         "--config/--set/--shards those folds were trained with")
 
 
 def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> tuple[str, ...]:
@@ -134,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"Unknown variant(s) {unknown}. Valid models: {sorted(MODELS)}")
         for variant in variants:  # a bad value fails here, not in every job
-            validate(apply_overrides(cfg, {"model.name": variant}))
+            validate(apply_overrides(copy.deepcopy(cfg), {"model.name": variant}))
     except USER_ERRORS as e:
         return error("zoome cv", e)
 
@@ -146,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [Job(f"{variant} fold {fold}", RunDir(fold_dir(out, variant, fold)),
                     fold_args(a, variant, fold, fold_dir(out, variant, fold)))
                 for variant in variants for fold in folds]
+        check_reuse([(j, apply_overrides(copy.deepcopy(cfg), {"model.name": v})) for j, v in
+                     zip(jobs, [v for v in variants for _ in folds])], Path(a.shards).resolve())
         res = Resources(ranks=a.ranks, cpus=a.cpus_per_job, hostfile=a.hostfile, master_addr=a.master_addr)
         if a.dry_run:
             for i, j in enumerate(jobs):

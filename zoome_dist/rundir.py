@@ -9,6 +9,7 @@ this type, so a file's name lives here and nowhere else.
     metrics.jsonl          one JSON line per epoch (loss, lr, img/s, data wait, validation metrics)
     curves.png             training loss, validation AUC and lr per epoch (redrawn every epoch)
     predictions.csv        out-of-fold probabilities of the best epoch; predictions_last.csv: the last
+    predictions_train.csv  the last epoch's training predictions (every rank's; the Youden threshold's data)
     subgroups.csv          the last epoch's AUC per source, sex, age band, site (Fitzpatrick type), with counts
     calibration.png        the last epoch's reliability diagram (its ECE is ``val_ece`` in metrics.jsonl)
     model_best.pt          best epoch's weights + config + metadata encoding (``zoome predict --select best``);
@@ -58,6 +59,7 @@ class RunDir:
     subgroups = property(lambda self: self.path / "subgroups.csv")
     calibration_plot = property(lambda self: self.path / "calibration.png")
     summary = property(lambda self: self.path / "summary.json")
+    train_predictions = property(lambda self: self.path / "predictions_train.csv")
     model_best = property(lambda self: self.path / MODEL_BEST)
     best = property(lambda self: self.path / "best.json")
     checkpoints = property(lambda self: self.path / "checkpoints")

@@ -22,6 +22,19 @@ from pathlib import Path
 from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
 
 
+def trial_resources(gpus: int | None, workers: int, cluster_gpus: int) -> tuple[int, int]:
+    """``(ranks, GPUs)`` per trial: ``--gpus-per-trial`` (None: 1 on a cluster with GPUs, else 0) and
+    ``--workers-per-trial`` (0: one rank per GPU, or 1)."""
+    if gpus is not None and gpus < 0:
+        raise ValueError(f"--gpus-per-trial must be zero or more, got {gpus}")
+    if workers < 0:
+        raise ValueError(f"--workers-per-trial must be zero or more, got {workers}")
+    gpus = (1 if cluster_gpus else 0) if gpus is None else gpus
+    if gpus and workers > gpus:
+        raise ValueError(f"--workers-per-trial {workers} > --gpus-per-trial {gpus}: a GPU trial runs one rank per GPU")
+    return workers or max(1, gpus), gpus
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="zoome tune", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config")
@@ -41,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scratch",
                    help="with --storage: each node's folder for the run folders of the trials it trains (~ is the "
                         "node's home; default: zoome-trials in the node's temp folder)")
-    p.add_argument("--gpus-per-trial", type=int, default=0)
+    p.add_argument("--gpus-per-trial", type=int, default=None,
+                   help="GPUs per trial (default: 1 where the Ray cluster has GPUs, else 0, i.e. CPU trials)")
     p.add_argument("--workers-per-trial", type=int, default=0, help="ranks per trial (default: GPUs, or 1)")
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--pool-sizes", default="1,2,4,8", help="Zoom-SE pool sizes to search")
@@ -78,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError as e:
                 raise ValueError("--search optuna needs the optuna package "
                                  f"(pip install -e '.[optuna]'): {e}") from None
-        if a.gpus_per_trial and a.workers_per_trial and a.workers_per_trial > a.gpus_per_trial:
-            raise ValueError(f"--workers-per-trial {a.workers_per_trial} > --gpus-per-trial {a.gpus_per_trial}: "
-                             "a GPU trial runs one rank per GPU")
+        trial_resources(a.gpus_per_trial, a.workers_per_trial, 0)  # the flags' own errors, before Ray starts
         experiment = Path(a.out).resolve() / "ray" / a.name
         if a.scratch and not a.storage:
             raise ValueError("--scratch is for --storage runs (without --storage trials train in OUT/trials)")
@@ -101,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    workers = a.workers_per_trial or max(1, a.gpus_per_trial)
     ray.init(address=a.ray_address, include_dashboard=False) if a.ray_address else ray.init(
         include_dashboard=False)
     try:
+        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+        workers, gpus = trial_resources(a.gpus_per_trial, a.workers_per_trial, cluster_gpus)
+        print(f"== each trial: {workers} rank(s), {gpus} GPU(s), {workers * a.cpus_per_worker} CPU(s); the cluster has "
+              f"{cluster_gpus} GPU(s)" + (" (set by --gpus-per-trial)" if a.gpus_per_trial is not None else ""), flush=True)
         try:
             # every node: --out (or a --storage folder) and the shards; an object store was proven writable above
             check_ray_nodes(Path(storage_path) if shared_folder else out, a.shards,
@@ -113,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             return error("zoome tune", e)
         fn = tune.with_parameters(trainable, base=base_tree(cfg), shards=str(Path(a.shards).resolve()),
                                   folds=folds, run_root=(a.scratch or "") if a.storage else str(out / "trials"),
-                                  workers=workers, gpus=a.gpus_per_trial, threads=a.cpus_per_worker,
+                                  workers=workers, gpus=gpus, threads=a.cpus_per_worker,
                                   carry_runs=bool(a.storage))
-        fn = tune.with_resources(fn, {"cpu": workers * a.cpus_per_worker, "gpu": a.gpus_per_trial})
+        fn = tune.with_resources(fn, {"cpu": workers * a.cpus_per_worker, "gpu": gpus})
         epochs = cfg.train.epochs
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(folds) * epochs,
                                    grace_period=epochs, reduction_factor=2)

@@ -10,6 +10,8 @@ their vocabulary.
 """
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 from zoome_dist.data.isic import (ReadResult, Skipped, _bad_line_records, _finish, _read_csv, _row, known_id,
@@ -26,7 +28,9 @@ MALIGNANT = "Malignant"
 MELANOMA = "Malignant melanocytic proliferations (Melanoma)"
 INDETERMINATE = "Indeterminate"
 DIAGNOSIS_LEVELS = tuple(f"diagnosis_{i}" for i in range(1, 6))
-LEGACY_MELANOMA = "melanoma"  # older downloads: a flat ``diagnosis`` column
+# older downloads: a flat ``diagnosis`` column (with ``benign_malignant``)
+LEGACY_MELANOMA = re.compile(r"\bmelanoma\b")  # melanoma, melanoma metastasis, melanoma in situ, ...
+LEGACY_UNCERTAIN = ("atypical melanocytic proliferation", "aimp")  # melanoma or not is undecided
 
 # Sites: the hierarchical path (anatom_site_1:anatom_site_2:...) onto the ISIC 2020 vocabulary of
 # ``metadata.SITE_VOCAB``; the longest matching prefix wins. ``anatom_site_special`` overrides it.
@@ -64,13 +68,17 @@ def archive_target(rec: dict) -> tuple[int | None, str, str]:
     if str(rec.get(DIAGNOSIS_LEVELS[0], "")).strip():
         return hierarchy_target([rec.get(c, "") for c in DIAGNOSIS_LEVELS])
     legacy = str(rec.get("diagnosis", "")).strip()
+    key = legacy.lower()
     malignant = str(rec.get("benign_malignant", "")).strip().lower() == "malignant"
-    if legacy.lower() == LEGACY_MELANOMA:
+    if LEGACY_MELANOMA.search(key):
         return 1, legacy, ""
-    if legacy and not (malignant and legacy.lower() == "unknown"):
-        return 0, legacy, ""
+    if key in LEGACY_UNCERTAIN:
+        return None, legacy, f"diagnosis {legacy!r}: melanoma or not is undecided"
+    if malignant and key in ("unknown", "", "nevus"):
+        return None, legacy, ("diagnosis 'nevus' but benign_malignant 'malignant': contradictory" if key == "nevus" else
+                              f"malignant with diagnosis {legacy or '(empty)'}: melanoma or not is unknown")
     if legacy:
-        return None, legacy, "malignant with diagnosis 'unknown': melanoma or not is unknown"
+        return 0, legacy, ""
     return None, "", "no diagnosis (diagnosis_1 and diagnosis are empty)"
 
 

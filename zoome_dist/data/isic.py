@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.logs import get_logger
 
 ISIC2020_REQUIRED = ("image_name", "patient_id", "sex", "age_approx",
                      "anatom_site_general_challenge", "target")
@@ -38,6 +39,8 @@ class Skipped:
 
     def to_dict(self) -> dict[str, str]:
         return {"image_name": self.image_name, "reason": self.reason}
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -212,6 +215,15 @@ def read_isic2019(gt_path: str | Path, meta_path: str | Path | None = None,
     meta = _read_csv(meta_path, ISIC2019_META_REQUIRED, bad)
     skipped += _bad_line_records(bad, meta_path)
     meta_by_image = {r["image"].strip(): r for r in meta.to_dict("records")}
+    names = [str(n).strip() for n in gt["image"]]
+    unmatched = [n for n in names if n not in meta_by_image]
+    if names and len(unmatched) == len(names):
+        raise ValueError(f"{meta_path}: none of the {len(names)} images of {gt_path} is in this metadata file (e.g. "
+                         f"{names[0]!r}; it lists e.g. {next(iter(meta_by_image), 'nothing')!r}): the wrong "
+                         "--metadata-csv? Without it every image would lose age, sex, site and its lesion id")
+    if unmatched:
+        log.warning(f"{meta_path}: {len(unmatched)} of {len(names)} images have no metadata row (e.g. {unmatched[:3]}); "
+                    "they get missing age, unknown sex and site, and no lesion id")
     classes = [c for c in gt.columns if c != "image"]
     rows = []
     for rec in gt.to_dict("records"):
@@ -220,6 +232,10 @@ def read_isic2019(gt_path: str | Path, meta_path: str | Path | None = None,
             onehot = {c: float(rec[c]) for c in classes}
         except ValueError:
             skipped.append(Skipped(name, "malformed ground-truth values"))
+            continue
+        if not all(0.0 <= v <= 1.0 for v in onehot.values()):  # nan fails this too
+            skipped.append(Skipped(name, f"ground-truth values outside [0, 1]: "
+                                         f"{ {c: v for c, v in onehot.items() if not 0.0 <= v <= 1.0} }"))
             continue
         diagnosis = max(onehot, key=onehot.get)
         m = meta_by_image.get(name, {})

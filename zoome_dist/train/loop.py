@@ -31,6 +31,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
     """Run micro-steps ``skip..steps`` of one epoch; returns loss, speed, data wait and the
     training predictions of every rank (for the Youden threshold). A run resumed mid-epoch passes
     the micro-step it resumes at as ``skip`` and a loader set to start there (``set_epoch(epoch, skip)``).
+``train_ids`` are the sample ids trained on (every rank's), for the leakage check.
 
     Nothing is copied to the host per step: the loss sum, predictions and labels stay on the
     device and are copied once at the end (and the loss at each progress update), so the host
@@ -44,11 +45,11 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
                dynamic_ncols=True)
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     n_images, wait = 0, 0.0
-    probs, labels = [], []
+    probs, labels, ids = [], [], []
     start = time.perf_counter()
     for i in range(skip, steps):
         t = time.perf_counter()
-        image, meta, label, _ = _to_device(next(it), engine.device, channels_last)
+        image, meta, label, sid = _to_device(next(it), engine.device, channels_last)
         wait += time.perf_counter() - t
         logits = engine(image, meta)
         loss = loss_fn(logits, label)
@@ -60,6 +61,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
         n_images += len(label)
         probs.append(logits.detach().float())
         labels.append(label)
+        ids.append(sid)
         if on_step is not None:
             on_step(i + 1)
         bar.update()
@@ -73,6 +75,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
         it.close()            # already sent to workers are still decoded there); the next pass starts afresh either way
     p = torch.sigmoid(torch.cat(probs)).cpu().numpy() if probs else np.zeros(0, np.float32)
     y = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, int)
+    s = torch.cat(ids).cpu().numpy() if ids else np.zeros(0, np.int64)
     total_loss = float(loss_sum)  # the one device→host copy of the epoch (waits for the GPU)
     elapsed = time.perf_counter() - start
     bad = torch.tensor([float(not (np.isfinite(total_loss) and np.isfinite(p).all()))], device=loss_sum.device)
@@ -81,11 +84,11 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
         raise FloatingPointError(f"training diverged in epoch {epoch}: the loss or the predictions are not "
                                  f"finite on at least one rank (this rank's loss sum: {total_loss}); lower optim.lr, raise optim.warmup_epochs "
                                  "or use train.precision fp32, then --resume from the last good checkpoint")
-    p, y, losses, counts = gather(p, y, np.array([total_loss]), np.array([n_images]))
+    p, y, s, losses, counts = gather(p, y, s, np.array([total_loss]), np.array([n_images]))
     images = int(counts.sum())
     return {"train_loss": float(losses.sum() / max(1, images)), "train_images": images,
             "train_seconds": elapsed, "train_img_s_per_rank": n_images / elapsed if elapsed else 0.0,
-            "data_wait": wait / elapsed if elapsed else 0.0, "train_probs": p, "train_labels": y}
+            "data_wait": wait / elapsed if elapsed else 0.0, "train_probs": p, "train_labels": y, "train_ids": s}
 
 
 def average_buffers(module: torch.nn.Module) -> None:
@@ -102,9 +105,11 @@ def average_buffers(module: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine, loader: Iterable, *, expected: int, channels_last: bool = True,
+def evaluate(engine, loader: Iterable, *, expected: np.ndarray, channels_last: bool = True,
              progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(sample_id, prob, label)`` of every validation sample, exactly once, on every rank.
+    """``(sample_id, prob, label)`` of every validation sample, exactly once, on every rank, sorted by
+    sample id; ``expected`` holds the fold's sample ids (a loader that repeats, drops or adds one is
+    an error, never a metric).
 
     BatchNorm running statistics are per rank (no SyncBN); they are averaged over the ranks first
     (``average_buffers``), so every rank evaluates (and later saves) the same model.
@@ -118,8 +123,19 @@ def evaluate(engine, loader: Iterable, *, expected: int, channels_last: bool = T
         labels.append(label)
         sids.append(sid)
     s, p, y = gather(*(torch.cat(t).cpu().numpy() for t in (sids, probs, labels)))
-    if len(s) != expected or len(np.unique(s)) != expected:
-        raise RuntimeError(f"evaluation saw {len(s)} predictions for {len(np.unique(s))} distinct samples; "
-                           f"the fold has {expected}: the loader is not an exact partition")
-    order = np.argsort(s)
+    check_partition(s, np.asarray(expected))
+    order = np.argsort(s, kind="stable")
     return s[order], p[order], y[order]
+
+
+def check_partition(seen: np.ndarray, expected: np.ndarray) -> None:
+    """Raise unless ``seen`` holds every id of ``expected`` exactly once and nothing else."""
+    ids, counts = np.unique(seen, return_counts=True)
+    want = np.unique(expected)
+    if len(seen) == len(want) and np.array_equal(ids, want):
+        return
+    problems = [f"{name} {list(v[:5])}{' …' if len(v) > 5 else ''}" for name, v in (
+        ("repeated", ids[counts > 1]), ("missing", np.setdiff1d(want, ids)), ("not in the fold", np.setdiff1d(ids, want)))
+        if len(v)]
+    raise RuntimeError(f"evaluation saw {len(seen)} predictions for {len(ids)} distinct samples; the fold has "
+                       f"{len(want)} ({'; '.join(problems)}): the loader is not an exact partition")

@@ -175,6 +175,17 @@ def restore(engine, run: RunDir) -> dict:
     raise ValueError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(failures)}")
 
 
+def fold_sample_ids(shards: Path, manifest: dict, fold: int) -> np.ndarray:
+    """The sample ids of ``fold`` (``folds.csv``), which must be as many as the manifest counts."""
+    table = pd.read_csv(shards / "folds.csv", usecols=["sample_id", "fold"])
+    ids = table.loc[table["fold"] == fold, "sample_id"].to_numpy()
+    count = next(f["samples"] for f in manifest["folds"] if f["fold"] == fold)
+    if len(ids) != count:
+        raise ValueError(f"{shards}: the manifest counts {count} samples in fold {fold} but folds.csv lists "
+                         f"{len(ids)}; the build is damaged: check it with `zoome-shards verify {shards}` and rebuild")
+    return ids
+
+
 def _predictions(folds: pd.DataFrame, sids: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
     """``image_name, patient_id, target, prob`` and the subgroup columns the build recorded
     (``subgroups.SUBGROUP_COLUMNS``): one row per validation image."""
@@ -223,6 +234,7 @@ def to_channels_last(engine, cfg: Config) -> None:
 def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: bool = False,
         progress: bool = True, allow_changes: bool = False) -> dict[str, Any]:
     """Train one fold; returns the summary (best and last metrics, optimizer steps) on every rank."""
+    started = time.perf_counter()
     validate(cfg)
     shards, out = Path(shards), Path(out)
     manifest = load_manifest(shards)
@@ -255,9 +267,13 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
                    progress)
         done = t.run.read_metrics()  # a run resumed after its last epoch's checkpoint trains no epoch
         last: dict[str, Any] = done[-1] if done else {}
+        if t.state["epoch"] >= cfg.train.epochs:
+            log.info(f"{out} already trained all {cfg.train.epochs} epochs: nothing to train (raise train.epochs "
+                     "with --allow-config-change to continue it)")
         for epoch in range(t.state["epoch"], cfg.train.epochs):
             last = _epoch(t, epoch)
         summary = _finish(t, last)
+        log.info(summary_line(summary, RunDir(out), time.perf_counter() - started))
         ok = True
         return summary
     finally:
@@ -266,6 +282,17 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
                 dist.barrier()
             dist.destroy_process_group()
         lock.__exit__()
+
+
+def summary_line(summary: dict[str, Any], run: RunDir, seconds: float) -> str:
+    """The run's one closing line: best and last epoch with their AUC, the model files, the wall time."""
+    best, last = summary.get("best") or {}, summary.get("last") or {}
+    parts = [f"fold {summary['fold']} done in {seconds / 60:.1f} min"]
+    if best:
+        parts.append(f"best epoch {best['epoch']} (AUC {best['metrics']['auc']:.4f})")
+    if last:
+        parts.append(f"last epoch {last['epoch']} (AUC {last['val_auc']:.4f})")
+    return "; ".join(parts) + f"; models: {run.model('last')} (and {run.model_best.name})"
 
 
 def _hold_on_rank0(lock: FolderLock) -> None:
@@ -297,7 +324,7 @@ class _Training:
     train_it: Any                  # one loader for every epoch (set_epoch)
     val_it: Any
     steps: int                     # micro-steps per epoch
-    expected_val: int
+    val_ids: np.ndarray            # the validation fold's sample ids (folds.csv)
     loss_fn: Callable
     overflow: OverflowFlag | None
     state: dict[str, Any]          # epoch, micro_step, best: what a checkpoint carries
@@ -373,7 +400,7 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
          f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
          f"lr {plan.lr:.3g}), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
     return _Training(cfg, info, run, fold, manifest, plan, engine, train_it, val_it,
-                     steps_per_epoch * gas, next(f["samples"] for f in manifest["folds"] if f["fold"] == fold),
+                     steps_per_epoch * gas, fold_sample_ids(shards, manifest, fold),
                      make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma), overflow, state, folds_table, progress)
 
 
@@ -395,12 +422,16 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
                          channels_last=cfg.model.channels_last, on_step=on_step,
                          progress=t.progress and t.rank0, log_every=cfg.train.log_every,
                          before_step=t.overflow.arm if t.overflow else None)
-    sids, probs, labels = evaluate(engine, t.val_it, expected=t.expected_val,
+    leaked = np.intersect1d(tr["train_ids"], t.val_ids)
+    if len(leaked):
+        raise RuntimeError(f"fold {t.fold}: epoch {epoch} trained on {len(leaked)} sample(s) of the validation fold "
+                           f"(sample ids {list(leaked[:5])}): the training loader does not exclude fold {t.fold}")
+    sids, probs, labels = evaluate(engine, t.val_it, expected=t.val_ids,
                                    channels_last=cfg.model.channels_last, progress=t.progress and t.rank0)
     threshold = youden_threshold(tr["train_labels"], tr["train_probs"]) if len(tr["train_labels"]) else 0.5
     val = binary_metrics(labels, probs, threshold)
     record = {"epoch": epoch, "global_step": engine.global_steps, "lr": engine.get_lr()[0],
-              **{k: v for k, v in tr.items() if k not in ("train_probs", "train_labels")},
+              **{k: v for k, v in tr.items() if k not in ("train_probs", "train_labels", "train_ids")},
               "epoch_seconds": time.perf_counter() - t0,
               **{f"val_{k}": v for k, v in val.items()}}
     is_best = state["best"] is None or val["auc"] > state["best"]["metrics"]["auc"]
@@ -418,6 +449,7 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
             engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
                                          for k, v in val.items() if isinstance(v, float)])
         _write_csv(t.run.predictions("last"), preds)
+        _write_csv(t.run.train_predictions, _predictions(t.folds_table, tr["train_ids"], tr["train_probs"]))
         _write_csv(t.run.subgroups, subgroup_metrics(preds))
         plot_reliability({f"fold {t.fold}, epoch {epoch}": preds}, t.run.calibration_plot)
         save_model(t.run.model("last"), cfg, engine.module, t.manifest["metadata_encoding"], epoch, val)
