@@ -155,3 +155,21 @@ def test_build_out_that_is_a_file(synth_data, tmp_path):
     with pytest.raises(FileExistsError, match="is a file"):
         build(synth_data / "train.csv", synth_data / "jpeg" / "train", tmp_path / "f", BuildOptions(folds=2),
               progress=False)
+
+
+def test_inflated_fold_count_fails_before_training(shards_dir, tmp_path):
+    """A manifest whose fold claims more samples than folds.csv lists: one line, exit 2, before any rank
+    trains (it used to train a whole epoch, then fail with a traceback)."""
+    import os
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards_dir, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["folds"][1]["samples"] += 5
+    (copy / "manifest.json").write_text(json.dumps(m))
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.train", "--shards", str(copy), "--fold", "0", "--out",
+                        str(tmp_path / "run"), "--set", "data.image_size=32"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "counts" in r.stderr and "fold 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

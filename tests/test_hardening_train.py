@@ -229,6 +229,15 @@ def test_tune_resume_refuses_pickles_others_could_write(tmp_path):
     (exp / "trial_1" / "state.pkl").symlink_to(tmp_path / "elsewhere.pkl")
     with pytest.raises(ValueError, match="a symbolic link"):
         check_pickles_are_ours(exp)
+    (exp / "trial_1" / "state.pkl").unlink()
+    check_pickles_are_ours(exp)
+    # a folder above the experiment that others can write: they could swap the experiment itself
+    (tmp_path / "ray").chmod(0o777)
+    with pytest.raises(ValueError, match=r"ray \(above .*search\): refusing.*writable by others \(mode 777\)"):
+        check_pickles_are_ours(exp)
+    (tmp_path / "ray").chmod(0o1777)  # sticky, like /tmp: others cannot rename or remove what is ours
+    check_pickles_are_ours(exp)
+    (tmp_path / "ray").chmod(0o755)
 
 
 class PopenPayload:

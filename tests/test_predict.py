@@ -337,3 +337,61 @@ def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
     with pytest.raises(ValueError, match="no out-of-fold temperature"):
         from zoome_dist.export import export
         export([load_member(checkpoint / "model_last.pt", torch.device("cpu"))], fmt, tmp_path / "x", calibrate=True)
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_images_follow_the_shard_builders_rules(checkpoint, tmp_path, loader):
+    """What the builder skips as damaged is not scored (with the builder's reason); what it converts
+    (GIF, BMP, ICO under a .jpg/.png name) is scored as the builder's JPEG, on both loaders (DALI used
+    to die with signal 11 on a GIF named .jpg, the torch loader to raise on a BMP named .png)."""
+    from zoome_dist.data.images import prepare_image
+
+    root = write_images(tmp_path / "imgs", 6, size=64)
+    good = (root / "T_000.jpg").read_bytes()
+    (root / "T_001.jpg").write_bytes(good[: len(good) // 2] + b"\xff\xd9")  # truncated, then re-terminated
+    rgb = Image.open(root / "T_002.jpg").convert("RGB")
+    rgb.save(root / "T_002.jpg", format="GIF")
+    (root / "T_003.jpg").unlink()
+    rgb.save(root / "T_003.png", format="BMP")
+    (root / "T_004.jpg").unlink()
+    rgb.resize((48, 48)).save(root / "T_004.png", format="ICO", sizes=[(48, 48)])
+    member = load_member(checkpoint / "model_last.pt", torch.device("cpu"))
+    pred, problems = predict([member], root / "test.csv", root, loader=loader, threads=1)
+    reasons = {p["image_name"]: p["reason"] for p in problems}
+    assert list(reasons) == ["T_001"] and reasons["T_001"].startswith("damaged JPEG")
+    assert list(pred["image_name"]) == ["T_000", "T_002", "T_003", "T_004", "T_005"]
+    # the GIF scores as the builder's conversion of it does
+    conv = tmp_path / "conv"
+    conv.mkdir()
+    (conv / "T_002.jpg").write_bytes(prepare_image((root / "T_002.jpg").read_bytes(), "T_002.jpg")[0])
+    pd.read_csv(root / "test.csv").iloc[[2]].to_csv(conv / "test.csv", index=False)
+    ref, _ = predict([member], conv / "test.csv", conv, loader=loader, threads=1)
+    assert pred.set_index("image_name").loc["T_002", "prob"] == pytest.approx(ref["prob"].iloc[0], abs=1e-6)
+
+
+def test_predict_never_writes_over_its_inputs(checkpoint, tmp_path, capsys):
+    root = write_images(tmp_path / "imgs", 2)
+    csv_before = (root / "test.csv").read_bytes()
+    for out in (root / "test.csv", checkpoint / "model_last.pt"):
+        before = out.read_bytes()
+        assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"),
+                           "--images", str(root), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "would destroy it" in err and "Traceback" not in err and out.read_bytes() == before
+    assert (root / "test.csv").read_bytes() == csv_before
+
+
+def test_a_model_file_whose_weights_do_not_fit_is_a_one_line_error(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint / "model_last.pt", weights_only=True)
+    key = next(k for k in state["state_dict"] if k.endswith("conv1.weight"))
+    state["state_dict"][key] = state["state_dict"][key][:, :1]  # wrong shape
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save(state, bad / "model_last.pt")
+    root = write_images(tmp_path / "imgs", 1)
+    for argv in (["predict", "--checkpoint", str(bad), "--csv", str(root / "test.csv"), "--images", str(root),
+                  "--out", str(tmp_path / "p.csv")],
+                 ["export", "--checkpoint", str(bad), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]):
+        assert zoome_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "its weights do not fit" in err and "Traceback" not in err, err

@@ -189,3 +189,23 @@ def test_eight_tta_views_are_the_eight_symmetries_of_the_square():
     assert [np.array_equal(v.numpy(), x.numpy()) for v in tta_views(x, 1)] == [True]
     two = tta_views(x, 2)
     assert np.array_equal(two[1].numpy(), x.numpy()[..., ::-1])  # 2 views: + the horizontal mirror
+
+
+def test_a_checkpoint_damaged_in_place_is_not_resumed_from(world_of_one, tmp_path):
+    """Bytes overwritten inside the newest checkpoint (same size, still a loadable file): its recorded
+    SHA-256 no longer matches, so resuming takes the previous checkpoint, and says why."""
+    cfg = load_config(None, {"train.precision": "fp32", "train.global_batch_size": 2, "train.micro_batch_size": 2})
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    engine = engine_for(cfg, 4)
+    for step in (1, 2):
+        engine.backward(engine(torch.full((2, 3, 2, 2), float(step)), None).pow(2).mean())
+        engine.step()
+        save(engine, run, {"epoch": 0, "micro_step": step, "best": None}, keep=2)
+    newest = run.checkpoints / "step0000002"
+    assert (newest / "sha256.json").is_file()
+    model_file = next(newest.glob("*model_states.pt"))
+    data = bytearray(model_file.read_bytes())
+    data[-200:-100] = bytes(100)  # same size, loadable or not: not what was written
+    model_file.write_bytes(bytes(data))
+    assert restore(engine_for(cfg, 4, seed=3), run)["micro_step"] == 1

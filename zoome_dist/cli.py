@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -90,8 +91,16 @@ def _predict(a: argparse.Namespace) -> int:
     if a.threshold is not None and a.format == "isic":
         raise ValueError("--threshold adds a decision column, which the ISIC format (image,MEL) has no place for; "
                          "use --format kaggle")
+    paths = find_checkpoints(a.checkpoint, a.select)
+    inputs = {Path(p).resolve(): "a model file it loads" for p in paths}
+    if a.csv:
+        inputs[Path(a.csv).resolve()] = "its --csv"
+    for side in (out, out.with_name(out.stem + ".errors.csv")):
+        if side.resolve() in inputs:
+            raise ValueError(f"--out {out}: {side} is {inputs[side.resolve()]}; writing there would destroy it. "
+                             "Choose another --out")
     _, dev = torch_device(a.device)
-    members = [load_member(p, dev) for p in find_checkpoints(a.checkpoint, a.select)]
+    members = [load_member(p, dev) for p in paths]
     print(f"ensemble of {len(members)} checkpoint(s), TTA {a.tta} view(s)", file=sys.stderr)
     pred, problems = predict(members, a.csv, a.images, tta=a.tta, batch_size=a.batch_size, device=a.device,
                              loader=a.loader, threads=a.threads, progress=not a.no_progress, ensemble=a.ensemble,
@@ -154,7 +163,9 @@ def _explain(a: argparse.Namespace) -> int:
     from torchvision.io import ImageReadMode, decode_image
 
     from zoome_dist.explain import explain, render
-    from zoome_dist.predict import find_checkpoints, image_batches, load_member, read_test_csv, torch_device
+    from zoome_dist.data.sources import FolderImages
+    from zoome_dist.predict import (find_checkpoints, image_batches, load_member, read_test_csv, scorable_image,
+                                    torch_device)
 
     paths = find_checkpoints([a.checkpoint], a.select)
     if len(paths) != 1:
@@ -171,7 +182,8 @@ def _explain(a: argparse.Namespace) -> int:
         df, metas, problems = read_test_csv(a.csv, enc)
         for pr in problems:  # unsafe names are never followed
             print(f"not explained: {pr['image_name']}: {pr['reason']}", file=sys.stderr)
-        jobs = [(n, Path(a.images) / f"{n}.jpg", m) for n, m in zip(df["image_name"], metas)][: a.limit]
+        store = FolderImages(Path(a.images))  # the image under any extension predict accepts
+        jobs = [(n, store.find(n) or Path(a.images) / f"{n}.jpg", m) for n, m in zip(df["image_name"], metas)][: a.limit]
     else:
         m = _parse_meta(a.meta)
         vec = enc.encode(m["age"], m["sex"], m["site"])
@@ -179,9 +191,14 @@ def _explain(a: argparse.Namespace) -> int:
     if not jobs:
         raise ValueError("nothing to explain: give --image PATH (repeatable) or --csv CSV --images DIR")
     items = []
-    for name, path, meta in jobs:
+    scratch = tempfile.TemporaryDirectory(prefix="zoome-explain-")
+    for i, (name, path, meta) in enumerate(jobs):
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
+        path, why = scorable_image(path, Path(scratch.name), str(i))  # predict's (and the builder's) rules
+        if why:
+            print(f"not explained: {name}: {why}", file=sys.stderr)
+            continue
         _, x = next(image_batches([str(path)], size, 1, a.device, a.loader, a.threads))  # predict's decode
         e = explain(member.model, x.to(dev), torch.from_numpy(np.asarray(meta))[None].to(dev), enc, a.zoom_blocks,
                     threshold)
@@ -191,6 +208,9 @@ def _explain(a: argparse.Namespace) -> int:
         items.append((name, rgb, e))
         delta = "" if e.meta_logit_delta is None else f", metadata logit {e.meta_logit_delta:+.3f}"
         print(f"{name}: P(melanoma) {e.prob:.4f}{delta}", file=sys.stderr)
+    scratch.cleanup()
+    if not items:
+        raise ValueError("no image could be explained (see the reasons above)")
     render(items, a.out)
     print(f"wrote {a.out}", file=sys.stderr)
     return 0

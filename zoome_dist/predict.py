@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,10 +16,10 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from zoome_dist.config import Config
+from zoome_dist.data.images import BadImage, prepare_image
 from zoome_dist.data.isic import check_image_name, parse_age, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import ARCHIVE_CSV, IMAGE_EXTS, FolderImages
@@ -76,7 +77,13 @@ def load_member(path: Path, device: torch.device) -> Member:
     tree["model"]["pretrained"] = None  # the weights below replace any initialisation
     cfg = Config.from_tree(tree)
     model = build_model(cfg)
-    model.load_state_dict(state["state_dict"], strict=True)
+    try:
+        model.load_state_dict(state["state_dict"], strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:  # keys or shapes that are not this config's model
+        first = str(e).strip().splitlines()
+        raise ValueError(f"{path}: its weights do not fit the {cfg.model.name}/{cfg.model.backbone} model its config "
+                         f"describes ({first[1].strip() if len(first) > 1 else first[0] if first else type(e).__name__}); "
+                         "the file is damaged or was edited") from None
     return Member(path, model.to(device).eval(), cfg, MetadataEncoding.from_dict(state["metadata_encoding"]),
                   dict(state.get("metrics") or {}), dict(state.get("calibration") or {}))
 
@@ -186,17 +193,23 @@ def uses_metadata(member: Member) -> bool:
     return bool(MODELS[member.cfg.model.name][1].get("meta"))
 
 
-def check_image(path: Path | None) -> str | None:
-    """Why ``path`` cannot be scored, or None. A reduced-scale decode catches truncation cheaply."""
+def scorable_image(path: Path | None, scratch: Path, key: str) -> tuple[Path | None, str | None]:
+    """``(file to decode, None)`` for an image the shard builder would accept, by the builder's own rules
+    (``data.images.prepare_image``): a JPEG or PNG as it is (both loaders decode them); another format
+    (GIF, BMP, TIFF, ICO, ... under any extension) as the builder's RGB JPEG, written into ``scratch`` as
+    ``key``.jpg. ``(None, why)`` for one the builder would skip: missing, truncated, damaged, not an image."""
     if path is None or not path.is_file():
-        return "missing image file"
+        return None, "missing image file"
+    raw = path.read_bytes()
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
-    except Exception as e:  # noqa: BLE001 - any decoder failure disqualifies the image
-        return f"cannot decode: {e}"
-    return None
+        jpeg, _, _ = prepare_image(raw, path.name)
+    except BadImage as e:
+        return None, str(e)
+    if raw[:3] == b"\xff\xd8\xff" or raw[:8] == b"\x89PNG\r\n\x1a\n":
+        return path, None
+    converted = scratch / f"{key}.jpg"
+    converted.write_bytes(jpeg)
+    return converted, None
 
 
 def tta_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -303,20 +316,35 @@ def predict(members: list[Member], csv: str | Path | None, images: str | Path, t
         if any(uses_metadata(m) for m in members) and not (images / ARCHIVE_CSV).is_file():
             print(f"zoome predict: warning: no --csv and no {ARCHIVE_CSV} in {images}: scoring with age, sex and "
                   "site unknown; models trained with metadata are less accurate without it", file=sys.stderr)
-    store, keep, paths = FolderImages(images), [], []
-    for i, name in enumerate(df["image_name"]):
-        path = store.find(name)
-        why = check_image(path)
-        if why:
-            problems.append({"image_name": name, "reason": why})
-        else:
-            keep.append(i)
-            paths.append(str(path))
+    with tempfile.TemporaryDirectory(prefix="zoome-predict-") as scratch:
+        store, keep, paths = FolderImages(images), [], []
+        for i, name in enumerate(df["image_name"]):
+            path, why = scorable_image(store.find(name), Path(scratch), str(i))
+            if why:
+                problems.append({"image_name": name, "reason": why})
+            else:
+                keep.append(i)
+                paths.append(str(path))
+        probs = _score(members, paths, meta[keep], size, tta, batch_size, device, loader, threads, progress)
+    raw = probs.mean(0)  # the uncalibrated ensemble mean: what an out-of-fold threshold was fit on
+    if calibrate:
+        probs = np.stack([apply_temperature(p, m.calibration["temperature"]) for p, m in zip(probs, members)])
+    if ensemble == "rank" and probs.shape[1] > 1:
+        probs = np.stack([pd.Series(p).rank(pct=True).to_numpy() for p in probs])
+    out = pd.DataFrame({"image_name": df["image_name"].iloc[keep].to_numpy(), "prob": probs.mean(0)})
+    if cut is not None:
+        out["decision"] = ((raw if threshold == "oof" else out["prob"].to_numpy()) >= cut).astype(int)
+    return out, problems
+
+
+def _score(members: list[Member], paths: list[str], meta: np.ndarray, size: int, tta: int, batch_size: int,
+           device: str, loader: str, threads: int, progress: bool) -> np.ndarray:
+    """(members, images) probabilities, each the mean over the TTA views."""
     _, dev = torch_device(device)
-    probs = np.zeros((len(members), len(keep)))
+    probs = np.zeros((len(members), len(paths)))
     if paths:
         batches = image_batches(paths, size, batch_size, device, loader, threads)
-        meta_t = torch.from_numpy(meta[keep])
+        meta_t = torch.from_numpy(meta)
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
         for idx, image in batches:
             image = image.to(dev)
@@ -328,12 +356,4 @@ def predict(members: list[Member], csv: str | Path | None, images: str | Path, t
                 probs[k, idx] = (total / tta).cpu().numpy()
             bar.update(len(idx))
         bar.close()
-    raw = probs.mean(0)  # the uncalibrated ensemble mean: what an out-of-fold threshold was fit on
-    if calibrate:
-        probs = np.stack([apply_temperature(p, m.calibration["temperature"]) for p, m in zip(probs, members)])
-    if ensemble == "rank" and probs.shape[1] > 1:
-        probs = np.stack([pd.Series(p).rank(pct=True).to_numpy() for p in probs])
-    out = pd.DataFrame({"image_name": df["image_name"].iloc[keep].to_numpy(), "prob": probs.mean(0)})
-    if cut is not None:
-        out["decision"] = ((raw if threshold == "oof" else out["prob"].to_numpy()) >= cut).astype(int)
-    return out, problems
+    return probs

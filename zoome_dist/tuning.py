@@ -246,6 +246,15 @@ def check_pickles_are_ours(experiment: Path) -> None:
     group-writable folders is how a planted file would arrive)."""
     me = os.getuid()
     root = Path(experiment)
+    for parent in root.absolute().parents:  # a folder above that others can write: they could swap the experiment
+        st = parent.lstat()
+        sticky = st.st_mode & 0o1000  # like /tmp: others may add entries but not rename or remove ours
+        if parent.is_symlink() or st.st_uid not in (me, 0) or (st.st_mode & 0o022 and not sticky):
+            why = ("a symbolic link" if parent.is_symlink() else f"owned by uid {st.st_uid}" if st.st_uid not in (me, 0)
+                   else f"writable by others (mode {st.st_mode & 0o777:o})")
+            raise ValueError(f"{parent} (above {root}): refusing to resume the experiment: that folder is {why}, so "
+                             "another user could replace the experiment's files between this check and Ray's load "
+                             "(which runs what they hold). Keep experiments under folders only you can write")
     for f in [root, *sorted(root.rglob("*"))]:
         st = f.lstat()
         if f.is_symlink() or st.st_uid != me or st.st_mode & 0o022:

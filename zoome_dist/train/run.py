@@ -41,7 +41,8 @@ from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scal
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
                                      build_scheduler, deepspeed_config, setup_distributed, validate)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
-from zoome_dist.train.safe_checkpoint import TAG, UnsafeCheckpointError, install, latest_tag, step_tag
+from zoome_dist.train.safe_checkpoint import (TAG, UnsafeCheckpointError, checksum_damage, install, latest_tag,
+                                             step_tag, write_checksums)
 
 
 log = get_logger(__name__)  # INFO on rank 0 only (zoome_dist.logs)
@@ -125,6 +126,7 @@ def save(engine, run: RunDir, state: dict, keep: int) -> str:
                            client_state={"zoome": {**state, "grad_scaler": scaler_state(engine)}})
     dist.barrier()
     if dist.get_rank() == 0:  # every rank's files are written: mark the tag complete (DeepSpeed's `latest` comes earlier)
+        write_checksums(run.checkpoints / tag)
         tmp = run.committed.with_name(run.committed.name + ".tmp")
         tmp.write_text(tag)
         os.replace(tmp, run.committed)
@@ -152,8 +154,12 @@ def restore(engine, run: RunDir) -> dict:
     for tag in tags:
         status, why, client = 0, "", None
         try:
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-            if client is None:
+            damage = checksum_damage(ckpt_dir / tag)
+            if damage:
+                status, why = 1, damage
+            else:
+                _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            if client is None and not status:
                 status, why = 1, "files missing"
         except UnsafeCheckpointError as e:
             status, why = 2, str(e)
@@ -176,14 +182,15 @@ def restore(engine, run: RunDir) -> dict:
 
 
 def fold_sample_ids(shards: Path, manifest: dict, fold: int) -> np.ndarray:
-    """The sample ids of ``fold`` (``folds.csv``), which must be as many as the manifest counts."""
+    """The sample ids of ``fold`` (``folds.csv``); every fold must hold as many as the manifest counts."""
     table = pd.read_csv(shards / "folds.csv", usecols=["sample_id", "fold"])
-    ids = table.loc[table["fold"] == fold, "sample_id"].to_numpy()
-    count = next(f["samples"] for f in manifest["folds"] if f["fold"] == fold)
-    if len(ids) != count:
-        raise ValueError(f"{shards}: the manifest counts {count} samples in fold {fold} but folds.csv lists "
-                         f"{len(ids)}; the build is damaged: check it with `zoome-shards verify {shards}` and rebuild")
-    return ids
+    listed = table["fold"].value_counts()
+    for f in manifest["folds"]:
+        if int(listed.get(f["fold"], 0)) != f["samples"]:
+            raise ValueError(f"{shards}: the manifest counts {f['samples']} samples in fold {f['fold']} but folds.csv "
+                             f"lists {int(listed.get(f['fold'], 0))}; the build is damaged: check it with "
+                             f"`zoome-shards verify {shards}` and rebuild")
+    return table.loc[table["fold"] == fold, "sample_id"].to_numpy()
 
 
 def _predictions(folds: pd.DataFrame, sids: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
@@ -241,6 +248,7 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
     fold_ids = [f["fold"] for f in manifest["folds"]]
     if fold not in fold_ids:
         raise ValueError(f"fold {fold} does not exist in {shards}; valid folds: {fold_ids}")
+    val_ids = fold_sample_ids(shards, manifest, fold)  # a damaged build fails here, before any work
     resuming = _check_run_folder(RunDir(out), resume)
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any work
     if not os.access(out, os.W_OK | os.X_OK):
@@ -264,7 +272,7 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
             if changed:
                 log.info(f"resuming with changed {changed} (--allow-config-change)")
         t = _setup(cfg, shards, fold, RunDir(out), manifest, [k for k in fold_ids if k != fold], info, resuming,
-                   progress)
+                   progress, val_ids)
         done = t.run.read_metrics()  # a run resumed after its last epoch's checkpoint trains no epoch
         last: dict[str, Any] = done[-1] if done else {}
         if t.state["epoch"] >= cfg.train.epochs:
@@ -337,7 +345,7 @@ class _Training:
 
 
 def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, train_folds: list[int],
-           info: DistInfo, resuming: bool, progress: bool) -> _Training:
+           info: DistInfo, resuming: bool, progress: bool, val_ids: np.ndarray) -> _Training:
     """Loaders, model, DeepSpeed engine, restored state, and the run's description files."""
     import deepspeed
 
@@ -400,7 +408,7 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
          f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
          f"lr {plan.lr:.3g}), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
     return _Training(cfg, info, run, fold, manifest, plan, engine, train_it, val_it,
-                     steps_per_epoch * gas, fold_sample_ids(shards, manifest, fold),
+                     steps_per_epoch * gas, val_ids,
                      make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma), overflow, state, folds_table, progress)
 
 

@@ -5,11 +5,16 @@ crafted ``mp_rank_00_model_states.pt`` planted in a run folder (shared storage, 
 would run arbitrary code on ``--resume``. ``SafeCheckpointEngine`` loads with ``weights_only=True``
 and an allow-list of the few plain-data DeepSpeed classes that ZeRO 1/2 optimizer states hold; anything
 else is refused with ``UnsafeCheckpointError`` before a byte of it runs. The ``latest`` tag is checked
-too: it must name a checkpoint folder inside the checkpoint directory.
+too: it must name a checkpoint folder inside the checkpoint directory. Each finished checkpoint folder
+records the SHA-256 of its files (``sha256.json``); one whose bytes changed since is not loaded.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+from pathlib import Path
 
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -56,3 +61,41 @@ def latest_tag(run: RunDir) -> str:
     if not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"{latest} names checkpoint {tag}, but {ckpt_dir / tag} does not exist")
     return tag
+
+
+CHECKSUMS = "sha256.json"  # in each checkpoint folder, written once every rank has written its files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the SHA-256 of every file of a finished checkpoint folder (atomically)."""
+    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    tmp = folder / (CHECKSUMS + ".tmp")
+    tmp.write_text(json.dumps(sums, indent=1))
+    os.replace(tmp, folder / CHECKSUMS)
+
+
+def checksum_damage(folder: Path) -> str | None:
+    """Why ``folder`` differs from what was written (a file changed, shortened or gone), or None; a
+    checkpoint written before checksums were recorded is not checked."""
+    record = folder / CHECKSUMS
+    if not record.is_file():
+        return None
+    try:
+        sums = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        return f"{record} unreadable ({e})"
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if _sha256(path) != digest:
+            return f"{path} differs from what was written (SHA-256 mismatch: damaged or replaced)"
+    return None
