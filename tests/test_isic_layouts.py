@@ -363,6 +363,15 @@ def test_predict_on_an_archive_folder_uses_its_metadata(synth_data, tmp_path, ca
     member = load_member(ckpt, torch.device("cpu"))
     with_meta, problems = predict([member], None, tmp_path / "dl")
     assert list(with_meta["image_name"]) == list(src["isic_id"]) and problems == []
+    # a metadata.csv that lists only some images, one of them twice: each image scored once or named
+    part = pd.read_csv(tmp_path / "dl" / "metadata.csv", dtype=str, keep_default_na=False)
+    part.iloc[[0, 1, 0, 2]].to_csv(tmp_path / "dl" / "metadata.csv", index=False)
+    some, problems = predict([member], None, tmp_path / "dl")
+    assert list(some["image_name"]) == list(src["isic_id"][:3])
+    reasons = {p["image_name"]: p["reason"] for p in problems}
+    assert sorted(reasons) == sorted([src["isic_id"][0], *src["isic_id"][3:]])
+    assert "listed again" in reasons[src["isic_id"][0]]
+    assert all("not listed" in reasons[n] for n in src["isic_id"][3:])
     (tmp_path / "dl" / "metadata.csv").unlink()
     without, _ = predict([member], None, tmp_path / "dl")
     assert "age, sex and site unknown" in capsys.readouterr().err

@@ -395,3 +395,15 @@ def test_a_model_file_whose_weights_do_not_fit_is_a_one_line_error(checkpoint, t
         assert zoome_main(argv) == 2
         err = capsys.readouterr().err
         assert "its weights do not fit" in err and "Traceback" not in err, err
+
+
+def test_nothing_scorable_writes_no_predictions_file(checkpoint, tmp_path, capsys):
+    root = write_images(tmp_path / "imgs", 2)
+    for p in root.glob("*.jpg"):
+        p.unlink()
+    out = tmp_path / "p.csv"
+    assert zoome_main(["predict", "--checkpoint", str(checkpoint), "--csv", str(root / "test.csv"), "--images",
+                       str(root), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "none of the 2 image(s) could be scored (missing image file" in err and "Traceback" not in err
+    assert not out.exists() and len(pd.read_csv(tmp_path / "p.errors.csv")) == 2

@@ -109,8 +109,14 @@ def _predict(a: argparse.Namespace) -> int:
         pred = pred.rename(columns={"image_name": "image", "prob": "MEL"})
     else:
         pred = pred.rename(columns={"prob": "target"})
-    write_csv_atomic(pred, out)
     side = out.with_name(out.stem + ".errors.csv")
+    if pred.empty:  # nothing to write: no empty predictions file that looks like a result
+        if problems:
+            write_csv_atomic(pd.DataFrame(problems), side)
+        print(f"zoome predict: error: none of the {len(problems)} image(s) could be scored ({problems[0]['reason'] if problems else 'no images'}"
+              f"{'; all reasons in ' + str(side) if problems else ''}); nothing written to {out}", file=sys.stderr)
+        return 1
+    write_csv_atomic(pred, out)
     if problems:
         write_csv_atomic(pd.DataFrame(problems), side)
         for pr in problems:
@@ -119,7 +125,7 @@ def _predict(a: argparse.Namespace) -> int:
     elif side.exists():
         side.unlink()
     print(f"wrote {len(pred)} prediction(s) to {out}", file=sys.stderr)
-    return 1 if problems and pred.empty else 0
+    return 0
 
 
 def _export(a: argparse.Namespace) -> int:

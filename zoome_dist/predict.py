@@ -168,16 +168,22 @@ def read_image_folder(images: Path, enc: MetadataEncoding) -> tuple[pd.DataFrame
         if "isic_id" not in df.columns:
             raise ValueError(f"{images / ARCHIVE_CSV}: not an ISIC Archive metadata.csv (no isic_id column); "
                              f"found {list(df.columns)}")
-        problems, keep, vectors = [], [], []
+        problems, keep, vectors, seen = [], [], [], set()
         for i, rec in enumerate(df.to_dict("records")):
             age = parse_age(rec.get("age_approx", ""))
-            why = check_image_name(rec["isic_id"].strip()) or (
-                f"malformed age_approx {rec['age_approx']!r}" if age is None else None)
+            name = rec["isic_id"].strip()
+            why = check_image_name(name) or (
+                f"malformed age_approx {rec['age_approx']!r}" if age is None else None) or (
+                f"listed again in {ARCHIVE_CSV} (scored once, with its first row)" if name in seen else None)
+            seen.add(name)
             if why:
                 problems.append({"image_name": rec["isic_id"], "reason": why})
                 continue
             keep.append(i)
             vectors.append(enc.encode(None if np.isnan(age) else age, rec.get("sex", ""), archive_site(rec, enc)[1]))
+        unlisted = sorted({p.stem for p in images.iterdir() if p.suffix in IMAGE_EXTS and p.is_file()} - seen)
+        problems += [{"image_name": n, "reason": f"not listed in {ARCHIVE_CSV} (no metadata): pass --csv to score it"}
+                     for n in unlisted]
         meta = np.stack(vectors) if vectors else np.zeros((0, enc.dim), np.float32)
         return pd.DataFrame({"image_name": df["isic_id"].iloc[keep].str.strip().to_numpy()}), meta, problems
     names = sorted({p.stem for p in images.iterdir() if p.suffix in IMAGE_EXTS and p.is_file()})

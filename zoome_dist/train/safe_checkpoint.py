@@ -67,11 +67,8 @@ CHECKSUMS = "sha256.json"  # in each checkpoint folder, written once every rank 
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_checksums(folder: Path) -> None:
