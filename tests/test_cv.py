@@ -132,19 +132,22 @@ def test_fold_selection_is_parsed_once_and_strictly():
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path):
-    """SIGINT (Ctrl-C) to `zoome cv`: every running job's process group ends, nothing is retried, exit 130."""
+@pytest.mark.parametrize("sig, ranks", [(signal.SIGINT, 1), (signal.SIGTERM, 2)])
+def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path, sig, ranks):
+    """SIGINT (Ctrl-C) or SIGTERM (kill, scancel) to `zoome cv`: every running job's process group ends
+    (a 2-rank job's DeepSpeed launcher and its ranks too), nothing is retried, exit 128 + the signal."""
     out = tmp_path / "cv"
+    jobs = ["--jobs", "2"] if ranks == 1 else ["--jobs", "1", "--gpus-per-job", "2"]
     p = subprocess.Popen([sys.executable, "-m", "zoome_dist.cv",
-                          *cv_args(cv_config, shards_dir, out, "--jobs", "2", "--set", "train.epochs=20")],
+                          *cv_args(cv_config, shards_dir, out, *jobs, "--set", "train.epochs=20")],
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and not list(out.glob("*/fold-*/metrics.jsonl")):
         time.sleep(0.2)
     assert list(out.glob("*/fold-*/metrics.jsonl")), "no job got to its first epoch"
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted" in stderr, stderr[-2000:]
+    assert p.returncode == 128 + sig and "interrupted" in stderr, stderr[-2000:]
     assert "retry" not in stdout
     time.sleep(1)
     left = [q for q in psutil.process_iter(["cmdline"]) if any(str(out) in c for c in (q.info["cmdline"] or []))]

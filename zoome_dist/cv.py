@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +80,19 @@ def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> 
     return tuple(args)
 
 
+_TERMINATED: list[int] = [0]
+
+
+def _terminate(signum: int, _frame) -> None:
+    """SIGTERM (``kill``, ``scancel``) ends the CV as Ctrl-C does: every job's process group, launcher and
+    ranks, is stopped before ``zoome cv`` exits (they would otherwise train on without it)."""
+    _TERMINATED[0] = signum
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     p = argparse.ArgumentParser(prog="zoome cv", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="default: the config file's defaults (with --paper: launchers/configs/zoome.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zoome cv: interrupted; every running job was stopped. Rerun the same command to resume",
               file=sys.stderr)
-        return 130
+        return 128 + (_TERMINATED[0] or signal.SIGINT)
     except (*USER_ERRORS, KeyError) as e:  # KeyError: a run folder's summary without what it should hold
         return error("zoome cv", e)
     print(f"\n{len(folds)}-fold CV ({a.select} epoch), % mean ± std:\n{md}")
