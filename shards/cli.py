@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return a.func(a)
     except (StrictError, *USER_ERRORS) as e:
         return error(f"zoome-shards {a.cmd}", e)
+    except KeyboardInterrupt:  # Ctrl-C: one line; a build keeps what it wrote (--resume continues it)
+        print(f"zoome-shards {a.cmd}: interrupted" + ("; rerun with --resume to continue the build"
+                                                      if a.cmd == "build" else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

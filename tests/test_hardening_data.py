@@ -173,3 +173,29 @@ def test_inflated_fold_count_fails_before_training(shards_dir, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "counts" in r.stderr and "fold 1" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_build_is_one_line_and_resumable(tmp_path):
+    data = tmp_path / "data"
+    synthesize(data, 240, seed=1, size=128, progress=False)
+    cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(data / "train.csv"), "--images",
+           str(data / "jpeg" / "train"), "--out", str(tmp_path / "out"), "--num-folds", "2", "--max-side", "0",
+           "--samples-per-shard", "4", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "out" / ".build").glob("fold-*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; rerun with --resume" in err and "Traceback" not in err, err[-2000:]
+    r = subprocess.run([*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert verify(tmp_path / "out", progress=False) == []
+
+
+def test_exclude_file_that_is_not_utf8_is_named(synth_data, tmp_path):
+    (tmp_path / "ex.txt").write_bytes(b"ISIC_1\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"--exclude .*ex.txt: not UTF-8"):
+        build(synth_data / "train.csv", synth_data / "jpeg" / "train", tmp_path / "out", SHARD_OPTS,
+              progress=False, exclude=tmp_path / "ex.txt")

@@ -210,7 +210,12 @@ def read_exclude(path: str | Path) -> set[str]:
                              f"isic_id or image column; found {list(df.columns)}")
         names = df[col].tolist()
     else:
-        names = [ln.split("#", 1)[0] for ln in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--exclude {path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                             "save it as UTF-8, one image name per line") from None
+        names = [ln.split("#", 1)[0] for ln in text.splitlines()]
     return {strip_image_ext(n) for n in names if n.strip()}
 
 
