@@ -435,3 +435,20 @@ def test_flat_archive_vocabulary_labels(rec, target):
 
     got, _, reason = archive_target(rec)
     assert got == target and (reason != "") == (target is None), (rec, got, reason)
+
+
+def test_hdf5_dataset_declaring_a_huge_size_is_skipped_not_read(tmp_path):
+    """A 1 TiB dataset declared in a small file (chunked, nothing written): a skip with its reason, no
+    memory blow-up."""
+    from zoome_dist.data.images import BadImage
+    from zoome_dist.data.sources import HDF5Images
+
+    path = tmp_path / "x.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("ISIC_0000001", shape=(1 << 40,), dtype="u1", chunks=(1 << 16,))
+        f.create_dataset("ISIC_0000002", data=np.frombuffer(b"\xff\xd8 small", dtype="u1"))
+    assert path.stat().st_size < 1 << 20
+    store = HDF5Images(path)
+    with pytest.raises(BadImage, match=r"declares 1,099,511,627,776 bytes, more than an image"):
+        store.read("ISIC_0000001")
+    assert store.read("ISIC_0000002") == b"\xff\xd8 small"

@@ -65,6 +65,7 @@ class FolderImages:
         return str(self.root.resolve())
 
 
+MAX_IMAGE_BYTES = 256 << 20  # no dermoscopy image file comes near this
 _H5: dict[tuple[int, str], object] = {}  # per process: h5py handles do not survive a fork
 
 
@@ -98,6 +99,11 @@ class HDF5Images:
         node = f[name]
         if not isinstance(node, h5py.Dataset):
             raise BadImage(f"{name} in {self.path} is an HDF5 {type(node).__name__}, not a dataset of image bytes")
+        declared = node.size * (node.dtype.itemsize if node.dtype != object else 1)
+        limit = min(MAX_IMAGE_BYTES, 4 * self.path.stat().st_size + (1 << 20))  # image bytes do not compress 4×
+        if declared > limit:
+            raise BadImage(f"{name} in {self.path} declares {declared:,} bytes, more than an image (limit {limit:,}: "
+                           "4× the file, at most 256 MiB); not read")
         try:
             value = node[()]
         except (OSError, ValueError) as e:
