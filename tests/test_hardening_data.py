@@ -199,3 +199,32 @@ def test_exclude_file_that_is_not_utf8_is_named(synth_data, tmp_path):
     with pytest.raises(ValueError, match=r"--exclude .*ex.txt: not UTF-8"):
         build(synth_data / "train.csv", synth_data / "jpeg" / "train", tmp_path / "out", SHARD_OPTS,
               progress=False, exclude=tmp_path / "ex.txt")
+
+
+def test_a_damaged_near_duplicate_never_replaces_its_intact_copy(tmp_path):
+    """A near-duplicate pair whose first copy (the one the keep rule prefers) is damaged: the intact copy
+    is kept and written, the damaged one skipped as damaged, so the lesion stays in the shards."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    yy, xx = np.mgrid[0:384, 0:384]
+    rows = []
+    for i in range(6):  # textured lesions: 75 kB JPEGs, so 300 bytes cut off the end spoil only the last rows
+        rng = np.random.default_rng(i)
+        cy, cx = rng.integers(100, 284, 2)
+        img = (np.stack([120 + 100 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2000 + 500 * i))] * 2
+                        + [80 + 0.3 * xx], -1) + rng.normal(0, 20, (384, 384, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(tmp_path / "img" / f"A_{i}.jpg", quality=90)
+        rows.append({"image_name": f"A_{i}", "patient_id": f"P{i}", "sex": "male", "age_approx": 50,
+                     "anatom_site_general_challenge": "torso", "target": i % 2})
+    good = (tmp_path / "img" / "A_5.jpg").read_bytes()
+    (tmp_path / "img" / "A_0.jpg").write_bytes(good[: len(good) - 300] + b"\xff\xd9")  # A_5, its tail cut off
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    m = build(tmp_path / "train.csv", tmp_path / "img", tmp_path / "out",
+              BuildOptions(folds=2, max_side=0, samples_per_shard=4), progress=False)
+    reasons = {s["image_name"]: s["reason"] for s in m["skipped"]}
+    assert list(reasons) == ["A_0"] and "damaged JPEG" in reasons["A_0"], reasons
+    folds = pd.read_csv(tmp_path / "out" / "folds.csv")
+    assert "A_5" in set(folds["image_name"]) and m["totals"]["samples"] == 5

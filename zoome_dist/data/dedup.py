@@ -182,3 +182,19 @@ def groups(table: pd.DataFrame, pairs: list[tuple[int, int, str, int]]) -> np.nd
     comp = _components(len(table), edges)
     label = pd.Series(table["patient_id"].astype(str).to_numpy()).groupby(comp).transform("min")
     return label.to_numpy()
+
+
+def without_damaged(pairs: list[tuple], table: pd.DataFrame, stores: dict) -> list[tuple]:
+    """The pairs whose two images both pass the shard writer's checks (``images.prepare_image``): a
+    damaged copy is never kept in place of an intact one (it would be skipped when written, and the
+    lesion lost). Groups still use every pair: the two copies remain one person's."""
+    from zoome_dist.data.images import prepare_image
+
+    bad = set()
+    for i in sorted({i for p in pairs for i in p[:2]}):
+        src, name = table["source"].iat[i], table["image_name"].iat[i]
+        try:
+            prepare_image(stores[src].read(name), name)
+        except BadImage:
+            bad.add(i)
+    return [p for p in pairs if p[0] not in bad and p[1] not in bad]

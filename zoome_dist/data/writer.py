@@ -269,7 +269,8 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
             hashes = _digests(out, table, stores, stamps, workers, progress)
             pairs = dedup.duplicate_pairs([h[0] for h in hashes], [h[1] for h in hashes], opts.dup_distance)
         table["group"] = dedup.groups(table, pairs)
-        keep, pair_records, dropped, largest = dedup.resolve(table, pairs, {s.name: i for i, s in enumerate(sources)})
+        keep, pair_records, dropped, largest = dedup.resolve(table, dedup.without_damaged(pairs, table, stores),
+                                                             {s.name: i for i, s in enumerate(sources)})
         for d in dropped:
             read.skipped.append(Skipped(d["dropped"], f"duplicate: of {d['kept']} ({d['kept_source']}), kept there"
                                         + (" (their targets differ)" if d["label_conflict"] else "")))
