@@ -228,3 +228,10 @@ def test_a_damaged_near_duplicate_never_replaces_its_intact_copy(tmp_path):
     assert list(reasons) == ["A_0"] and "damaged JPEG" in reasons["A_0"], reasons
     folds = pd.read_csv(tmp_path / "out" / "folds.csv")
     assert "A_5" in set(folds["image_name"]) and m["totals"]["samples"] == 5
+
+
+def test_an_image_folder_holding_none_of_the_images_is_an_error_before_any_output(synth_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"none of the \d+ images isic2020 lists is in .*empty \(e.g. SYN_\d+\.jpg\)"):
+        build(synth_data / "train.csv", tmp_path / "empty", tmp_path / "out", SHARD_OPTS, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -251,6 +251,11 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
     table = read.table[~gone].reset_index(drop=True)
     if table.empty:
         raise ValueError(f"{', '.join(map(str, csvs))}: no usable rows ({len(read.skipped)} skipped)")
+    for src in sources:  # a wrong --images: an error now, not a build of nothing
+        names = table.loc[table["source"] == src.name, "image_name"]
+        if len(names) and not any(src.images.stamp(n) != b"missing\0" for n in names):
+            raise ValueError(f"none of the {len(names)} images {src.name} lists is in {src.images} (e.g. "
+                             f"{src.images.filename(names.iloc[0])}): is that the right image folder/file?")
 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
