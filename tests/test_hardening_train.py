@@ -176,6 +176,15 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
     ("data.num_threads=0", "data.num_threads must be positive"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be positive"),
     ("model.pretrained=/nonexistent/resnext50.pth", "model.pretrained '/nonexistent/resnext50.pth': no such file"),
+    # values only the model, the loader or the optimizer used to refuse (--print-config accepted them)
+    ("data.zoom=[1.2,0.5]", r"data.zoom must be two numbers 0 < lo <= hi <= 1"),
+    ("data.rotate=-5", r"data.rotate must lie in \[0, 180\]"),
+    ("data.flip=2", r"data.flip must be a probability"),
+    ("optim.betas=[1.5,0.9]", r"optim.betas must be two numbers in \[0, 1\)"),
+    ("model.pool_size=0", "model.pool_size must be positive"),
+    ("model.backbone=vgg", "Invalid model.backbone 'vgg'"),
+    ("model.meta_hidden=0", "model.meta_hidden must be positive"),
+    ("train.eval_batch_size=-1", "train.eval_batch_size must be 0"),
 ])
 def test_bad_config_values(override, message):
     with pytest.raises(ValueError, match=message):

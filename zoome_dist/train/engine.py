@@ -15,7 +15,8 @@ from torch import nn
 from zoome_dist.config import Config, DistConfig
 from zoome_dist.logs import get_logger
 from zoome_dist.losses import LOSSES
-from zoome_dist.models import MODELS, create_model, model_options
+from zoome_dist.models import BACKBONES, MODELS, create_model, model_options
+from zoome_dist.models.meta_embed import GATES
 from zoome_dist.pipeline import DEVICES, LOADERS
 from zoome_dist.rundir import RunDir
 from zoome_dist.slurm import slurm_env
@@ -185,6 +186,25 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{key} must be a finite number ≥ 0, got {value}")
+    if "backbone" in model_options(cfg.model.name):
+        choose("model.backbone", cfg.model.backbone, list(BACKBONES))
+    choose("model.meta_gate", cfg.model.meta_gate, sorted(GATES))
+    for key in ("model.pool_size", "model.meta_hidden"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ValueError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
+    if cfg.train.eval_batch_size < 0:
+        raise ValueError(f"train.eval_batch_size must be 0 (the micro batch) or positive, got {cfg.train.eval_batch_size}")
+    lo, hi = (list(cfg.data.zoom) + [None, None])[:2] if len(cfg.data.zoom) == 2 else (None, None)
+    if lo is None or not 0 < lo <= hi <= 1:
+        raise ValueError(f"data.zoom must be two numbers 0 < lo <= hi <= 1 (the crop's share of the side), got "
+                         f"{cfg.data.zoom}")
+    if not 0 <= cfg.data.rotate <= 180:
+        raise ValueError(f"data.rotate must lie in [0, 180] degrees, got {cfg.data.rotate}")
+    if not 0 <= cfg.data.flip <= 1:
+        raise ValueError(f"data.flip must be a probability in [0, 1], got {cfg.data.flip}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     bias = cfg.model.zoom_se_gate_bias
     if bias is not None and not (math.isfinite(bias) and abs(bias) <= 10):
         raise ValueError(f"model.zoom_se_gate_bias must lie in -10..10 (or be null), got {bias}: beyond, the gates "
