@@ -28,6 +28,8 @@ ROWS = [
     (27, "male", "anterior torso",    [0.3, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
     (36, "female", "Head/Neck",       [0.4, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0]),
     (0, "female", "torso",            [0.0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]),
+    (54, "Male", "TORSO",             [0.6, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0]),  # spellings of the wild
+    (81, " FEMALE ", "posterior torso", [0.9, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]),
 ]
 
 
@@ -41,7 +43,7 @@ def meta_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("meta")
     (root / "img").mkdir()
     rows = []
-    for i, (age, sex, site, _) in enumerate(ROWS * 2):  # 20 rows, each encoding twice, 2 folds
+    for i, (age, sex, site, _) in enumerate(ROWS * 2):  # each encoding twice, 2 folds
         _jpeg(root / "img" / f"M_{i:03d}.jpg", i)
         rows.append({"image_name": f"M_{i:03d}", "patient_id": f"Q{i}", "sex": sex, "age_approx": age,
                      "anatom_site_general_challenge": site, "target": i % 2})
@@ -129,3 +131,21 @@ def test_each_rank_trains_only_on_the_training_folds(shards_dir, loader, world):
         assert set(trained) <= allowed, f"fold {fold}: trained on {sorted(set(trained) - allowed)[:5]}"
         assert len(allowed - set(trained)) < 4 * world, f"fold {fold}: training misses {len(allowed - set(trained))}"
         assert sorted(validated) == val, f"fold {fold}, {world} rank(s): validation is not the fold exactly once"
+
+
+def test_patients_sharing_a_lesion_land_in_one_fold():
+    """ISIC 2019 / Archive rows: two patient ids that share a lesion id are one person's lesion (14 such
+    pairs, 3 folds: by chance all 14 would share a fold with probability 3^-14)."""
+    from zoome_dist.data.dedup import groups
+    from zoome_dist.data.folds import assign_folds
+
+    n = 30
+    table = pd.DataFrame({"patient_id": [f"P{i:02d}" for i in range(n)],
+                          "lesion_id": [f"L{i // 2:02d}" if i < 30 else "" for i in range(n)],
+                          "target": [int(i % 5 == 0) for i in range(n)]})
+    table.loc[28:, "lesion_id"] = ""  # the last two rows: no lesion id, their own groups
+    table["group"] = groups(table, [])
+    folds = assign_folds(table, 3, seed=0)
+    for i in range(0, 28, 2):
+        assert table["group"][i] == table["group"][i + 1] and folds[i] == folds[i + 1], i
+    assert table["group"][28] != table["group"][29]

@@ -69,6 +69,21 @@ def test_demo_recipe_learns(demo_cv):
         auc = roc_auc_score(pred["target"], pred["prob"])
         assert folds.loc[folds["fold"] == k, "auc"].item() == pytest.approx(auc)
         assert auc > 0.7, f"fold {k}: validation AUC {auc:.3f}, not clearly above chance (0.5)"
+        row = folds.loc[folds["fold"] == k].iloc[0]
+        y, p = pred["target"].to_numpy(), pred["prob"].to_numpy()
+        assert ((p >= 0) & (p <= 1)).all(), "predictions are not probabilities"
+        call = p > 0.5  # the report's 0.5 figures and ECE, recomputed from the fold's predictions
+        assert (row["acc"], row["sens"], row["spec"]) == pytest.approx(
+            ((call == (y == 1)).mean(), call[y == 1].mean(), 1 - call[y == 0].mean()))
+        bins = np.minimum((p * 15).astype(int), 14)
+        assert row["ece"] == pytest.approx(sum((bins == b).mean() * abs(p[bins == b].mean() - y[bins == b].mean())
+                                               for b in np.unique(bins)))
+        run = cv / "zoome" / f"fold-{k:02d}"  # the best epoch is the one of highest validation AUC
+        aucs = [json.loads(line)["val_auc"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        best = json.loads((run / "best.json").read_text())
+        assert best["epoch"] == int(np.argmax(aucs)) and best["metrics"]["auc"] == pytest.approx(max(aucs))
+        best_pred = pd.read_csv(run / "predictions.csv")
+        assert roc_auc_score(best_pred["target"], best_pred["prob"]) == pytest.approx(max(aucs))
         log = (cv / "zoome" / f"fold-{k:02d}" / "job.log").read_text()  # the run's closing line names the result
         assert f"fold {k} done in" in log and f"last epoch 3 (AUC {auc:.4f})" in log and "model_last.pt" in log
     assert folds["auc"].mean() > 0.75
@@ -89,10 +104,13 @@ def test_every_fold_trains_on_the_other_folds_only(demo_cv):
 
 
 def test_learning_rate_of_each_epoch_follows_the_schedule(demo_cv):
-    _, cv = demo_cv
+    shards, cv = demo_cv
     run = cv / "zoome" / "fold-01"
+    table = pd.read_csv(shards / "folds.csv")
+    # demo-cpu.yaml on 1 rank: micro batch 16, global 32 (2 accumulation steps), lr 1e-3; whole micro batches only
+    spe, base, epochs = (int((table["fold"] != 1).sum()) // 16) // 2, 0.001, 4
     info = json.loads((run / "run.json").read_text())
-    spe, base, epochs = info["steps_per_epoch"], info["lr"], 4
+    assert (info["steps_per_epoch"], info["lr"]) == (spe, base)
     total, warmup = spe * epochs, round(0.5 * spe)  # demo-cpu.yaml: warmup_epochs 0.5, min_lr_ratio 0.01
     for rec in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()):
         s = rec["global_step"]

@@ -116,3 +116,34 @@ def test_sensitivity_at_fixed_specificity_on_the_boundary():
     m = binary_metrics(y, p)
     assert (m["sens_at_spec80"], m["sens_at_spec90"], m["sens_at_spec95"]) == pytest.approx((1.0, 0.8, 0.6))
     assert youden_threshold(y, p) == pytest.approx(0.65)  # J = 1 − .2 = .8 there, the largest
+
+
+def test_ece_bins_are_closed_on_the_left():
+    # bins [k/15, (k+1)/15): 0.2 = 3/15 opens bin 3, 0.19 sits in bin 2. Closed on the right, both would
+    # share bin 2: |(.19+.2)/2 − 1/2| = .305 instead of 1/2·|.19 − 1| + 1/2·|.2 − 0| = .505.
+    assert ece(np.array([1, 0]), np.array([0.19, 0.2])) == pytest.approx(0.5 * 0.81 + 0.5 * 0.2)
+
+
+def test_final_threshold_is_fit_on_the_raw_pooled_predictions():
+    """``zoome cv`` stores one threshold for ``zoome predict --threshold oof``, which compares it with
+    *uncalibrated* probabilities: it must be the Youden cut of the raw pooled predictions, even when the
+    temperature it stores beside it is far from 1."""
+    from zoome_dist.calibration import fit
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(200) < 0.3).astype(int)
+    p = (1 / (1 + np.exp(-4 * (1.5 * (y - 0.5) + rng.normal(0, 1, 200))))).clip(1e-4, 1 - 1e-4).round(4)
+    got = fit(pd.DataFrame({"target": y, "prob": p}))
+    assert abs(got["temperature"] - 1) > 0.5  # overconfident on purpose: calibration moves the values
+    assert got["threshold"] == pytest.approx(_youden_brute_force(y, p))
+
+
+def test_cv_table_is_mean_and_sample_std_in_percent():
+    from zoome_dist.report import table_markdown
+
+    folds = pd.DataFrame({"variant": ["a", "a", "b"], "fold": [0, 1, 0], "auc": [0.8, 0.9, 0.7],
+                          "acc": [0.5, 0.7, 0.6], "sens": [1.0, 0.5, 0.4], "spec": [0.25, 0.75, 0.3]})
+    table = table_markdown(folds)
+    # a: AUC 85 ± 7.07 (sample std: sqrt(((80−85)² + (90−85)²) / 1)), ACC 60 ± 14.14, SE 75 ± 35.36, SP 50 ± 35.36
+    assert "| a | 2 | 60.00±14.14 | 75.00±35.36 | 50.00±35.36 | 85.00±7.07 |" in table
+    assert "| b | 1 | 60.00±0.00 | 40.00±0.00 | 30.00±0.00 | 70.00±0.00 |" in table

@@ -134,10 +134,9 @@ class PlantedRegion(nn.Module):
     """``features``: a 4×4 stride-4 convolution giving the red and the green plane's cell means (8×8);
     ``head``: the logit is the red evidence in the top-left quarter only, minus 1. Green never matters."""
 
-    meta = None
-
     def __init__(self) -> None:
         super().__init__()
+        self.meta = None  # no metadata branch
         self.conv = nn.Conv2d(3, 2, 4, stride=4, bias=False)
         with torch.no_grad():
             self.conv.weight.zero_()
@@ -209,3 +208,86 @@ def test_a_checkpoint_damaged_in_place_is_not_resumed_from(world_of_one, tmp_pat
     data[-200:-100] = bytes(100)  # same size, loadable or not: not what was written
     model_file.write_bytes(bytes(data))
     assert restore(engine_for(cfg, 4, seed=3), run)["micro_step"] == 1
+
+
+class TopLeftPixel(nn.Module):
+    """logit = 4 × the image's top-left red value: each TTA view sees another corner."""
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        return 4 * image[:, 0, 0, 0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_tta_averages_the_probabilities_of_the_views(n):
+    from zoome_dist.predict import tta_probability
+
+    x = torch.zeros(1, 3, 4, 4)
+    x[0, 0, 0, 0], x[0, 0, 0, -1], x[0, 0, -1, 0], x[0, 0, -1, -1] = 1.0, -2.0, 0.5, 3.0  # the four corners
+    sig = lambda v: 1 / (1 + math.exp(-4 * v))  # noqa: E731
+    # views' top-left pixels: 1 → the image itself; 2 → + its mirror (top-right corner); 8 → every corner twice
+    want = {1: sig(1.0), 2: (sig(1.0) + sig(-2.0)) / 2, 8: (sig(1.0) + sig(-2.0) + sig(0.5) + sig(3.0)) / 4}[n]
+    assert tta_probability(TopLeftPixel(), x, torch.zeros(1, 12), n).item() == pytest.approx(want, rel=1e-6)
+
+
+class PlantedMeta(PlantedRegion):
+    """PlantedRegion plus a linear metadata term w · meta in the logit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta = nn.Linear(12, 1, bias=False)
+        with torch.no_grad():
+            self.meta.weight.copy_(torch.arange(1, 13, dtype=torch.float32) / 10)
+
+    def head(self, feats: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        return super().head(feats, meta) + self.meta(meta).squeeze(1)
+
+
+def test_metadata_effect_is_against_the_all_unknown_patient():
+    enc = MetadataEncoding()
+    meta = torch.tensor([enc.encode(45, "female", "torso")])
+    image = torch.zeros(1, 3, 32, 32)
+    e = explain(PlantedMeta(), image, meta, enc, zoom_blocks=0)
+    w = np.arange(1, 13) / 10
+    unknown = np.array([0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1])  # age missing, sex unknown, site unknown (by hand)
+    assert e.meta_logit_delta == pytest.approx(float(w @ (meta[0].numpy() - unknown)), rel=1e-5)
+    assert e.prob_without_meta == pytest.approx(1 / (1 + math.exp(1 - float(w @ unknown))), rel=1e-5)
+
+
+def test_training_loss_is_the_mean_over_images_not_over_batches(world_of_one):
+    from zoome_dist.train.loop import train_one_epoch
+
+    engine = engine_for(load_config(None, {"train.precision": "fp32", "train.global_batch_size": 2,
+                                           "train.micro_batch_size": 2}), 2)
+    batches = [(torch.zeros(n, 3, 2, 2), torch.zeros(n, 4), torch.tensor(y), torch.arange(n)) for n, y in
+               ((1, [1]), (3, [1, 1, 0]))]
+
+    def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:  # the batch's positive share
+        return label.float().mean() + 0 * logits.sum()
+
+    out = train_one_epoch(engine, batches, loss_fn, epoch=0, steps=2, channels_last=False, progress=False)
+    # per image: (1 × 1 + 3 × 2/3) / 4 = 0.75 (a mean of the two batch means would say 0.83, a sum over 4: 0.42)
+    assert out["train_loss"] == pytest.approx(0.75) and out["train_images"] == 4
+
+
+def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
+    """Two real gloo ranks: float buffers (running mean/var) become the mean over ranks, integer ones
+    (batches tracked) rank 0's, so every rank evaluates and saves one model."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torch.distributed as dist\n"
+            "rank = int(sys.argv[1])\n"
+            f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'rdv'}', rank=rank, world_size=2)\n"
+            "from zoome_dist.train.loop import average_buffers\n"
+            "m = torch.nn.BatchNorm1d(2)\n"
+            "m.running_mean.fill_(2 * rank + 1.0); m.running_var.fill_(4.0 if rank else 2.0)\n"
+            "m.num_batches_tracked.fill_(10 + rank)\n"
+            "average_buffers(m)\n"
+            "print(m.running_mean.tolist(), m.running_var.tolist(), int(m.num_batches_tracked))\n"
+            "dist.destroy_process_group()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
+    for out, _ in outs:  # mean (1, 3) → 2; var (2, 4) → 3; batches tracked: rank 0's 10
+        assert out.strip().splitlines()[-1] == "[2.0, 2.0] [3.0, 3.0] 10"

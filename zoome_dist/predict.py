@@ -229,6 +229,12 @@ def tta_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
     return views
 
 
+@torch.no_grad()
+def tta_probability(model: torch.nn.Module, image: torch.Tensor, meta: torch.Tensor, n: int) -> torch.Tensor:
+    """P(melanoma) per image: the mean over the ``n`` TTA views of each view's probability."""
+    return torch.stack([torch.sigmoid(model(v.contiguous(), meta).float()) for v in tta_views(image, n)]).mean(0)
+
+
 def torch_device(device: str) -> tuple[str, torch.device]:
     """``--device`` (auto | gpu | cpu) → (where images decode: gpu/cpu, the model's torch device): the one
     device resolution of ``zoome predict`` and ``zoome explain``."""
@@ -356,10 +362,7 @@ def _score(members: list[Member], paths: list[str], meta: np.ndarray, size: int,
             image = image.to(dev)
             m = meta_t[idx].to(dev)
             for k, member in enumerate(members):
-                total = torch.zeros(len(idx), device=dev)
-                for view in tta_views(image, tta):
-                    total += torch.sigmoid(member.model(view.contiguous(), m).float())
-                probs[k, idx] = (total / tta).cpu().numpy()
+                probs[k, idx] = tta_probability(member.model, image, m, tta).cpu().numpy()
             bar.update(len(idx))
         bar.close()
     return probs
