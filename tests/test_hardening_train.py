@@ -374,3 +374,4 @@ def test_forked_children_do_not_keep_a_lock(tmp_path):
     finally:
         child.kill()
         child.join()
+

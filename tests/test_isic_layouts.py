@@ -429,6 +429,19 @@ def test_keep_rule_chain_empty_source_and_uncertain_diagnoses(merged, tmp_path):
     ({"diagnosis": "nevus", "benign_malignant": "malignant"}, None),  # contradictory: skipped with its reason
     ({"diagnosis": "atypical melanocytic proliferation"}, None),
     ({"diagnosis": "", "benign_malignant": "malignant"}, None),
+    ({"diagnosis": "melanoma", "benign_malignant": "benign"}, None),  # contradictory
+    ({"diagnosis": "unknown", "benign_malignant": "benign"}, 0),
+    ({"diagnosis": "other"}, None),
+    ({"diagnosis": "solar lentigo", "benign_malignant": "benign"}, 0),
+    ({"diagnosis": "squamous cell carcinoma", "benign_malignant": "malignant"}, 0),
+    ({"diagnosis": "atypical spitz tumor"}, None),
+    ({"diagnosis": "dysplastic thing"}, None),  # not in the vocabulary: skipped, never a 0
+    # the hierarchy (today's downloads, ISIC 2024's iddx_*)
+    ({"diagnosis_1": "Benign", "diagnosis_2": "Benign melanocytic proliferations"}, 0),
+    ({"diagnosis_1": "Malignant", "diagnosis_2": "Malignant melanocytic proliferations (Melanoma)"}, 1),
+    ({"diagnosis_1": "Malignant", "diagnosis_2": "Malignant epidermal proliferations"}, 0),
+    ({"diagnosis_1": "Indeterminate", "diagnosis_2": "Indeterminate melanocytic proliferations"}, None),
+    ({"diagnosis_1": "Probably benign"}, None),  # not a level-1 value
 ])
 def test_flat_archive_vocabulary_labels(rec, target):
     from zoome_dist.data.archive import archive_target

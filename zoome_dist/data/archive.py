@@ -28,9 +28,18 @@ MALIGNANT = "Malignant"
 MELANOMA = "Malignant melanocytic proliferations (Melanoma)"
 INDETERMINATE = "Indeterminate"
 DIAGNOSIS_LEVELS = tuple(f"diagnosis_{i}" for i in range(1, 6))
-# older downloads: a flat ``diagnosis`` column (with ``benign_malignant``)
+LEVEL1 = ("Benign", MALIGNANT, INDETERMINATE)  # diagnosis_1's whole vocabulary
+# Older downloads: a flat ``diagnosis`` column (with ``benign_malignant``), the Archive's vocabulary
+# before the hierarchy. Melanoma: the melanoma family; 0: every other diagnosis it used; None: undecided.
 LEGACY_MELANOMA = re.compile(r"\bmelanoma\b")  # melanoma, melanoma metastasis, melanoma in situ, ...
-LEGACY_UNCERTAIN = ("atypical melanocytic proliferation", "aimp")  # melanoma or not is undecided
+LEGACY_NOT_MELANOMA = frozenset({
+    "nevus", "nevus spilus", "seborrheic keratosis", "pigmented benign keratosis", "lichenoid keratosis",
+    "solar lentigo", "lentigo nos", "lentigo simplex", "cafe-au-lait macule", "actinic keratosis",
+    "basal cell carcinoma", "squamous cell carcinoma", "dermatofibroma", "vascular lesion", "angioma",
+    "angiokeratoma", "angiofibroma or fibrous papule", "pyogenic granuloma", "clear cell acanthoma",
+    "acrochordon", "neurofibroma", "verruca", "scar", "mucosal melanosis"})
+LEGACY_UNCERTAIN = frozenset({"atypical melanocytic proliferation", "aimp", "atypical spitz tumor"})
+LEGACY_OPEN = frozenset({"unknown", "other", ""})  # decided by benign_malignant alone: benign → 0
 
 # Sites: the hierarchical path (anatom_site_1:anatom_site_2:...) onto the ISIC 2020 vocabulary of
 # ``metadata.SITE_VOCAB``; the longest matching prefix wins. ``anatom_site_special`` overrides it.
@@ -55,6 +64,8 @@ def hierarchy_target(levels: list[str]) -> tuple[int | None, str, str]:
     path = ":".join(v for v in levels if v)
     if not levels[0]:
         return None, "", "no diagnosis"
+    if levels[0] not in LEVEL1:
+        return None, path, f"diagnosis_1 {levels[0]!r} is not in ISIC's vocabulary {list(LEVEL1)}"
     if levels[0] == INDETERMINATE:
         return None, path, f"indeterminate diagnosis (neither melanoma nor benign): {path}"
     if levels[0] == MALIGNANT and not levels[1]:
@@ -69,17 +80,24 @@ def archive_target(rec: dict) -> tuple[int | None, str, str]:
         return hierarchy_target([rec.get(c, "") for c in DIAGNOSIS_LEVELS])
     legacy = str(rec.get("diagnosis", "")).strip()
     key = legacy.lower()
-    malignant = str(rec.get("benign_malignant", "")).strip().lower() == "malignant"
+    bm = str(rec.get("benign_malignant", "")).strip().lower()
+    if not legacy and not bm:
+        return None, "", "no diagnosis (diagnosis_1 and diagnosis are empty)"
     if LEGACY_MELANOMA.search(key):
+        if bm == "benign":
+            return None, legacy, f"diagnosis {legacy!r} but benign_malignant 'benign': contradictory"
         return 1, legacy, ""
     if key in LEGACY_UNCERTAIN:
         return None, legacy, f"diagnosis {legacy!r}: melanoma or not is undecided"
-    if malignant and key in ("unknown", "", "nevus"):
-        return None, legacy, ("diagnosis 'nevus' but benign_malignant 'malignant': contradictory" if key == "nevus" else
-                              f"malignant with diagnosis {legacy or '(empty)'}: melanoma or not is unknown")
-    if legacy:
+    if key in LEGACY_OPEN:
+        if bm == "benign":
+            return 0, legacy, ""
+        return None, legacy, f"diagnosis {legacy or '(empty)'} with benign_malignant {bm or '(empty)'}: melanoma or not is unknown"
+    if key in LEGACY_NOT_MELANOMA:
+        if key == "nevus" and bm == "malignant":
+            return None, legacy, "diagnosis 'nevus' but benign_malignant 'malignant': contradictory"
         return 0, legacy, ""
-    return None, "", "no diagnosis (diagnosis_1 and diagnosis are empty)"
+    return None, legacy, f"diagnosis {legacy!r} is not in the ISIC vocabulary: melanoma or not is unknown"
 
 
 def archive_site(rec: dict, enc: MetadataEncoding) -> tuple[str, str, bool]:

@@ -83,7 +83,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
     if bad.item():
         raise FloatingPointError(f"training diverged in epoch {epoch}: the loss or the predictions are not "
                                  f"finite on at least one rank (this rank's loss sum: {total_loss}); lower optim.lr, raise optim.warmup_epochs "
-                                 "or use train.precision fp32, then --resume from the last good checkpoint")
+                                 "or use train.precision fp32")
     p, y, s, losses, counts = gather(p, y, s, np.array([total_loss]), np.array([n_images]))
     images = int(counts.sum())
     return {"train_loss": float(losses.sum() / max(1, images)), "train_images": images,

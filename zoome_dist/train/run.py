@@ -426,10 +426,17 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
                  cfg.train.keep_checkpoints)
 
     t0 = time.perf_counter()
-    tr = train_one_epoch(engine, t.train_it, t.loss_fn, epoch=epoch, steps=t.steps, skip=skip,
-                         channels_last=cfg.model.channels_last, on_step=on_step,
-                         progress=t.progress and t.rank0, log_every=cfg.train.log_every,
-                         before_step=t.overflow.arm if t.overflow else None)
+    good = t.run.committed_tag() if skip == 0 else None  # the end of the last epoch: finite metrics
+    try:
+        tr = train_one_epoch(engine, t.train_it, t.loss_fn, epoch=epoch, steps=t.steps, skip=skip,
+                             channels_last=cfg.model.channels_last, on_step=on_step,
+                             progress=t.progress and t.rank0, log_every=cfg.train.log_every,
+                             before_step=t.overflow.arm if t.overflow else None)
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"{e}; then --resume from {good}, the last checkpoint known good (the end of epoch {epoch - 1}): "
+            f"first delete the newer folders in {t.run.checkpoints} (written during this epoch)" if good else
+            f"{e}; then train again into a new --out (no checkpoint before this epoch is known good)") from None
     leaked = np.intersect1d(tr["train_ids"], t.val_ids)
     if len(leaked):
         raise RuntimeError(f"fold {t.fold}: epoch {epoch} trained on {len(leaked)} sample(s) of the validation fold "
