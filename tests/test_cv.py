@@ -120,11 +120,12 @@ def test_cv_argument_errors(cv_config, shards_dir, tmp_path, extra, message, cap
     hosts = tmp_path / "hosts"
     hosts.write_text("10.0.0.1 slots=1\n")
     args = [str(hosts) if x == "HOSTFILE" else x for x in extra]
-    term = signal.getsignal(signal.SIGTERM)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:  # in this process (each is refused before any job starts): no interpreter start-up per case
         assert main(cv_args(cv_config, shards_dir, tmp_path / "cv", *args)) == 2
     finally:
-        signal.signal(signal.SIGTERM, term)  # zoome cv's own handler, installed by main()
+        for sig, handler in handlers.items():  # zoome cv's own handlers, installed by main()
+            signal.signal(sig, handler)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
 
@@ -139,7 +140,7 @@ def test_fold_selection_is_parsed_once_and_strictly():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, ranks", [(signal.SIGINT, 1), (signal.SIGTERM, 2)])
+@pytest.mark.parametrize("sig, ranks", [(signal.SIGINT, 1), (signal.SIGTERM, 2), (signal.SIGHUP, 2)])
 def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path, sig, ranks):
     """SIGINT (Ctrl-C) or SIGTERM (kill, scancel) to `zoome cv`: every running job's process group ends
     (a 2-rank job's DeepSpeed launcher and its ranks too), nothing is retried, exit 128 + the signal."""

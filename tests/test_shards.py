@@ -343,3 +343,14 @@ def test_synth_deterministic(tmp_path):
     assert (a / "jpeg/train/SYN_0000000.jpg").read_bytes() != (c / "jpeg/train/SYN_0000000.jpg").read_bytes()
     df = pd.read_csv(a / "train.csv")
     assert df.groupby("patient_id").size().max() > 1, "several images per patient"
+
+
+def test_isic2019_images_without_a_metadata_row_are_recorded(tmp_path):
+    names = [f"ISIC_{i:07d}" for i in range(10)]
+    (tmp_path / "gt.csv").write_text("image,MEL,NV\n" + "".join(f"{n},{i % 2}.0,{1 - i % 2}.0\n" for i, n in enumerate(names)))
+    (tmp_path / "meta.csv").write_text("image,age_approx,anatom_site_general,lesion_id,sex\n"
+                                       + "".join(f"{n},50,head/neck,L{i},male\n" for i, n in enumerate(names[:9])))
+    r = read_isic(tmp_path / "gt.csv", tmp_path / "meta.csv")  # 9 of 10 (≥ 90 %): built, the 10th recorded
+    assert r.no_metadata == ["ISIC_0000009"] and len(r.table) == 10
+    row = r.table.set_index("image_name").loc["ISIC_0000009"]
+    assert row["site"] == "unknown" and row["sex"] == "" and row["lesion_id"] == ""  # sex: encoded as unknown

@@ -84,7 +84,7 @@ _TERMINATED: list[int] = [0]
 
 
 def _terminate(signum: int, _frame) -> None:
-    """SIGTERM (``kill``, ``scancel``) ends the CV as Ctrl-C does: every job's process group, launcher and
+    """SIGTERM (``kill``, ``scancel``) or SIGHUP (a closed terminal) ends the CV as Ctrl-C does: every job's process group, launcher and
     ranks, is stopped before ``zoome cv`` exits (they would otherwise train on without it)."""
     _TERMINATED[0] = signum
     raise KeyboardInterrupt
@@ -92,7 +92,8 @@ def _terminate(signum: int, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _terminate)
     p = argparse.ArgumentParser(prog="zoome cv", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="default: the config file's defaults (with --paper: launchers/configs/zoome.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -49,6 +49,7 @@ class ReadResult:
     skipped: list[Skipped] = field(default_factory=list)
     unknown_sites: Counter = field(default_factory=Counter)
     source: str = ""
+    no_metadata: list[str] = field(default_factory=list)  # kept rows that had no metadata row (ISIC 2019)
 
 
 def _read_csv(path: Path, required: tuple[str, ...], bad_lines: list[list[str]]) -> pd.DataFrame:
@@ -224,7 +225,7 @@ def read_isic2019(gt_path: str | Path, meta_path: str | Path | None = None,
                          "Without their rows images lose age, sex, site and their lesion id")
     if unmatched:
         log.warning(f"{meta_path}: {len(unmatched)} of {len(names)} images have no metadata row (e.g. {unmatched[:3]}); "
-                    "they get missing age, unknown sex and site, and no lesion id")
+                    "they get missing age, unknown sex and site, and no lesion id (listed in the manifest's no_metadata)")
     classes = [c for c in gt.columns if c != "image"]
     rows = []
     for rec in gt.to_dict("records"):
@@ -245,7 +246,9 @@ def read_isic2019(gt_path: str | Path, meta_path: str | Path | None = None,
                    "isic2019", skipped, {"lesion_id": m.get("lesion_id", "")})
         if row:
             rows.append(row)
-    return _finish(rows, skipped, gt_path, enc, "isic2019")
+    result = _finish(rows, skipped, gt_path, enc, "isic2019")
+    result.no_metadata = sorted(set(unmatched) & set(result.table["image_name"]))
+    return result
 
 
 def read_isic(csv: str | Path, metadata_csv: str | Path | None = None,

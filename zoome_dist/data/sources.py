@@ -226,6 +226,7 @@ class Combined:
     skipped: list[Skipped] = field(default_factory=list)
     unknown_sites: Counter = field(default_factory=Counter)
     same_name: list[dict] = field(default_factory=list)  # one image name in two sources: kept once
+    no_metadata: list[str] = field(default_factory=list)  # rows kept without a metadata row
 
 
 def read_sources(sources: list[Source], enc: MetadataEncoding) -> Combined:
@@ -237,6 +238,7 @@ def read_sources(sources: list[Source], enc: MetadataEncoding) -> Combined:
         read = src.read(enc)
         out.skipped += read.skipped
         out.unknown_sites.update(read.unknown_sites)
+        out.no_metadata += read.no_metadata
         dup = read.table["image_name"].isin(seen)
         for name in read.table["image_name"][dup]:
             out.same_name.append({"kept": name, "kept_source": seen[name], "dropped": name,

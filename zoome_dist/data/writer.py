@@ -398,6 +398,7 @@ def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, ta
         "per_source": per_source, "folds": summary, "skipped": skipped,
         "converted": [c for r in ordered for c in r["converted"]],
         "unknown_sites": dict(sorted(read.unknown_sites.items())),
+        "no_metadata": sorted(set(read.no_metadata) & set(kept["image_name"])),
         "duplicates": duplicates,
         "licenses": dict(sorted(Counter(kept["copyright_license"]).items())),
         "attributions": dict(sorted(Counter(kept["attribution"]).items())),
@@ -432,4 +433,7 @@ def summary_lines(manifest: dict) -> list[str]:
             lines.append(f"  {what}: {n} × {reason}")
     for site, n in manifest["unknown_sites"].items():
         lines.append(f"  unknown site {site!r} → 'unknown': {n} rows")
+    if manifest.get("no_metadata"):
+        lines.append(f"  no metadata row: {len(manifest['no_metadata'])} images (age, sex, site unknown; manifest "
+                     "no_metadata)")
     return lines
