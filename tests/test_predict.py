@@ -248,6 +248,9 @@ def test_decisions_at_stored_threshold_calibration_selection_and_rank_ensemble(c
         assert list(got["decision"]) == list((p >= cut).astype(int))  # calibration never moves a decision
         expect = apply_temperature(p, 1.7) if extra else p
         np.testing.assert_allclose(got["target"], expect, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert zoome_main(["predict", "--checkpoint", str(run), "--out", str(tmp_path / "s.csv"), *base]) == 0
+    assert f"out-of-fold threshold of {cut:.4f}" in capsys.readouterr().err  # the operating point is visible
     assert zoome_main(["predict", "--checkpoint", str(run), "--out", str(tmp_path / "d.csv"), "--threshold", "1.5",
                        *base]) == 2
     assert "Invalid --threshold '1.5'" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -168,3 +169,29 @@ def test_trials_get_a_gpu_by_default_where_the_cluster_has_gpus():
         trial_resources(2, 3, cluster_gpus=8)
     with pytest.raises(ValueError, match="--gpus-per-trial must be zero or more, got -1"):
         trial_resources(-1, 0, cluster_gpus=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_zoome_tune_ends_every_process_it_started(cluster, shards_dir, tmp_path, sig):
+    """SIGTERM or SIGHUP to `zoome tune` while a trial trains (one rank: the test cluster's nodes have one
+    CPU each): the driver exits and no trial rank (nor anything else running from its folders) is left."""
+    out = tmp_path / "tune"
+    p = subprocess.Popen([sys.executable, "-m", "zoome_dist.tune", "--shards", str(shards_dir), "--folds", "0",
+                          "--num-samples", "1", "--pool-sizes", "2", "--ray-address", cluster.address, "--verbose", "0",
+                          "--set", "train.epochs=20", *TINY, "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ours = lambda: [q for q in psutil.process_iter(["cmdline"])  # noqa: E731
+                    if q.pid != p.pid and any(str(out) in c for c in (q.info["cmdline"] or []))]
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("trials/*/fold-00/metrics.jsonl")):
+        time.sleep(0.2)
+    assert list(out.glob("trials/*/fold-00/metrics.jsonl")), "no trial got to its first epoch"
+    assert ours(), "the trial's rank should be running"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=90)
+    assert p.returncode != 0
+    deadline = time.time() + 30
+    while time.time() < deadline and ours():
+        time.sleep(0.5)
+    assert not ours(), [q.info["cmdline"][:4] for q in ours()]

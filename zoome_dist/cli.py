@@ -102,6 +102,10 @@ def _predict(a: argparse.Namespace) -> int:
     _, dev = torch_device(a.device)
     members = [load_member(p, dev) for p in paths]
     print(f"ensemble of {len(members)} checkpoint(s), TTA {a.tta} view(s)", file=sys.stderr)
+    stored = {m.calibration.get("threshold") for m in members} - {None}
+    if len(stored) == 1 and a.threshold is None:  # the operating point the CV chose, visible
+        print(f"the models carry an out-of-fold threshold of {stored.pop():.4f} (--threshold oof adds a decision "
+              "column at it)", file=sys.stderr)
     pred, problems = predict(members, a.csv, a.images, tta=a.tta, batch_size=a.batch_size, device=a.device,
                              loader=a.loader, threads=a.threads, progress=not a.no_progress, ensemble=a.ensemble,
                              calibrate=a.calibrate, threshold=a.threshold)
