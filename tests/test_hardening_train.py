@@ -17,6 +17,7 @@ import yaml
 from zoome_dist.config import load_config, parse_set
 from zoome_dist.train.engine import validate
 from zoome_dist.train.run import _prune
+from zoome_dist.train.safe_checkpoint import write_checksums
 
 pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,7 @@ def test_planted_pickle_in_checkpoint_never_runs(base_run, shards_dir, tmp_path)
     marker = tmp_path / "pwned"
     target = run / "checkpoints" / newest_tag(run) / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload(marker)}, target)
+    write_checksums(target.parent)  # whoever can plant a file can rewrite the folder's checksums too
     r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2", "--allow-config-change")
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "refused to load: it asks for posix.system" in r.stderr and str(target) in r.stderr

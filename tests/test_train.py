@@ -209,7 +209,7 @@ def test_config_errors(tmp_path, shards_dir):
     cases = [(["--fold", "9"], "fold 9 does not exist"),
              (["--fold", "0", "--set", "model.name=zoomy"], "Invalid model.name 'zoomy'"),
              (["--fold", "0", "--set", "train.precision=fp8"], "Invalid train.precision 'fp8'"),
-             (["--fold", "0", "--set", "model.backbone=vgg"], "Invalid backbone 'vgg'")]
+             (["--fold", "0", "--set", "model.backbone=vgg"], "Invalid model.backbone 'vgg'")]
     for extra, message in cases:
         r = subprocess.run(launcher + extra, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr[-1500:])

@@ -116,15 +116,16 @@ def test_failed_trials_make_the_search_fail(cluster, shards_dir, tmp_path):
     """A trial in ERROR after its restarts is an exit status of 1 naming the trial and its error file (it
     was exit 0 with trials in ERROR); --tolerate-failed-trials N accepts up to N of them."""
     out = tmp_path / "tune"
-    # weights that are not there: found by the trial's rank when it builds the model
+    # a weights file that is no state dict: found by the trial's rank when it builds the model
+    (tmp_path / "broken.pth").write_bytes(b"not a torch file")
     args = [sys.executable, "-m", "zoome_dist.tune", "--shards", str(shards_dir), "--folds", "0", "--num-samples", "1",
             "--ray-address", cluster.address, "--scheduler", "fifo", "--verbose", "0", "--max-failures", "0", *TINY,
-            "--set", f"model.pretrained={tmp_path / 'missing.pth'}", "--out", str(out)]
+            "--set", f"model.pretrained={tmp_path / 'broken.pth'}", "--out", str(out)]
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
     line = next(ln for ln in r.stderr.splitlines() if "ended in ERROR" in ln)
     trial = pd.read_csv(out / "trials.csv").iloc[0]
-    assert trial["trial_id"] in line and "error.txt" in line and "missing.pth" in line, line
+    assert trial["trial_id"] in line and "error.txt" in line and "broken.pth" in line, line
     assert "1 trial(s) ended in ERROR" in r.stderr
 
 
