@@ -53,17 +53,23 @@ def test_second_build_into_the_same_folder_fails_at_once(synth_data, tmp_path):
     build(synth_data / "train.csv", synth_data / "jpeg" / "train", out, SHARD_OPTS, resume=True, progress=False)
 
 
-@pytest.mark.slow
-def test_killed_build_leaves_no_workers(tmp_path):
+def build_under_way(tmp_path: Path, **popen) -> tuple[subprocess.Popen, list[str]]:
+    """A 2-worker build of 240 images, returned once it has written two shards (and its command)."""
     data = tmp_path / "data"
     synthesize(data, 240, seed=1, size=128, progress=False)
     cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(data / "train.csv"), "--images",
            str(data / "jpeg" / "train"), "--out", str(tmp_path / "out"), "--num-folds", "2", "--max-side", "0",
            "--samples-per-shard", "4", "--workers", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, **popen)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "out" / ".build").glob("fold-*.json"))) < 2:
         time.sleep(0.05)
+    return proc, cmd
+
+
+@pytest.mark.slow
+def test_killed_build_leaves_no_workers(tmp_path):
+    proc, _ = build_under_way(tmp_path)
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert workers, "the build should be running its workers"
     proc.send_signal(signal.SIGKILL)
@@ -177,15 +183,7 @@ def test_inflated_fold_count_fails_before_training(shards_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_build_is_one_line_and_resumable(tmp_path):
-    data = tmp_path / "data"
-    synthesize(data, 240, seed=1, size=128, progress=False)
-    cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(data / "train.csv"), "--images",
-           str(data / "jpeg" / "train"), "--out", str(tmp_path / "out"), "--num-folds", "2", "--max-side", "0",
-           "--samples-per-shard", "4", "--workers", "2", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "out" / ".build").glob("fold-*.json"))) < 2:
-        time.sleep(0.05)
+    proc, cmd = build_under_way(tmp_path, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; rerun with --resume" in err and "Traceback" not in err, err[-2000:]
