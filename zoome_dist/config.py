@@ -251,3 +251,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if overrides:
         apply_overrides(cfg, overrides)
     return cfg
+
+
+def changes(saved: str | Path, cfg: "Config") -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, cfg's value)}`` for every key where ``cfg`` differs from the config file ``saved``."""
+    old, new = flatten(load_config(saved).to_dict()), flatten(cfg.to_dict())
+    return {k: (old.get(k), new[k]) for k in sorted(new) if old.get(k) != new[k]}

@@ -50,14 +50,13 @@ def fold_dir(out: Path, variant: str, fold: int) -> Path:
 def check_reuse(jobs: list[tuple[Any, Any]], shards: Path) -> None:
     """A fold already trained (or begun) in ``--out`` is reused only if it is the same job: the same
     resolved config and shards. Otherwise the CV would report (or resume) a run of something else."""
-    from zoome_dist.config import flatten, load_config
+    from zoome_dist.config import changes
 
     problems = []
     for job, cfg in jobs:
         if not job.run.config.is_file():
             continue
-        old, new = flatten(load_config(job.run.config).to_dict()), flatten(cfg.to_dict())
-        changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+        changed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes(job.run.config, cfg).items()]
         info = json.loads(job.run.run_info.read_text()) if job.run.run_info.is_file() else {}
         if info.get("shards", str(shards)) != str(shards):
             changed.append(f"shards: {info['shards']} -> {shards}")

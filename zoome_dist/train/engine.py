@@ -195,8 +195,7 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
     if cfg.train.eval_batch_size < 0:
         raise ValueError(f"train.eval_batch_size must be 0 (the micro batch) or positive, got {cfg.train.eval_batch_size}")
-    lo, hi = (list(cfg.data.zoom) + [None, None])[:2] if len(cfg.data.zoom) == 2 else (None, None)
-    if lo is None or not 0 < lo <= hi <= 1:
+    if len(cfg.data.zoom) != 2 or not 0 < cfg.data.zoom[0] <= cfg.data.zoom[1] <= 1:
         raise ValueError(f"data.zoom must be two numbers 0 < lo <= hi <= 1 (the crop's share of the side), got "
                          f"{cfg.data.zoom}")
     if not 0 <= cfg.data.rotate <= 180:

@@ -82,12 +82,11 @@ def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: 
     """Refuse a resume whose config, world size or job (``fold``, ``shards``, ``loader``) differs from
     the run's, naming the keys; with ``allow_changes`` the keys of ``RESUMABLE_KEYS`` may differ.
     Returns the changed keys."""
-    from zoome_dist.config import flatten, load_config
+    from zoome_dist.config import changes
 
     run = RunDir(out)
-    old = flatten(load_config(run.config).to_dict())
-    new = flatten(cfg.to_dict())
-    changed = sorted(k for k in new if old.get(k) != new[k])
+    diff = changes(run.config, cfg)
+    changed = list(diff)
     run_json = json.loads(run.run_info.read_text()) if run.run_info.is_file() else {}
     if run_json.get("world_size", world_size) != world_size:
         raise ValueError(f"{out} was trained with {run_json['world_size']} rank(s); resuming with {world_size} "
@@ -98,7 +97,7 @@ def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: 
                              "train something else. Use the same --fold/--shards/data.loader, or a new --out")
     refused = [k for k in changed if not (allow_changes and k in RESUMABLE_KEYS)]
     if refused:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in refused)
+        detail = ", ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in refused)
         hint = (f"; --allow-config-change accepts changes of {list(RESUMABLE_KEYS)} only" if allow_changes else
                 f"; pass --allow-config-change to change any of {list(RESUMABLE_KEYS)}")
         raise ValueError(f"resuming {out} with a different config ({detail}): use the run's own config "
