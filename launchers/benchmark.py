@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 
-from zoome_dist.bench import machine
-from zoome_dist.bench.gpu import PARTS as GPU_PARTS
+from benchmarks import machine
+from benchmarks.gpu import PARTS as GPU_PARTS
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -97,40 +97,40 @@ def main(argv: list[str] | None = None) -> int:
         if not _cuda():
             print("benchmark.py gpu: error: no CUDA GPU visible; the GPU check needs one", file=sys.stderr)
             return 2
-        from zoome_dist.bench.gpu import bench_gpu
+        from benchmarks.gpu import bench_gpu
 
         skip = ({"tests"} if a.no_tests else set()) | ({"compiled"} if a.no_compile else set())
         r = bench_gpu(a.out, a.n, parts=tuple(x for x in parts if x not in skip))
     elif a.what == "meta":
-        from zoome_dist.bench.meta import bench_meta
+        from benchmarks.meta import bench_meta
 
         r = bench_meta(a.n, a.size, a.epochs, ranks=a.ranks)
     elif a.what == "cv":
-        from zoome_dist.bench.cv import bench_cv
+        from benchmarks.cv import bench_cv
 
         r = bench_cv(a.num_folds, a.n, img_s_micro64=a.img_s_micro64, img_s_micro8=a.img_s_micro8,
                      startup_s=a.startup_s)
     elif a.what == "shards":
-        from zoome_dist.bench.shards import bench_shards
+        from benchmarks.shards import bench_shards
 
         r = bench_shards(a.n, tuple(int(x) for x in a.sizes.split(",")), a.max_side, a.workers)
     elif a.what == "predict":
-        from zoome_dist.bench.predict import bench_predict
+        from benchmarks.predict import bench_predict
 
         r = bench_predict(a.model, a.image_size, a.n, batch_size=a.batch_size,
                           ttas=tuple(int(x) for x in a.ttas.split(",")))
     elif a.what == "train":
-        from zoome_dist.bench.train import bench_train
+        from benchmarks.train import bench_train
 
         r = bench_train(a.model, a.image_size, a.n, micro_batch=a.micro_batch,
                         precisions=tuple(a.precisions.split(",")), threads=a.threads)
     elif a.what == "pipeline":
-        from zoome_dist.bench.pipeline import bench_pipeline
+        from benchmarks.pipeline import bench_pipeline
 
         r = bench_pipeline(a.shards, tuple(int(x) for x in a.sizes.split(",")), a.n, a.batch_size,
                            a.image_size, a.threads, a.rounds)
     else:
-        from zoome_dist.bench.model import bench_model
+        from benchmarks.model import bench_model
 
         r = bench_model(a.image_size, a.batch_size, a.iters, a.rounds, a.threads, a.device,
                         tuple(a.precisions.split(",")), a.backbone)

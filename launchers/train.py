@@ -2,7 +2,7 @@
 ``python -m zoome_dist.train``, ``deepspeed --module zoome_dist.train``); see its ``--help``."""
 import sys
 
-from zoome_dist.train.cli import main
+from zoome_dist.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
 
 
 def zoome_cv(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zoome_dist.cv", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "zoome_dist.launch.cv", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV)
 
 
@@ -115,7 +115,7 @@ def test_failing_job_reports_and_exits_nonzero(cv_config, shards_dir, tmp_path):
     (["--set", "model.pretrained=missing.pth"], "model.pretrained 'missing.pth': no such file"),
 ])
 def test_cv_argument_errors(cv_config, shards_dir, tmp_path, extra, message, capsys):
-    from zoome_dist.cv import main
+    from zoome_dist.launch.cv import main
 
     hosts = tmp_path / "hosts"
     hosts.write_text("10.0.0.1 slots=1\n")
@@ -131,7 +131,7 @@ def test_cv_argument_errors(cv_config, shards_dir, tmp_path, extra, message, cap
 
 
 def test_fold_selection_is_parsed_once_and_strictly():
-    from zoome_dist.cliutil import parse_folds
+    from zoome_dist.cli.common import parse_folds
 
     assert parse_folds("0-2,1") == [0, 1, 2] and parse_folds(" 0 - 2") == [0, 1, 2] and parse_folds("0,,2") == [0, 2]
     for bad in ("3-1", "a", "1-x", ","):
@@ -146,7 +146,7 @@ def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path
     (a 2-rank job's DeepSpeed launcher and its ranks too), nothing is retried, exit 128 + the signal."""
     out = tmp_path / "cv"
     jobs = ["--jobs", "2"] if ranks == 1 else ["--jobs", "1", "--gpus-per-job", "2"]
-    p = subprocess.Popen([sys.executable, "-m", "zoome_dist.cv",
+    p = subprocess.Popen([sys.executable, "-m", "zoome_dist.launch.cv",
                           *cv_args(cv_config, shards_dir, out, *jobs, "--set", "train.epochs=20")],
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
@@ -166,8 +166,8 @@ def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path
 def test_report_has_out_of_fold_threshold_calibration_and_subgroups(cv_sequential):
     """The report's honest operating point: fold k scored at the threshold of the other folds'
     out-of-fold predictions; a calibration fit on all of them, stored in each fold's model file."""
-    from zoome_dist.calibration import cross_fit_thresholds
-    from zoome_dist.metrics import youden_threshold
+    from zoome_dist.eval.calibration import cross_fit_thresholds
+    from zoome_dist.eval.metrics import youden_threshold
 
     out = cv_sequential
     md = (out / "table.md").read_text()
@@ -193,8 +193,8 @@ def test_report_has_out_of_fold_threshold_calibration_and_subgroups(cv_sequentia
 
 @pytest.mark.slow
 def test_paper_comparison_and_expected_time(cv_sequential, shards_dir):
-    from zoome_dist.cv import expected_time
-    from zoome_dist.paper import VARIANTS, comparison_markdown
+    from zoome_dist.launch.cv import expected_time
+    from zoome_dist.eval.paper import VARIANTS, comparison_markdown
 
     rows = pd.read_csv(cv_sequential / "folds.csv")
     md = comparison_markdown(rows)

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import SHARD_OPTS
-from shards.cli import main as shards_main
+from zoome_dist.cli.shards import main as shards_main
 from zoome_dist.data.manifest import load_manifest, verify
 from zoome_dist.data.synth import synthesize
 from zoome_dist.data.writer import BuildOptions, build, build_lock
@@ -57,7 +57,7 @@ def build_under_way(tmp_path: Path, **popen) -> tuple[subprocess.Popen, list[str
     """A 2-worker build of 240 images, returned once it has written two shards (and its command)."""
     data = tmp_path / "data"
     synthesize(data, 240, seed=1, size=128, progress=False)
-    cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(data / "train.csv"), "--images",
+    cmd = [sys.executable, "-m", "zoome_dist.cli.shards", "build", "--csv", str(data / "train.csv"), "--images",
            str(data / "jpeg" / "train"), "--out", str(tmp_path / "out"), "--num-folds", "2", "--max-side", "0",
            "--samples-per-shard", "4", "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, **popen)

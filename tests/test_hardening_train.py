@@ -17,7 +17,7 @@ import yaml
 from zoome_dist.config import load_config, parse_set
 from zoome_dist.train.engine import validate
 from zoome_dist.train.run import _prune
-from zoome_dist.train.safe_checkpoint import write_checksums
+from zoome_dist.train.checkpoints import write_checksums
 
 pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_out_that_is_a_file(base_run, shards_dir, tmp_path):
 
 
 def test_tune_resume_refuses_pickles_others_could_write(tmp_path):
-    from zoome_dist.tuning import check_pickles_are_ours
+    from zoome_dist.launch.tune import check_pickles_are_ours
 
     exp = tmp_path / "ray" / "search"
     (exp / "trial_1").mkdir(parents=True)
@@ -259,7 +259,7 @@ class PopenPayload:
 
 
 def test_safe_load_refuses_any_global_outside_the_allow_list(tmp_path):
-    from zoome_dist.safe_load import UnsafeCheckpointError, safe_load
+    from zoome_dist.core.safe_load import UnsafeCheckpointError, safe_load
 
     torch.save({"x": PopenPayload()}, tmp_path / "p.pt")
     with pytest.raises(UnsafeCheckpointError, match=r"asks for \S*Popen"):
@@ -312,8 +312,8 @@ def test_second_training_into_a_running_folder_stops_at_once(base_run, shards_di
     import signal
     import time
 
-    from zoome_dist.folder_lock import FolderLock
-    from zoome_dist.launch import local_rank_commands
+    from zoome_dist.core.folder_lock import FolderLock
+    from zoome_dist.launch.command import local_rank_commands
 
     cfg, out = base_run[0], tmp_path / "run"
     args = [str(ROOT / "launchers" / "train.py"), "--config", str(cfg), "--shards", str(shards_dir), "--fold", "0",
@@ -355,7 +355,7 @@ def test_forked_children_do_not_keep_a_lock(tmp_path):
     import multiprocessing
     import time
 
-    from zoome_dist.folder_lock import FolderLock
+    from zoome_dist.core.folder_lock import FolderLock
 
     def worker(started) -> None:
         started.set()

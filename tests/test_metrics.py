@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from zoome_dist.cli import main as zoome_main
-from zoome_dist.metrics import binary_metrics, partial_auc_above_sens, youden_threshold
+from zoome_dist.cli.main import main as zoome_main
+from zoome_dist.eval.metrics import binary_metrics, partial_auc_above_sens, youden_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 Y = [1, 1, 0, 0, 0]

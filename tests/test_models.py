@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from zoome_dist.losses import make_loss
+from zoome_dist.train.losses import make_loss
 from zoome_dist.models import MODELS, ZoomSE, create_model
 from zoome_dist.models.pretrained import load_pretrained
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from zoome_dist.cli import main as zoome_main
+from zoome_dist.cli.main import main as zoome_main
 from zoome_dist.config import load_config
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.synth import render, sample_features
-from zoome_dist.explain import explain
-from zoome_dist.predict import find_checkpoints, load_member, predict
+from zoome_dist.infer.explain import explain
+from zoome_dist.infer.predict import find_checkpoints, load_member, predict
 from zoome_dist.train.engine import build_model
 from zoome_dist.train.run import save_model
 
@@ -208,8 +208,8 @@ def test_explain_reports_the_probability_predict_writes(checkpoint, tmp_path, ca
 
 
 def test_temperature_scaling_recovers_an_overconfident_model():
-    from zoome_dist.calibration import apply_temperature, fit_temperature
-    from zoome_dist.metrics import ece
+    from zoome_dist.eval.calibration import apply_temperature, fit_temperature
+    from zoome_dist.eval.metrics import ece
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, 20000)
@@ -221,7 +221,7 @@ def test_temperature_scaling_recovers_an_overconfident_model():
 
 
 def test_decisions_at_stored_threshold_calibration_selection_and_rank_ensemble(checkpoint, tmp_path, capsys):
-    from zoome_dist.calibration import apply_temperature, stamp_checkpoint
+    from zoome_dist.eval.calibration import apply_temperature, stamp_checkpoint
 
     root = write_images(tmp_path / "imgs", 8)
     base = ["--csv", str(root / "test.csv"), "--images", str(root)]
@@ -282,7 +282,7 @@ def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
     """One model and a 2-member ensemble, exported, score real images like ``predict`` does."""
     import json
 
-    from zoome_dist.calibration import stamp_checkpoint
+    from zoome_dist.eval.calibration import stamp_checkpoint
 
     twin = tmp_path / "twin"
     twin.mkdir()
@@ -301,7 +301,7 @@ def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
         expect, _ = predict(members, root / "test.csv", root)
         images = np.stack([np.asarray(Image.open(root / f"{n}.jpg").convert("RGB").resize((48, 48), Image.BILINEAR),
                                       dtype=np.float32) / 255 for n in expect["image_name"]]).transpose(0, 3, 1, 2)
-        from zoome_dist.predict import read_test_csv
+        from zoome_dist.infer.predict import read_test_csv
 
         _, meta, _ = read_test_csv(root / "test.csv", ENC)
         shipped = tmp_path / f"shipped{len(ckpts)}"  # what the user copies elsewhere: the files it lists
@@ -322,7 +322,7 @@ def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
     if fmt == "onnx":  # weights too large to inline: one external file, named after the final file, listed
         import onnxruntime
 
-        import zoome_dist.export as ex
+        import zoome_dist.infer.export as ex
 
         big = tmp_path / "big" / "m.onnx"
         big.parent.mkdir()
@@ -338,7 +338,7 @@ def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
         shutil.rmtree(big.parent)
         assert onnxruntime.InferenceSession(str(moved / "m.onnx")).run(None, {"image": images, "metadata": meta})[0].shape == (5,)
     with pytest.raises(ValueError, match="no out-of-fold temperature"):
-        from zoome_dist.export import export
+        from zoome_dist.infer.export import export
         export([load_member(checkpoint / "model_last.pt", torch.device("cpu"))], fmt, tmp_path / "x", calibrate=True)
 
 

@@ -27,7 +27,7 @@ import yaml
 
 from cluster import Cluster, unavailable
 from conftest import cv_args
-from zoome_dist.rundir import RunDir
+from zoome_dist.core.rundir import RunDir
 from test_cv import finished, same_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.usefixtures("deepspeed_shm_op"),
@@ -181,7 +181,7 @@ def test_ray_job_submit_through_the_forwarded_dashboard(ray_cluster, shards_dir,
         refused = client.ray("job", "list", "--address", address, timeout=60,
                              env={"HOME": str(tmp_path)})  # a client without the token
         assert refused.returncode != 0 and "uthentication" in refused.stdout + refused.stderr
-        r = client.ray("job", "submit", "--address", address, "--", "python", "-m", "zoome_dist.tune",
+        r = client.ray("job", "submit", "--address", address, "--", "python", "-m", "zoome_dist.cli.tune",
                        *search_args(shards_dir, out, 1, 1), timeout=300, env={"RAY_AUTH_MODE": "token"})
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "succeeded" in r.stdout + r.stderr

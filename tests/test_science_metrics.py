@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from isic_challenge_scoring.classification import ClassificationScore
 
-from zoome_dist.calibration import cross_fit_thresholds
-from zoome_dist.metrics import binary_metrics, ece, youden_threshold
+from zoome_dist.eval.calibration import cross_fit_thresholds
+from zoome_dist.eval.metrics import binary_metrics, ece, youden_threshold
 
 # 5 melanomas, 4 benign. Ranked: P .9, P .8, P .7, N .6, then a tie at .5 of P, P, N, then N .3, N .1.
 # ROC: (0,0) (0,.2) (0,.4) (0,.6) (.25,.6) -tie-> (.5,1) (.75,1) (1,1). The tie is a diagonal segment,
@@ -128,7 +128,7 @@ def test_final_threshold_is_fit_on_the_raw_pooled_predictions():
     """``zoome cv`` stores one threshold for ``zoome predict --threshold oof``, which compares it with
     *uncalibrated* probabilities: it must be the Youden cut of the raw pooled predictions, even when the
     temperature it stores beside it is far from 1."""
-    from zoome_dist.calibration import fit
+    from zoome_dist.eval.calibration import fit
 
     rng = np.random.default_rng(3)
     y = (rng.random(200) < 0.3).astype(int)
@@ -139,7 +139,7 @@ def test_final_threshold_is_fit_on_the_raw_pooled_predictions():
 
 
 def test_cv_table_is_mean_and_sample_std_in_percent():
-    from zoome_dist.report import table_markdown
+    from zoome_dist.eval.report import table_markdown
 
     folds = pd.DataFrame({"variant": ["a", "a", "b"], "fold": [0, 1, 0], "auc": [0.8, 0.9, 0.7],
                           "acc": [0.5, 0.7, 0.6], "sens": [1.0, 0.5, 0.4], "spec": [0.25, 0.75, 0.3]})

@@ -14,9 +14,9 @@ from torch import nn
 
 from zoome_dist.config import load_config
 from zoome_dist.data.metadata import MetadataEncoding
-from zoome_dist.explain import explain
-from zoome_dist.predict import tta_views
-from zoome_dist.rundir import RunDir
+from zoome_dist.infer.explain import explain
+from zoome_dist.infer.predict import tta_views
+from zoome_dist.core.rundir import RunDir
 from zoome_dist.train.engine import (batch_plan, build_optimizer, build_scheduler, deepspeed_config, free_port,
                                      setup_distributed)
 from zoome_dist.train.loop import evaluate
@@ -219,7 +219,7 @@ class TopLeftPixel(nn.Module):
 
 @pytest.mark.parametrize("n", [1, 2, 8])
 def test_tta_averages_the_probabilities_of_the_views(n):
-    from zoome_dist.predict import tta_probability
+    from zoome_dist.infer.predict import tta_probability
 
     x = torch.zeros(1, 3, 4, 4)
     x[0, 0, 0, 0], x[0, 0, 0, -1], x[0, 0, -1, 0], x[0, 0, -1, -1] = 1.0, -2.0, 0.5, 3.0  # the four corners

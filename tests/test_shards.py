@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARD_OPTS
-from shards.cli import main as shards_main
+from zoome_dist.cli.shards import main as shards_main
 from zoome_dist.data.isic import read_isic
 from zoome_dist.data.manifest import load_manifest, verify
 from zoome_dist.data.metadata import MetadataEncoding
@@ -145,7 +145,7 @@ def test_nonempty_out_needs_resume(synth_data, shards_dir):
 @pytest.mark.slow
 def test_resume_after_kill(synth_data, shards_dir, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "shards.cli", "build", "--csv", str(synth_data / "train.csv"),
+    cmd = [sys.executable, "-m", "zoome_dist.cli.shards", "build", "--csv", str(synth_data / "train.csv"),
            "--images", str(synth_data / "jpeg" / "train"), "--out", str(out), "--num-folds", "3",
            "--max-side", "0", "--quiet"]
     # Tiny shards so the build is still running when it is killed.

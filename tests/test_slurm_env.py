@@ -1,4 +1,4 @@
-"""Rank discovery from SLURM's variables (``zoome_dist.slurm``): expectations written out by hand."""
+"""Rank discovery from SLURM's variables (``zoome_dist.launch.slurm``): expectations written out by hand."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from zoome_dist.slurm import master_port, parse_nodelist, slurm_env, tasks_on_node
+from zoome_dist.launch.slurm import master_port, parse_nodelist, slurm_env, tasks_on_node
 
 STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
         "SLURM_NODEID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",

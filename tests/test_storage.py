@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from zoome_dist.storage import open_storage
-from zoome_dist.storage import snapshot_runs
+from zoome_dist.core.storage import open_storage
+from zoome_dist.core.storage import snapshot_runs
 
 BIN = Path(sys.executable).parent
 EPOCHS = 6  # ~2 s each here: the node is lost after the first, well before the last
@@ -54,7 +54,7 @@ def test_snapshot_keeps_the_newest_committed_checkpoint_only(tmp_path):
 def test_upload_then_download_a_run_folder(tmp_path):
     """A job's run folder stored twice (a newer checkpoint the second time) and read back elsewhere:
     only the newest checkpoint is stored; nothing stored means the local folder is left alone."""
-    from zoome_dist.storage import download_run, upload_run
+    from zoome_dist.core.storage import download_run, upload_run
 
     fs, root = open_storage(str(tmp_path / "store"))
     run = tmp_path / "node1" / "fold-00"
@@ -223,7 +223,7 @@ def _lost_node_cv(c, s3: S3Server, shards: Path, cfg: Path) -> None:
     out = Path.home() / "cv-out"  # on each node, that node's own home
     args = [*cv_args(cfg, shards, out), "--variants", "zoome", "--cpus-per-job", "2", "--set", f"train.epochs={EPOCHS}",
             "--ray-address", address, "--storage", s3.uri("zoome-test/cv")]
-    driver = drive_on_head(c, env, "zoome_dist.cv", args)
+    driver = drive_on_head(c, env, "zoome_dist.launch.cv", args)
     fs, worker_out = s3fs(s3), c.dir / "node1" / "home" / "cv-out" / "zoome"
     victim, log = lose_worker_once(c, driver, worker_out, lambda fold: fs.get_file_info(
         f"zoome-test/cv/zoome/{fold}/checkpoints/committed").type == pafs_file(), 0.5, "the CV", "job")
@@ -310,7 +310,7 @@ def _lost_node_run(c, s3: S3Server, shards: Path, tmp_path: Path, tiny: list[str
             "--ray-address", address, "--scheduler", "fifo", "--verbose", "0", "--cpus-per-worker", "2",
             "--set", f"train.epochs={EPOCHS}", *tiny,
             "--storage", s3.uri("zoome-test/exp"), "--scratch", "~/trials", "--out", out]
-    driver = drive_on_head(c, env, "zoome_dist.tune", args)
+    driver = drive_on_head(c, env, "zoome_dist.cli.tune", args)
     fs = s3fs(s3)
 
     def stored(trial: str) -> bool:

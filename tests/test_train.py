@@ -238,18 +238,18 @@ def test_non_editable_install_trains(shards_dir, tiny_cfg, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 1
     assert str(ROOT) not in r.stdout + r.stderr.replace(str(shards_dir), "")
     # the CV driver too (one rank, one fold), and the tuning entry point resolves
-    r = subprocess.run([sys.executable, "-m", "zoome_dist.cli", "cv", "--config", str(tiny_cfg), "--shards",
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.cli.main", "cv", "--config", str(tiny_cfg), "--shards",
                         str(shards_dir), "--folds", "1", "--out", str(tmp_path / "cv"), "--set", "train.epochs=1"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (tmp_path / "cv" / "table.md").is_file()
-    r = subprocess.run([sys.executable, "-m", "zoome_dist.cli", "tune", "--help"], cwd=tmp_path, env=env,
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.cli.main", "tune", "--help"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "zoome tune" in r.stdout
 
 
 def test_launch_commands(tmp_path):
-    from zoome_dist.launch import Launch, local_rank_commands, train_command
+    from zoome_dist.launch.command import Launch, local_rank_commands, train_command
 
     assert train_command(["--fold", "0"])[1:] == ["-m", "zoome_dist.train", "--fold", "0"]
     cmd = train_command(["--fold", "0"], Launch(ranks=2))

@@ -23,7 +23,7 @@ def zoome_tune(args: list[str], out: Path, timeout: float = 900) -> subprocess.C
     """`zoome tune` in its own process, as a user runs it: the Ray driver's signal handlers, threads and
     log handlers stay out of pytest's process. Fails with the run's output and every trial's error."""
     try:
-        r = subprocess.run([sys.executable, "-m", "zoome_dist.tune", *args, "--out", str(out)], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "zoome_dist.cli.tune", *args, "--out", str(out)], capture_output=True,
                            text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"zoome tune ran past {timeout} s\n{str(e.stdout)[-2000:]}\n{str(e.stderr)[-4000:]}") from None
@@ -118,7 +118,7 @@ def test_failed_trials_make_the_search_fail(cluster, shards_dir, tmp_path):
     out = tmp_path / "tune"
     # a weights file that is no state dict: found by the trial's rank when it builds the model
     (tmp_path / "broken.pth").write_bytes(b"not a torch file")
-    args = [sys.executable, "-m", "zoome_dist.tune", "--shards", str(shards_dir), "--folds", "0", "--num-samples", "1",
+    args = [sys.executable, "-m", "zoome_dist.cli.tune", "--shards", str(shards_dir), "--folds", "0", "--num-samples", "1",
             "--ray-address", cluster.address, "--scheduler", "fifo", "--verbose", "0", "--max-failures", "0", *TINY,
             "--set", f"model.pretrained={tmp_path / 'broken.pth'}", "--out", str(out)]
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
@@ -148,7 +148,7 @@ def test_trials_csv_error_is_the_trials_own_message():
     error column of trials.csv keeps the trial's own first line."""
     from ray.exceptions import RayTaskError
 
-    from zoome_dist.tuning import error_line
+    from zoome_dist.launch.tune import error_line
 
     cause = RuntimeError("fold 0: rank 0 killed by SIGKILL; the end of r/rank0.log:\n    epoch 0: loss 0.49")
     wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...", cause, proctitle="ray::ImplicitFunc.train()",
@@ -159,7 +159,7 @@ def test_trials_csv_error_is_the_trials_own_message():
 
 
 def test_trials_get_a_gpu_by_default_where_the_cluster_has_gpus():
-    from zoome_dist.tune import trial_resources
+    from zoome_dist.cli.tune import trial_resources
 
     assert trial_resources(None, 0, cluster_gpus=8) == (1, 1)   # GPU cluster: never silently CPU-only trials
     assert trial_resources(None, 0, cluster_gpus=0) == (1, 0)   # CPU cluster: CPU trials
@@ -178,7 +178,7 @@ def test_a_signal_to_zoome_tune_ends_every_process_it_started(cluster, shards_di
     """SIGTERM or SIGHUP to `zoome tune` while a trial trains (one rank: the test cluster's nodes have one
     CPU each): the driver exits and no trial rank (nor anything else running from its folders) is left."""
     out = tmp_path / "tune"
-    p = subprocess.Popen([sys.executable, "-m", "zoome_dist.tune", "--shards", str(shards_dir), "--folds", "0",
+    p = subprocess.Popen([sys.executable, "-m", "zoome_dist.cli.tune", "--shards", str(shards_dir), "--folds", "0",
                           "--num-samples", "1", "--pool-sizes", "2", "--ray-address", cluster.address, "--verbose", "0",
                           "--set", "train.epochs=20", *TINY, "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

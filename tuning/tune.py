@@ -1,5 +1,5 @@
 """Shim for ``ray submit tuning/cluster.yaml tuning/tune.py -- ARGS`` (Ray runs a file): the search
-is ``zoome tune`` (``zoome_dist/tune.py``); see its ``--help``."""
+is ``zoome tune`` (``zoome_dist/cli/tune.py``); see its ``--help``."""
 import sys
 from pathlib import Path
 
@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "zoome_dist" / "__init__.py").is_file() and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from zoome_dist.tune import main  # noqa: E402
+from zoome_dist.cli.tune import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,9 +28,9 @@ from zoome_dist.data.images import BadImage, prepare_image
 from zoome_dist.data.isic import Skipped, read_csv_text, strip_image_ext
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import Combined, ImageStore, Source, read_sources, resolve_sources
-from zoome_dist.procs import die_with_parent
+from zoome_dist.core.procs import die_with_parent
 from zoome_dist.data.wds_index import create_index
-from zoome_dist.folder_lock import FolderLock
+from zoome_dist.core.folder_lock import FolderLock
 
 FORMAT_VERSION = 1
 FIELDS = ("cls", "jpg", "json", "label", "meta", "sid")

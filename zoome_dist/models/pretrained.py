@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from zoome_dist.safe_load import safe_load
+from zoome_dist.core.safe_load import safe_load
 
 _ATTN = re.compile(r"\.attn\.")
 _HEAD = ("backbone.fc.", "backbone.classifier.6.")

@@ -1,6 +1,6 @@
-"""``python -m zoome_dist.train`` (and ``deepspeed --module zoome_dist.train``): see ``cli.py``."""
+"""``python -m zoome_dist.train`` (and ``deepspeed --module zoome_dist.train``): see ``zoome_dist/cli/train.py``."""
 import sys
 
-from zoome_dist.train.cli import main
+from zoome_dist.cli.train import main
 
 sys.exit(main())

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from zoome_dist.config import Config, DistConfig
-from zoome_dist.logs import get_logger
-from zoome_dist.losses import LOSSES
+from zoome_dist.core.logs import get_logger
+from zoome_dist.train.losses import LOSSES
 from zoome_dist.models import BACKBONES, MODELS, create_model, model_options
 from zoome_dist.models.meta_embed import GATES
 from zoome_dist.pipeline import DEVICES, LOADERS
-from zoome_dist.rundir import RunDir
-from zoome_dist.slurm import slurm_env
+from zoome_dist.core.rundir import RunDir
+from zoome_dist.launch.slurm import slurm_env
 
 
 
@@ -131,7 +131,7 @@ def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
             raise ValueError(f"LOCAL_RANK {local_rank} but only {visible} GPU(s) are visible on this node: "
                              "start at most one rank per GPU (deepspeed --num_gpus / --include, CUDA_VISIBLE_DEVICES)")
         torch.cuda.set_device(local_rank)
-    rendezvous = os.environ.get("ZOOME_RENDEZVOUS_FILE")  # zoome_dist.launch.local_rank_commands
+    rendezvous = os.environ.get("ZOOME_RENDEZVOUS_FILE")  # zoome_dist.launch.command.local_rank_commands
     if rendezvous:
         os.environ.setdefault("MASTER_PORT", "0")  # unused with a file rendezvous; DeepSpeed checks it is set
         deepspeed.init_distributed(timeout=timedelta(seconds=dist_cfg.timeout_s), init_method=f"file://{rendezvous}",

@@ -1,6 +1,6 @@
 """``run(cfg, shards, fold, out)``: train on every fold but ``fold``, evaluate on ``fold`` each epoch.
 
-Writes the run folder ``out`` (``zoome_dist.rundir.RunDir`` names its files): the resolved config and
+Writes the run folder ``out`` (``zoome_dist.core.rundir.RunDir`` names its files): the resolved config and
 DeepSpeed config, one metrics line per epoch, TensorBoard events, DeepSpeed checkpoints (every epoch and
 every ``train.checkpoint_every_steps`` optimizer steps), the best epoch's (by AUC) out-of-fold
 predictions and weights, the last epoch's predictions, and the summary at the end.
@@ -25,27 +25,26 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from zoome_dist.calibration import plot_reliability
+from zoome_dist.eval.calibration import plot_reliability
 from zoome_dist.config import Config
 from zoome_dist.data.manifest import load_manifest
-from zoome_dist.folder_lock import FolderLock
-from zoome_dist.logs import get_logger
-from zoome_dist.losses import make_loss
-from zoome_dist.metrics import binary_metrics, youden_threshold
+from zoome_dist.core.folder_lock import FolderLock
+from zoome_dist.core.logs import get_logger
+from zoome_dist.train.losses import make_loss
+from zoome_dist.eval.metrics import binary_metrics, youden_threshold
 from zoome_dist.pipeline import Augment, make_loader, resolve_loader
-from zoome_dist.report import plot_curves
-from zoome_dist.rundir import RunDir
-from zoome_dist.storage import check_ranks
-from zoome_dist.subgroups import SUBGROUP_COLUMNS, auc_by_source, subgroup_metrics
+from zoome_dist.eval.report import plot_curves
+from zoome_dist.core.rundir import RunDir
+from zoome_dist.core.storage import check_ranks
+from zoome_dist.eval.subgroups import SUBGROUP_COLUMNS, auc_by_source, subgroup_metrics
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
                                      build_scheduler, deepspeed_config, setup_distributed, validate)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
-from zoome_dist.train.safe_checkpoint import (TAG, UnsafeCheckpointError, checksum_damage, install, latest_tag,
-                                             step_tag, write_checksums)
+from zoome_dist.train.checkpoints import TAG, UnsafeCheckpointError, checksum_damage, install, latest_tag, step_tag, write_checksums
 
 
-log = get_logger(__name__)  # INFO on rank 0 only (zoome_dist.logs)
+log = get_logger(__name__)  # INFO on rank 0 only (zoome_dist.core.logs)
 
 
 def warn0(msg: str) -> None:

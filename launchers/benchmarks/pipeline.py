@@ -17,7 +17,7 @@ from pathlib import Path
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from zoome_dist.bench.shards import reused_dataset
+from benchmarks.shards import reused_dataset
 from zoome_dist.data.manifest import load_manifest
 from zoome_dist.data.writer import BuildOptions, build
 from zoome_dist.pipeline import make_loader, resolve_device

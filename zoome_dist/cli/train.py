@@ -25,9 +25,9 @@ import os
 import socket
 import sys
 
-from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, error
+from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, error
 from zoome_dist.config import load_config, parse_set
-from zoome_dist.logs import LEVELS, setup_logging
+from zoome_dist.core.logs import LEVELS, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [f"--{k}" for k in ("shards", "fold", "out") if getattr(a, k) is None]
         if missing:
             p.error(f"the following arguments are required: {', '.join(missing)}")
-    from zoome_dist.slurm import slurm_env
+    from zoome_dist.launch.slurm import slurm_env
     from zoome_dist.train.run import run  # imports DeepSpeed, which sets its logger up: configure after it
 
     try:  # an srun task: its rank first, so that logging and every error know it

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 from scipy.optimize import minimize_scalar
 
-from zoome_dist.metrics import at_threshold, calibration_bins, ece, youden_threshold
-from zoome_dist.safe_load import safe_load
+from zoome_dist.eval.metrics import at_threshold, calibration_bins, ece, youden_threshold
+from zoome_dist.core.safe_load import safe_load
 
 EPS = 1e-7
 

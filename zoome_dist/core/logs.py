@@ -1,7 +1,7 @@
 """Logging, configured once per process: time, rank and level on every line of ``zoome_dist``'s loggers
 (on stdout, with the progress they describe), and the stack's own chatter quieted unless asked for.
 
-    from zoome_dist.logs import get_logger, setup_logging
+    from zoome_dist.core.logs import get_logger, setup_logging
     setup_logging("info")          # zoome train --log-level; ranks > 0 log warnings and errors only
     log = get_logger(__name__)
 """

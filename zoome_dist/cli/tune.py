@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
+from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
 
 
 def trial_resources(gpus: int | None, workers: int, cluster_gpus: int) -> tuple[int, int]:
@@ -71,10 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from zoome_dist.config import load_config, parse_set
-    from zoome_dist.storage import check_ray_nodes, open_storage
+    from zoome_dist.core.storage import check_ray_nodes, open_storage
     from zoome_dist.train.engine import validate
-    from zoome_dist.tuning import (base_tree, check_pickles_are_ours, error_line, search_space, trainable, trial_id,
-                                   write_results)
+    from zoome_dist.launch.tune import base_tree, check_pickles_are_ours, error_line, search_space, trainable, trial_id, write_results
 
     try:
         if a.tolerate_failed_trials < 0:

@@ -5,7 +5,7 @@ import errno
 import os
 from pathlib import Path
 
-from zoome_dist.logs import get_logger
+from zoome_dist.core.logs import get_logger
 
 # File systems without flock (Lustre mounted without -o flock, NFS without lockd, some FUSE mounts).
 NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)

@@ -6,7 +6,7 @@ Design (see README "Tuning"):
   latest). Every fold of a configuration therefore uses the same hyperparameters (a ``grid_search``
   over the fold would redraw them), and ASHA can stop a poor configuration after its first fold.
 - **A process group per trial**: the trial spawns its ``workers`` ranks as ``python -m
-  zoome_dist.train`` processes (``zoome_dist.launch.local_rank_commands``: RANK/WORLD_SIZE env and a
+  zoome_dist.train`` processes (``zoome_dist.launch.command.local_rank_commands``: RANK/WORLD_SIZE env and a
   rendezvous file in the fold's folder, so concurrent trials never race for a port), the path a user runs,
   instead of a Ray Train ``TorchTrainer``; the ranks get a parent-death signal so they die with the
   trial when ASHA stops it or it fails, and nothing (placement groups, actors) outlives a trial.
@@ -32,10 +32,10 @@ from typing import Any, Iterator
 import yaml
 
 from zoome_dist.config import Config, apply_overrides, check_keys
-from zoome_dist.launch import job_env, local_rank_commands
-from zoome_dist.procs import die_with_parent, exit_description, log_tail
-from zoome_dist.rundir import RunDir
-from zoome_dist.storage import snapshot_runs
+from zoome_dist.launch.command import job_env, local_rank_commands
+from zoome_dist.core.procs import die_with_parent, exit_description, log_tail
+from zoome_dist.core.rundir import RunDir
+from zoome_dist.core.storage import snapshot_runs
 
 
 
@@ -105,7 +105,7 @@ def train_fold(cfg_path: Path, shards: str, fold: int, fold_dir: Path, workers: 
 
 def _checkpointed(run: RunDir, global_step: int) -> bool:
     """The run's newest committed checkpoint is at or past optimizer step ``global_step``."""
-    from zoome_dist.train.safe_checkpoint import step_tag  # imports DeepSpeed: only where ranks run
+    from zoome_dist.train.checkpoints import step_tag  # imports DeepSpeed: only where ranks run
 
     tag = run.committed_tag()
     return tag is not None and tag >= step_tag(global_step)

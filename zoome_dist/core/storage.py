@@ -166,7 +166,7 @@ def snapshot_runs(src: Path, dst: Path) -> None:
     *committed* checkpoint (every rank's files written; DeepSpeed's ``latest`` comes earlier), for a
     Tune checkpoint or the object store. Files that training replaces meanwhile are taken as they are
     or skipped; the kept checkpoint is copied whole or the copy fails."""
-    from zoome_dist.rundir import RunDir
+    from zoome_dist.core.rundir import RunDir
 
     kept: dict[Path, str] = {}
 
@@ -198,7 +198,7 @@ def upload_run(fs: "pyarrow.fs.FileSystem", remote: str, local: Path) -> None:
     that is there whole; the older checkpoints are removed after that (never none in between)."""
     import pyarrow.fs as pafs
 
-    from zoome_dist.rundir import RunDir
+    from zoome_dist.core.rundir import RunDir
 
     if not Path(local).is_dir():
         return

@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from zoome_dist.bench import machine
-from zoome_dist.rundir import RunDir
+from benchmarks import machine
+from zoome_dist.core.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +55,7 @@ def _sync(device: torch.device) -> Callable[[], None]:
 def _train_step(model: torch.nn.Module, dtype: torch.dtype,
                 device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
     """One training step of ``model`` on a batch: fwd under autocast, bwd, Adam step (GradScaler for fp16)."""
-    from zoome_dist.losses import make_loss
+    from zoome_dist.train.losses import make_loss
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -127,7 +127,7 @@ def bench_zoom_se_kernels(device: str = "cuda", batch: int = 64, dtype: torch.dt
 def _contender(name: str) -> torch.nn.Module:
     """``zoome`` (fused Zoom-SE), ``zoome_plain_autograd`` (Zoom-SE through plain autograd instead of the
     fused function) or ``resnext50`` (the plain backbone)."""
-    from zoome_dist.bench.model import plain_zoom_se
+    from benchmarks.model import plain_zoom_se
     from zoome_dist.models import ZooME, create_model
 
     if name == "resnext50":
@@ -320,7 +320,7 @@ def bench_train_gpu(shards: Path, work: Path, micro: int = 64, epochs: int = 3, 
                     timeout: float = 300) -> dict:
     """``launchers/train.py`` as a user runs it (1 GPU, DeepSpeed, bf16, nvJPEG torch loader)."""
     out: dict = {"micro": micro, "epochs": epochs, "loader": "torch+nvjpeg", "precision": "bf16"}
-    from zoome_dist.launch import train_command
+    from zoome_dist.launch.command import train_command
 
     cmd = train_command(["--shards", str(shards), "--fold", "0", "--out", str(work / "train"), "--no-progress",
            "--set", "data.loader=torch", "--set", "data.device=gpu", "--set", f"data.num_threads={threads}",
@@ -388,8 +388,8 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
         raise ValueError(f"unknown gpu_check part(s) {bad}; valid: {list(PARTS)}")
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU visible (torch.cuda.is_available() is False): the GPU check needs one")
-    from zoome_dist.bench.predict import bench_predict
-    from zoome_dist.bench.shards import reused_dataset
+    from benchmarks.predict import bench_predict
+    from benchmarks.shards import reused_dataset
     from zoome_dist.data.writer import BuildOptions, build
 
     out_dir = Path(out_dir)

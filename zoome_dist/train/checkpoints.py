@@ -21,8 +21,8 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from zoome_dist.rundir import RunDir
-from zoome_dist.safe_load import DamagedCheckpointError, UnsafeCheckpointError, safe_load
+from zoome_dist.core.rundir import RunDir
+from zoome_dist.core.safe_load import DamagedCheckpointError, UnsafeCheckpointError, safe_load
 
 # What DeepSpeed 0.19 writes besides tensors and builtins (ZeRO 1/2 optimizer state files):
 SAFE_GLOBALS = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import signal
 import sys
 import threading
@@ -38,8 +39,8 @@ from typing import Any
 
 import pandas as pd
 
-from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
-from zoome_dist.rundir import SELECT, RunDir
+from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, check_folds, error, parse_folds
+from zoome_dist.core.rundir import SELECT, RunDir
 
 
 def fold_dir(out: Path, variant: str, fold: int) -> Path:
@@ -152,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         return error("zoome cv", e)
 
     from zoome_dist.config import apply_overrides, load_config, parse_set
-    from zoome_dist.jobs import Job, Resources, run_local, run_ray
-    from zoome_dist.launch import Launch
+    from zoome_dist.launch.jobs import Job, Resources, run_local, run_ray
+    from zoome_dist.launch.command import Launch
     from zoome_dist.models import MODELS
     from zoome_dist.train.engine import accelerator, validate
 
-    from zoome_dist import paper
+    from zoome_dist.eval import paper
 
     if a.paper:
         a.config = a.config or str(Path(__file__).resolve().parents[1] / paper.CONFIG)
@@ -226,10 +227,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def project(images: int = 33126, folds: int = 10, variants: int = 7, epochs: int = 20,
+            img_s_micro64: float = 700.0, img_s_micro8: float = 179.0, startup_s: float = 30.0,
+            gpus_per_node: int = 8) -> list[dict]:
+    """Hours for a ``folds``-fold CV of ``variants`` on ``images`` (ISIC 2020: 33,126), per cluster shape.
+
+    One job trains on (folds−1)/folds of the images and validates on the rest, every epoch. A 1-GPU job
+    runs at ``img_s_micro64`` (global batch 64 on one GPU, end to end); an 8-GPU data-parallel job at
+    the paper's global batch 64 has micro batch 8 per GPU, at best 8 × ``img_s_micro8`` (perfect
+    scaling: an upper bound on its speed). Jobs run in waves of as many as there are slots."""
+    jobs = folds * variants
+    per_epoch = images * (folds - 1) / folds + images / folds
+
+    def job_s(img_s: float) -> float:
+        return startup_s + epochs * per_epoch / img_s
+
+    shapes = [("1 node × 8 GPUs, one 8-GPU data-parallel job at a time (micro 8)", 1, job_s(8 * img_s_micro8)),
+              ("1 node, 8 concurrent 1-GPU jobs (micro 64)", gpus_per_node, job_s(img_s_micro64)),
+              ("4 nodes, 32 concurrent 1-GPU jobs (micro 64)", 4 * gpus_per_node, job_s(img_s_micro64))]
+    return [{"shape": name, "slots": slots, "job_min": round(t / 60, 1),
+             "hours": round(math.ceil(jobs / slots) * t / 3600, 2)} for name, slots, t in shapes]
+
+
 def expected_time(shards: str, folds: list[int], variants: list[str], epochs: int) -> str:
     """The run time of this CV per cluster shape, projected from the H200 figures (BENCHMARKS.md)."""
-    from zoome_dist.bench.cv import project
-
     images = json.loads((Path(shards) / "manifest.json").read_text())["totals"]["samples"]
     rows = project(images=images, folds=len(folds), variants=len(variants), epochs=epochs)
     return "expected run time on GPUs (projection, BENCHMARKS.md):\n" + "\n".join(
@@ -238,9 +259,9 @@ def expected_time(shards: str, folds: list[int], variants: list[str], epochs: in
 
 def report(out: Path, variants: list[str], folds: list[int], select: str) -> str:
     """The CV's tables, ROC and curves from its finished run folders; returns the markdown table."""
-    from zoome_dist.calibration import cross_fit_thresholds, fit, plot_reliability, stamp_checkpoint
-    from zoome_dist.report import fold_rows, plot_curves, plot_roc, pooled, table_markdown
-    from zoome_dist.subgroups import auc_by_source, subgroup_markdown, subgroup_metrics
+    from zoome_dist.eval.calibration import cross_fit_thresholds, fit, plot_reliability, stamp_checkpoint
+    from zoome_dist.eval.report import fold_rows, plot_curves, plot_roc, pooled, table_markdown
+    from zoome_dist.eval.subgroups import auc_by_source, subgroup_markdown, subgroup_metrics
 
     rows, preds, curves = [], {v: [] for v in variants}, {}
     for variant in variants:

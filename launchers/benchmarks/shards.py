@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from zoome_dist.bench import PeakRSS, timed
+from benchmarks import PeakRSS, timed
 from zoome_dist.data.dedup import digests
 from zoome_dist.data.images import prepare_image
 from zoome_dist.data.sources import FolderImages

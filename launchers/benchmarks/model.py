@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from zoome_dist.losses import make_loss
+from zoome_dist.train.losses import make_loss
 from zoome_dist.models import ZooME, ZoomSE, create_model
 
 

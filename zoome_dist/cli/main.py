@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from zoome_dist.cliutil import USER_ERRORS, HelpFormatter, error
-from zoome_dist.metrics import binary_metrics
+from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, error
+from zoome_dist.eval.metrics import binary_metrics
 
 
 def _read(path: str, role: str) -> pd.DataFrame:
@@ -84,7 +84,7 @@ def write_csv_atomic(df: pd.DataFrame, out: Path) -> None:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from zoome_dist.predict import find_checkpoints, load_member, predict, torch_device
+    from zoome_dist.infer.predict import find_checkpoints, load_member, predict, torch_device
 
     out = Path(a.out)
     check_writable(out)  # before the inference, not after it
@@ -135,8 +135,8 @@ def _predict(a: argparse.Namespace) -> int:
 def _export(a: argparse.Namespace) -> int:
     import torch
 
-    from zoome_dist.export import export
-    from zoome_dist.predict import find_checkpoints, load_member
+    from zoome_dist.infer.export import export
+    from zoome_dist.infer.predict import find_checkpoints, load_member
 
     out = Path(a.out)
     check_writable(out)
@@ -172,10 +172,9 @@ def _explain(a: argparse.Namespace) -> int:
     import torch
     from torchvision.io import ImageReadMode, decode_image
 
-    from zoome_dist.explain import explain, render
+    from zoome_dist.infer.explain import explain, render
     from zoome_dist.data.sources import FolderImages
-    from zoome_dist.predict import (find_checkpoints, image_batches, load_member, read_test_csv, scorable_image,
-                                    torch_device)
+    from zoome_dist.infer.predict import find_checkpoints, image_batches, load_member, read_test_csv, scorable_image, torch_device
 
     paths = find_checkpoints([a.checkpoint], a.select)
     if len(paths) != 1:
@@ -229,20 +228,20 @@ def _explain(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # the training program has its own parser (also `python -m zoome_dist.train`)
-        from zoome_dist.train.cli import main as train_main
+        from zoome_dist.cli.train import main as train_main
 
         return train_main(argv[1:])
     if argv[:1] == ["cv"]:
-        from zoome_dist.cv import main as cv_main
+        from zoome_dist.launch.cv import main as cv_main
 
         return cv_main(argv[1:])
     if argv[:1] == ["tune"]:
-        from zoome_dist.tune import main as tune_main
+        from zoome_dist.cli.tune import main as tune_main
 
         return tune_main(argv[1:])
     from zoome_dist.pipeline import DEVICES, LOADERS
-    from zoome_dist.predict import ENSEMBLES
-    from zoome_dist.rundir import SELECT
+    from zoome_dist.infer.predict import ENSEMBLES
+    from zoome_dist.core.rundir import SELECT
 
     p = argparse.ArgumentParser(prog="zoome", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -1,7 +1,7 @@
 """Independent training jobs (one per (variant, fold) of a cross-validation) run concurrently: on this
 node (``run_local``: N at a time, each with its own GPUs) or across a Ray cluster (``run_ray``: each job
 a Ray task holding its GPUs/CPUs, placed wherever they are free). Either way a job is the one training
-command of ``zoome_dist.launch`` (possibly data parallel on its node), resumes from its own checkpoint
+command of ``zoome_dist.launch.command`` (possibly data parallel on its node), resumes from its own checkpoint
 when it is started again, and is retried up to ``retries`` times after a failure (a lost node too).
 
 Why jobs and not more ranks: a 10-fold CV of 7 variants is 70 jobs; at the paper's global batch 64,
@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoome_dist.launch import Launch, job_env, train_command, visible_devices
-from zoome_dist.procs import die_with_parent, exit_description, log_tail
-from zoome_dist.rundir import RunDir
-from zoome_dist.storage import check_ray_nodes, download_run, open_storage, stored_file, upload_run
+from zoome_dist.launch.command import Launch, job_env, train_command, visible_devices
+from zoome_dist.core.procs import die_with_parent, exit_description, log_tail
+from zoome_dist.core.rundir import RunDir
+from zoome_dist.core.storage import check_ray_nodes, download_run, open_storage, stored_file, upload_run
 
 
 @dataclass(frozen=True)

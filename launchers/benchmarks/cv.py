@@ -8,7 +8,6 @@ loaders, checkpoints) is measured as its share of the sequential wall time minus
 """
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -20,7 +19,8 @@ import yaml
 
 from zoome_dist.data.synth import synthesize
 from zoome_dist.data.writer import BuildOptions, build
-from zoome_dist.rundir import RunDir
+from zoome_dist.core.rundir import RunDir
+from zoome_dist.launch.cv import project
 
 TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
         "data": {"image_size": 32, "num_threads": 1},
@@ -29,32 +29,10 @@ TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
 
 def _cv(cfg: Path, shards: Path, out: Path, folds: int, *extra: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "zoome_dist.cv", "--config", str(cfg), "--shards", str(shards),
+    subprocess.run([sys.executable, "-m", "zoome_dist.launch.cv", "--config", str(cfg), "--shards", str(shards),
                     "--folds", f"0-{folds - 1}", "--variants", "zoome,zoome_no_meta", "--out", str(out), *extra],
                    check=True, stdout=subprocess.DEVNULL, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     return time.perf_counter() - t0
-
-
-def project(images: int = 33126, folds: int = 10, variants: int = 7, epochs: int = 20,
-            img_s_micro64: float = 700.0, img_s_micro8: float = 179.0, startup_s: float = 30.0,
-            gpus_per_node: int = 8) -> list[dict]:
-    """Hours for a ``folds``-fold CV of ``variants`` on ``images`` (ISIC 2020: 33,126), per cluster shape.
-
-    One job trains on (folds−1)/folds of the images and validates on the rest, every epoch. A 1-GPU job
-    runs at ``img_s_micro64`` (global batch 64 on one GPU, end to end); an 8-GPU data-parallel job at
-    the paper's global batch 64 has micro batch 8 per GPU, at best 8 × ``img_s_micro8`` (perfect
-    scaling: an upper bound on its speed). Jobs run in waves of as many as there are slots."""
-    jobs = folds * variants
-    per_epoch = images * (folds - 1) / folds + images / folds
-
-    def job_s(img_s: float) -> float:
-        return startup_s + epochs * per_epoch / img_s
-
-    shapes = [("1 node × 8 GPUs, one 8-GPU data-parallel job at a time (micro 8)", 1, job_s(8 * img_s_micro8)),
-              ("1 node, 8 concurrent 1-GPU jobs (micro 64)", gpus_per_node, job_s(img_s_micro64)),
-              ("4 nodes, 32 concurrent 1-GPU jobs (micro 64)", 4 * gpus_per_node, job_s(img_s_micro64))]
-    return [{"shape": name, "slots": slots, "job_min": round(t / 60, 1),
-             "hours": round(math.ceil(jobs / slots) * t / 3600, 2)} for name, slots, t in shapes]
 
 
 def bench_cv(folds: int = 3, n: int = 144, cores: int | None = None, **projection) -> dict:

@@ -1,1 +1,0 @@
-"""``zoome-shards``: ISIC CSV + images → fold-partitioned WebDataset shards."""

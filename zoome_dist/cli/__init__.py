@@ -1,0 +1,1 @@
+"""Command lines: ``zoome`` (``main.py``) and ``zoome-shards`` (``shards.py``), one module per command."""

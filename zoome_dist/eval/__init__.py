@@ -1,0 +1,1 @@
+"""Metrics, calibration, subgroups, cross-validation reports and the paper's numbers."""
