@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from zoome_dist.cli.shards import main as shards_main
 from zoome_dist.cli.common import HelpFormatter
+from zoome_dist.cli.shards import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.ranks is None:  # a 1-GPU host trains on its one GPU
         a.ranks = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
     print(f"== 4. DeepSpeed training, {a.ranks} ranks, fold(s) {a.folds} → {out / 'cv'}", flush=True)
-    from zoome_dist.launch.cv import main as cv_main
+    from zoome_dist.cli.cv import main as cv_main
 
     return cv_main(["--config", str(ROOT / "launchers" / "configs" / "demo-cpu.yaml"), "--shards", str(shards),
                     "--folds", a.folds, "--out", str(out / "cv"), "--gpus-per-job", str(a.ranks)])

@@ -69,7 +69,7 @@ def cv_sequential(cv_config, shards_dir, tmp_path_factory, deepspeed_shm_op) -> 
     import sys
 
     out = tmp_path_factory.mktemp("cvseq") / "cv"
-    r = subprocess.run([sys.executable, "-m", "zoome_dist.launch.cv", *cv_args(cv_config, shards_dir, out)],
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.cli.cv", *cv_args(cv_config, shards_dir, out)],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out

@@ -16,14 +16,13 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-
 from conftest import cv_args
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
 
 
 def zoome_cv(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zoome_dist.launch.cv", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "zoome_dist.cli.cv", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV)
 
 
@@ -115,7 +114,7 @@ def test_failing_job_reports_and_exits_nonzero(cv_config, shards_dir, tmp_path):
     (["--set", "model.pretrained=missing.pth"], "model.pretrained 'missing.pth': no such file"),
 ])
 def test_cv_argument_errors(cv_config, shards_dir, tmp_path, extra, message, capsys):
-    from zoome_dist.launch.cv import main
+    from zoome_dist.cli.cv import main
 
     hosts = tmp_path / "hosts"
     hosts.write_text("10.0.0.1 slots=1\n")
@@ -146,7 +145,7 @@ def test_ctrl_c_stops_every_job_without_retrying(cv_config, shards_dir, tmp_path
     (a 2-rank job's DeepSpeed launcher and its ranks too), nothing is retried, exit 128 + the signal."""
     out = tmp_path / "cv"
     jobs = ["--jobs", "2"] if ranks == 1 else ["--jobs", "1", "--gpus-per-job", "2"]
-    p = subprocess.Popen([sys.executable, "-m", "zoome_dist.launch.cv",
+    p = subprocess.Popen([sys.executable, "-m", "zoome_dist.cli.cv",
                           *cv_args(cv_config, shards_dir, out, *jobs, "--set", "train.epochs=20")],
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
@@ -193,8 +192,8 @@ def test_report_has_out_of_fold_threshold_calibration_and_subgroups(cv_sequentia
 
 @pytest.mark.slow
 def test_paper_comparison_and_expected_time(cv_sequential, shards_dir):
-    from zoome_dist.launch.cv import expected_time
     from zoome_dist.eval.paper import VARIANTS, comparison_markdown
+    from zoome_dist.launch.cv import expected_time
 
     rows = pd.read_csv(cv_sequential / "folds.csv")
     md = comparison_markdown(rows)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import SHARD_OPTS
+
 from zoome_dist.cli.shards import main as shards_main
 from zoome_dist.data.manifest import load_manifest, verify
 from zoome_dist.data.synth import synthesize

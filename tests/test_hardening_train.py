@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from zoome_dist.config import load_config, parse_set
+from zoome_dist.train.checkpoints import write_checksums
 from zoome_dist.train.engine import validate
 from zoome_dist.train.run import _prune
-from zoome_dist.train.checkpoints import write_checksums
 
 pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_out_that_is_a_file(base_run, shards_dir, tmp_path):
 
 
 def test_tune_resume_refuses_pickles_others_could_write(tmp_path):
-    from zoome_dist.launch.tune import check_pickles_are_ours
+    from zoome_dist.launch.trial import check_pickles_are_ours
 
     exp = tmp_path / "ray" / "search"
     (exp / "trial_1").mkdir(parents=True)

@@ -23,14 +23,14 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from zoome_dist.cli.shards import main as shards_main
 from zoome_dist.cli.main import main as zoome_main
+from zoome_dist.cli.shards import main as shards_main
 from zoome_dist.config import load_config
 from zoome_dist.data.manifest import verify
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.writer import BuildOptions, build
-from zoome_dist.infer.predict import load_member, predict
 from zoome_dist.eval.subgroups import subgroup_metrics
+from zoome_dist.infer.predict import load_member, predict
 from zoome_dist.train.engine import build_model
 from zoome_dist.train.run import save_model
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from zoome_dist.train.losses import make_loss
 from zoome_dist.models import MODELS, ZoomSE, create_model
 from zoome_dist.models.pretrained import load_pretrained
+from zoome_dist.train.losses import make_loss
 
 torch.manual_seed(0)
 IMG = torch.randn(2, 3, 64, 64)

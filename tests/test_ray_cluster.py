@@ -9,8 +9,8 @@ end by PID with their namespaces (``Cluster.down``); the client's files live in 
 """
 from __future__ import annotations
 
-import hashlib
 import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -24,11 +24,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from cluster import Cluster, unavailable
 from conftest import cv_args
-from zoome_dist.core.rundir import RunDir
 from test_cv import finished, same_table
+
+from zoome_dist.core.rundir import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(bool(unavailable()), reason=f"no test cluster: {unavailable()}")]

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")
 
 def zoome_cv(shards: Path, out: Path, *extra: str) -> None:
     """``zoome cv`` with the demo recipe at 32 px, one 1-core job per fold, two at a time."""
-    cmd = [sys.executable, "-m", "zoome_dist.launch.cv", "--config", str(DEMO), "--shards", str(shards), "--out", str(out),
+    cmd = [sys.executable, "-m", "zoome_dist.cli.cv", "--config", str(DEMO), "--shards", str(shards), "--out", str(out),
            "--set", "data.image_size=32", "--jobs", "2", "--cpus-per-job", "1", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
@@ -154,7 +154,7 @@ def test_rerun_reports_finished_folds_only_for_the_same_config(demo_cv):
     """The same command again trains nothing; a changed ``--set`` over finished folds is refused
     (exit 2, naming the job and the key), never answered with the old folds' table."""
     shards, cv = demo_cv
-    base = [sys.executable, "-m", "zoome_dist.launch.cv", "--config", str(DEMO), "--shards", str(shards), "--out", str(cv),
+    base = [sys.executable, "-m", "zoome_dist.cli.cv", "--config", str(DEMO), "--shards", str(shards), "--out", str(cv),
             "--folds", "0-2", "--set", "data.image_size=32", "--dry-run"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     same = subprocess.run([*base, "--set", "train.epochs=4"], capture_output=True, text=True, timeout=120, env=env)

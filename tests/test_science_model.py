@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch import nn
 
 from zoome_dist.config import load_config
+from zoome_dist.core.rundir import RunDir
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.infer.explain import explain
 from zoome_dist.infer.predict import tta_views
-from zoome_dist.core.rundir import RunDir
 from zoome_dist.train.engine import (batch_plan, build_optimizer, build_scheduler, deepspeed_config, free_port,
                                      setup_distributed)
 from zoome_dist.train.loop import evaluate

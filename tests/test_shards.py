@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARD_OPTS
 from PIL import Image
 
-from conftest import SHARD_OPTS
 from zoome_dist.cli.shards import main as shards_main
 from zoome_dist.data.isic import read_isic
 from zoome_dist.data.manifest import load_manifest, verify

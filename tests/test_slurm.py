@@ -16,13 +16,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import CV_TINY
 from slurm_cluster import SlurmCluster, unavailable
-from zoome_dist.launch.slurm import parse_nodelist
 from test_cv import same_table
 from test_multinode import TINY, check_run
 from test_ray_cluster import TINY as RAY_TINY
+
+from zoome_dist.launch.slurm import parse_nodelist
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(bool(unavailable()), reason=f"no SLURM test cluster: {unavailable()}")]
@@ -189,7 +189,7 @@ def test_cv_run_directly_in_a_multi_task_job(slurm, shards_dir, cv_config, tmp_p
 
     out = tmp_path / "cv"
     script = tmp_path / "cv-direct.sbatch"
-    script.write_text("#!/bin/bash\nset -e\nexec python -m zoome_dist.launch.cv " + " ".join(
+    script.write_text("#!/bin/bash\nset -e\nexec python -m zoome_dist.cli.cv " + " ".join(
         cv_args(cv_config, shards_dir, out, "--folds", "0", "--variants", "zoome")) + "\n")
     job = submit(slurm, "--ntasks=2", "--nodes=1", "--cpus-per-task=1", f"--output={tmp_path}/job.out", str(script),
                  env={"OMP_NUM_THREADS": "1"})

@@ -18,8 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from zoome_dist.core.storage import open_storage
-from zoome_dist.core.storage import snapshot_runs
+from zoome_dist.core.storage import open_storage, snapshot_runs
 
 BIN = Path(sys.executable).parent
 EPOCHS = 6  # ~2 s each here: the node is lost after the first, well before the last
@@ -223,7 +222,7 @@ def _lost_node_cv(c, s3: S3Server, shards: Path, cfg: Path) -> None:
     out = Path.home() / "cv-out"  # on each node, that node's own home
     args = [*cv_args(cfg, shards, out), "--variants", "zoome", "--cpus-per-job", "2", "--set", f"train.epochs={EPOCHS}",
             "--ray-address", address, "--storage", s3.uri("zoome-test/cv")]
-    driver = drive_on_head(c, env, "zoome_dist.launch.cv", args)
+    driver = drive_on_head(c, env, "zoome_dist.cli.cv", args)
     fs, worker_out = s3fs(s3), c.dir / "node1" / "home" / "cv-out" / "zoome"
     victim, log = lose_worker_once(c, driver, worker_out, lambda fold: fs.get_file_info(
         f"zoome-test/cv/zoome/{fold}/checkpoints/committed").type == pafs_file(), 0.5, "the CV", "job")

@@ -148,7 +148,7 @@ def test_trials_csv_error_is_the_trials_own_message():
     error column of trials.csv keeps the trial's own first line."""
     from ray.exceptions import RayTaskError
 
-    from zoome_dist.launch.tune import error_line
+    from zoome_dist.launch.trial import error_line
 
     cause = RuntimeError("fold 0: rank 0 killed by SIGKILL; the end of r/rank0.log:\n    epoch 0: loss 0.49")
     wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...", cause, proctitle="ray::ImplicitFunc.train()",
@@ -159,7 +159,7 @@ def test_trials_csv_error_is_the_trials_own_message():
 
 
 def test_trials_get_a_gpu_by_default_where_the_cluster_has_gpus():
-    from zoome_dist.cli.tune import trial_resources
+    from zoome_dist.launch.tune import trial_resources
 
     assert trial_resources(None, 0, cluster_gpus=8) == (1, 1)   # GPU cluster: never silently CPU-only trials
     assert trial_resources(None, 0, cluster_gpus=0) == (1, 0)   # CPU cluster: CPU trials

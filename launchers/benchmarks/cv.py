@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from zoome_dist.core.rundir import RunDir
 from zoome_dist.data.synth import synthesize
 from zoome_dist.data.writer import BuildOptions, build
-from zoome_dist.core.rundir import RunDir
 from zoome_dist.launch.cv import project
 
 TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
@@ -29,7 +29,7 @@ TINY = {"model": {"name": "zoome", "backbone": "resnet18", "pool_size": 2},
 
 def _cv(cfg: Path, shards: Path, out: Path, folds: int, *extra: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "zoome_dist.launch.cv", "--config", str(cfg), "--shards", str(shards),
+    subprocess.run([sys.executable, "-m", "zoome_dist.cli.cv", "--config", str(cfg), "--shards", str(shards),
                     "--folds", f"0-{folds - 1}", "--variants", "zoome,zoome_no_meta", "--out", str(out), *extra],
                    check=True, stdout=subprocess.DEVNULL, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     return time.perf_counter() - t0

@@ -20,10 +20,10 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from zoome_dist.core.rundir import RunDir
 from zoome_dist.data.synth import synthesize
 from zoome_dist.data.writer import BuildOptions, build
 from zoome_dist.launch.command import Launch, train_command
-from zoome_dist.core.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {"zoome (paper: gate)": [],

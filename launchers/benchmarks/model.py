@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from zoome_dist.train.losses import make_loss
 from zoome_dist.models import ZooME, ZoomSE, create_model
+from zoome_dist.train.losses import make_loss
 
 
 def _step_time(model: torch.nn.Module, img: torch.Tensor, meta: torch.Tensor, target: torch.Tensor,

@@ -9,9 +9,9 @@ import torch
 
 from benchmarks.shards import reused_dataset
 from zoome_dist.config import load_config
+from zoome_dist.core.rundir import RunDir
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.infer.predict import load_member, predict
-from zoome_dist.core.rundir import RunDir
 from zoome_dist.train.engine import build_model
 from zoome_dist.train.run import save_model
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from benchmarks.shards import reused_dataset
 from zoome_dist.config import load_config
+from zoome_dist.core.rundir import RunDir
 from zoome_dist.data.writer import BuildOptions, build
 from zoome_dist.launch.command import train_command
-from zoome_dist.core.rundir import RunDir
 
 
 def bench_train(model: str = "zoome", image_size: int = 224, n: int = 192, source_size: int = 512,

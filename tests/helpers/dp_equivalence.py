@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from zoome_dist.config import load_config
-from zoome_dist.train.losses import make_loss
 from zoome_dist.train.engine import build_model, build_optimizer, deepspeed_config, setup_distributed
+from zoome_dist.train.losses import make_loss
 
 GLOBAL = 8
 parser = argparse.ArgumentParser()

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from zoome_dist.config import load_config
-from zoome_dist.train.losses import make_loss
+from zoome_dist.core.rundir import RunDir
 from zoome_dist.train.amp import OverflowFlag
 from zoome_dist.train.engine import build_model, build_optimizer, build_scheduler, deepspeed_config, setup_distributed
-from zoome_dist.core.rundir import RunDir
+from zoome_dist.train.losses import make_loss
 from zoome_dist.train.run import restore, save
 
 parser = argparse.ArgumentParser()

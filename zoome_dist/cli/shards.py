@@ -64,7 +64,7 @@ def _synth(a: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoome-shards", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", formatter_class=HelpFormatter, help="CSV + images → fold-partitioned WebDataset shards")
@@ -116,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    a = get_parser().parse_args(argv)
     try:
         return a.func(a)
     except (StrictError, *USER_ERRORS) as e:

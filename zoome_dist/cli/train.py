@@ -30,7 +30,7 @@ from zoome_dist.config import load_config, parse_set
 from zoome_dist.core.logs import LEVELS, setup_logging
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoome train", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML/JSON config (default: built-in paper recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info", choices=LEVELS,
                    help="rank 0's log level (other ranks: warnings and errors); debug also shows DeepSpeed's INFO")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = get_parser()
     a = p.parse_args(argv)
     if not a.print_config:
         missing = [f"--{k}" for k in ("shards", "fold", "out") if getattr(a, k) is None]

@@ -30,7 +30,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 MODEL_BEST = "model_best.pt"  # also what ``zoome predict`` looks for under a folder of runs
 MODEL_LAST = "model_last.pt"
 SELECT = ("last", "best")  # epoch-selection rule of the CV report and ``zoome predict``
@@ -126,3 +125,8 @@ class RunDir:
         if select == "best":
             return s["best"]["metrics"]
         return {k[4:]: v for k, v in s["last"].items() if k.startswith("val_")}
+
+
+def fold_dir(out: Path, variant: str, fold: int) -> Path:
+    """Where the CV's job (variant, fold) trains: its run folder."""
+    return out / variant / f"fold-{fold:02d}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
@@ -19,6 +18,8 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+
+from zoome_dist.core.files import write_text_atomic
 
 MARKER = ".zoome-storage-"
 WAIT_S = 10.0  # how long a participant looks for the marker (slow NFS attribute caches)
@@ -36,9 +37,7 @@ def manifest_digest(shards: str | Path) -> str:
 def write_marker(out: Path, digest: str) -> Path:
     """A new marker in ``out``, holding the writer's node and the shards' digest."""
     path = Path(out) / f"{MARKER}{secrets.token_hex(8)}"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"node": socket.gethostname(), "digest": digest}))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"node": socket.gethostname(), "digest": digest}))
     return path
 
 

@@ -11,7 +11,6 @@ their vocabulary.
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 from zoome_dist.data.isic import (ReadResult, Skipped, _bad_line_records, _finish, _read_csv, _row, known_id,

@@ -29,8 +29,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from zoome_dist.data.images import BadImage
 from zoome_dist.core.procs import die_with_parent
+from zoome_dist.data.images import BadImage
 
 DEFAULT_MAX_DISTANCE = 12
 HASH_SIZE = 16  # phash side: HASH_SIZE² bits

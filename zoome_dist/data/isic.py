@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.core.logs import get_logger
+from zoome_dist.data.metadata import MetadataEncoding
 
 ISIC2020_REQUIRED = ("image_name", "patient_id", "sex", "age_approx",
                      "anatom_site_general_challenge", "target")

@@ -12,9 +12,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from zoome_dist.core.files import sha256_file
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.wds_index import create_index
-from zoome_dist.data.writer import FIELDS, FORMAT_VERSION, sha256_file
+from zoome_dist.data.writer import FIELDS, FORMAT_VERSION
 
 
 def load_manifest(shards: str | Path) -> dict:

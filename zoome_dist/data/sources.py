@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from zoome_dist.data.images import BadImage
-from zoome_dist.data.isic import CANONICAL_COLUMNS, ISIC2019_META_NAME, LAYOUTS, ReadResult, Skipped, detect_layout, read_isic
+from zoome_dist.data.isic import (CANONICAL_COLUMNS, ISIC2019_META_NAME, LAYOUTS, ReadResult, Skipped, detect_layout,
+                                  read_isic)
 from zoome_dist.data.metadata import MetadataEncoding
 
 IMAGE_EXTS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")

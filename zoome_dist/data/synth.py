@@ -9,7 +9,6 @@ Everything is a pure function of ``seed`` (each image of ``(seed, index)``), so 
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
+
+from zoome_dist.core.files import atomic_path, write_csv_atomic
 
 SITES = ["torso", "lower extremity", "upper extremity", "head/neck", "palms/soles", "oral/genital", ""]
 SITE_P = [0.50, 0.25, 0.15, 0.06, 0.01, 0.005, 0.025]
@@ -146,9 +147,8 @@ def _make_image(args: tuple[int, int, int, str, Path, int]) -> None:
     seed, index, target, name, out_dir, size = args  # target -1: a lesion drawn without label signal
     rng = np.random.default_rng([seed, index])
     pixels = render(rng, sample_features(rng, int(rng.random() < 0.5) if target < 0 else target), size)
-    tmp = out_dir / f".{name}.jpg.tmp"
-    Image.fromarray(pixels).save(tmp, format="JPEG", quality=92)
-    os.replace(tmp, out_dir / f"{name}.jpg")
+    with atomic_path(out_dir / f"{name}.jpg") as tmp:
+        Image.fromarray(pixels).save(tmp, format="JPEG", quality=92)
 
 
 def synthesize(out: str | Path, n: int, seed: int = 0, prevalence: float = 0.1, size: int = 256,
@@ -174,6 +174,5 @@ def synthesize(out: str | Path, n: int, seed: int = 0, prevalence: float = 0.1, 
             bar.update()
     bar.close()
     csv = out / "train.csv"
-    table.to_csv(out / "train.csv.tmp", index=False)
-    os.replace(out / "train.csv.tmp", csv)
+    write_csv_atomic(table, csv)
     return csv

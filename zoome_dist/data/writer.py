@@ -22,15 +22,16 @@ import pandas as pd
 import webdataset as wds
 from tqdm import tqdm
 
+from zoome_dist.core.files import sha256_file, write_csv_atomic, write_json_atomic
+from zoome_dist.core.folder_lock import FolderLock
+from zoome_dist.core.procs import die_with_parent
 from zoome_dist.data import dedup
 from zoome_dist.data.folds import assign_folds, fold_summary
 from zoome_dist.data.images import BadImage, prepare_image
 from zoome_dist.data.isic import Skipped, read_csv_text, strip_image_ext
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import Combined, ImageStore, Source, read_sources, resolve_sources
-from zoome_dist.core.procs import die_with_parent
 from zoome_dist.data.wds_index import create_index
-from zoome_dist.core.folder_lock import FolderLock
 
 FORMAT_VERSION = 1
 FIELDS = ("cls", "jpg", "json", "label", "meta", "sid")
@@ -82,14 +83,6 @@ class ShardPlan:
     @property
     def name(self) -> str:
         return f"fold-{self.fold:02d}/shard-{self.index:06d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json_value(v: Any) -> Any:
@@ -161,15 +154,8 @@ def write_shard(plan: ShardPlan, stores: dict[str, ImageStore], out: Path, enc: 
                       bytes=tar_path.stat().st_size, sha256=sha256_file(tar_path))
     else:  # every image of the shard was bad: no empty tar (DALI refuses those)
         tmp_tar.unlink()
-    _write_json_atomic(out / ".build" / f"{plan.name.replace('/', '-')}.json", record)
+    write_json_atomic(out / ".build" / f"{plan.name.replace('/', '-')}.json", record)
     return record
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def build_lock(out: Path) -> FolderLock:
@@ -321,7 +307,7 @@ def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], stam
     todo = [i for i, k in enumerate(keys) if k not in cache]
 
     def save() -> None:
-        _write_json_atomic(cache_file, {"digests": cache})
+        write_json_atomic(cache_file, {"digests": cache})
 
     saved = time.monotonic()
     found = dedup.digests([(stores[table["source"].iloc[i]], table["image_name"].iloc[i]) for i in todo],
@@ -349,7 +335,7 @@ def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, ta
             what = [k for k in new if old.get(k) != new[k]] if old else ["not a zoome-shards build"]
             raise ValueError(f"--resume: {out} was started with other inputs or options (differs in: "
                              f"{', '.join(what)}); use a new folder")
-    _write_json_atomic(plan_file, plan_key)
+    write_json_atomic(plan_file, plan_key)
 
     records, todo = {}, []
     for p in plans:
@@ -375,8 +361,7 @@ def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, ta
         "shard": [written[n][1] for n in kept["image_name"]], "source": kept["source"], "sex": kept["sex"],
         "age_approx": kept["age_approx"], "site": kept["site"],
         "fitzpatrick_skin_type": kept["fitzpatrick_skin_type"]})
-    fold_table.to_csv(out / "folds.csv.tmp", index=False)
-    os.replace(out / "folds.csv.tmp", out / "folds.csv")
+    write_csv_atomic(fold_table, out / "folds.csv")
 
     summary = fold_summary(fold_table, fold_table["fold"].to_numpy())
     for s in summary:
@@ -403,7 +388,7 @@ def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, ta
         "licenses": dict(sorted(Counter(kept["copyright_license"]).items())),
         "attributions": dict(sorted(Counter(kept["attribution"]).items())),
     }
-    _write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
 

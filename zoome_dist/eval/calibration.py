@@ -19,8 +19,9 @@ import pandas as pd
 import torch
 from scipy.optimize import minimize_scalar
 
-from zoome_dist.eval.metrics import at_threshold, calibration_bins, ece, youden_threshold
+from zoome_dist.core.files import atomic_path
 from zoome_dist.core.safe_load import safe_load
+from zoome_dist.eval.metrics import at_threshold, calibration_bins, ece, youden_threshold
 
 EPS = 1e-7
 
@@ -71,9 +72,8 @@ def stamp_checkpoint(path: Path, calibration: dict) -> None:
     """Add ``calibration`` to a model file (atomically; the weights are untouched)."""
     state = safe_load(path, map_location="cpu")
     state["calibration"] = calibration
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def plot_reliability(predictions: dict[str, pd.DataFrame], path: str | Path, bins: int = 15) -> None:

@@ -1,10 +1,13 @@
 """Cross-validation reports: Table-I-style mean ± std, per-fold rows, pooled out-of-fold ROC."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from zoome_dist.core.rundir import RunDir, fold_dir
 
 COLUMNS = [("acc", "ACC"), ("sens", "SE"), ("spec", "SP"), ("auc", "AUC")]
 EXTRA = [("acc_oof", "ACC@oof"), ("sens_oof", "SE@oof"), ("spec_oof", "SP@oof"),
@@ -81,3 +84,44 @@ def pooled(predictions: list[pd.DataFrame]) -> pd.DataFrame:
 
 def fold_rows(variant: str, fold: int, metrics: dict) -> dict:
     return {"variant": variant, "fold": fold, **{k: v for k, v in metrics.items() if np.isscalar(v)}}
+
+
+def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> str:
+    """The CV's tables, ROC and curves from its finished run folders; returns the markdown table."""
+    from zoome_dist.eval.calibration import cross_fit_thresholds, fit, plot_reliability, stamp_checkpoint
+    from zoome_dist.eval.subgroups import auc_by_source, subgroup_markdown, subgroup_metrics
+
+    rows, preds, curves = [], {v: [] for v in variants}, {}
+    for variant in variants:
+        runs = {fold: RunDir(fold_dir(out, variant, fold)) for fold in folds}
+        fold_preds = {fold: pd.read_csv(run.predictions(select), keep_default_na=False, na_values=[""])
+                      for fold, run in runs.items()}
+        honest = cross_fit_thresholds(fold_preds)
+        for fold, run in runs.items():
+            curves[f"{variant} fold {fold}"] = run.read_metrics()
+            rows.append({**fold_rows(variant, fold, run.fold_metrics(select)), **honest.get(fold, {}),
+                         **{f"auc:{src}": auc for src, auc in auc_by_source(fold_preds[fold]).items()}})
+        preds[variant] = list(fold_preds.values())
+        calibration = {**fit(pooled(preds[variant])), "select": select, "folds": folds,
+                       "fit_on": f"pooled out-of-fold predictions of {len(folds)} fold(s), {select} epoch"}
+        (out / variant / "calibration.json").write_text(json.dumps(calibration, indent=1))
+        for run in runs.values():
+            model = run.model(select)
+            if model.is_file():
+                stamp_checkpoint(model, calibration)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "folds.csv", index=False)
+    md = table_markdown(table)
+    (out / "table.md").write_text(md)
+    summary_rows = table.drop(columns=["fold"]).groupby("variant", sort=False).agg(["mean", "std"])
+    summary_rows.columns = [f"{k}_{s}" for k, s in summary_rows.columns]
+    summary_rows.to_csv(out / "table.csv")
+    pooled_preds = {v: pooled(ps) for v, ps in preds.items()}
+    plot_roc(pooled_preds, out / "roc.png")
+    plot_reliability(pooled_preds, out / "calibration.png")
+    plot_curves(curves, out / "curves.png")
+    groups = {v: subgroup_metrics(p) for v, p in pooled_preds.items()}
+    pd.concat([g.assign(variant=v) for v, g in groups.items()]).to_csv(out / "subgroups.csv", index=False)
+    (out / "subgroups.md").write_text("Pooled out-of-fold AUC per subgroup (% ; – where a subgroup has one class)\n\n"
+                                      + subgroup_markdown(groups))
+    return md

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from zoome_dist.eval.calibration import apply_temperature
+from zoome_dist.infer.predict import Member, check_ensemble
 from zoome_dist.models.zoom_se import SlicedAdaptiveMaxPool2d, ZoomSE
 from zoome_dist.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from zoome_dist.infer.predict import Member, check_ensemble
 
 FORMATS = ("torchscript", "onnx")
 

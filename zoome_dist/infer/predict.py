@@ -19,14 +19,14 @@ import torch
 from tqdm import tqdm
 
 from zoome_dist.config import Config
+from zoome_dist.core.rundir import MODEL_BEST, MODEL_LAST, SELECT, RunDir
+from zoome_dist.core.safe_load import safe_load
 from zoome_dist.data.images import BadImage, prepare_image
 from zoome_dist.data.isic import check_image_name, parse_age, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import ARCHIVE_CSV, IMAGE_EXTS, FolderImages
-from zoome_dist.pipeline import LOADERS, resolve_device
 from zoome_dist.eval.calibration import apply_temperature
-from zoome_dist.core.rundir import MODEL_BEST, MODEL_LAST, SELECT, RunDir
-from zoome_dist.core.safe_load import safe_load
+from zoome_dist.pipeline import LOADERS, resolve_device
 from zoome_dist.train.engine import build_model
 
 TEST_COLUMNS = ("image_name", "sex", "age_approx", "anatom_site_general_challenge")

@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoome_dist.launch.command import Launch, job_env, train_command, visible_devices
 from zoome_dist.core.procs import die_with_parent, exit_description, log_tail
 from zoome_dist.core.rundir import RunDir
 from zoome_dist.core.storage import check_ray_nodes, download_run, open_storage, stored_file, upload_run
+from zoome_dist.launch.command import Launch, job_env, train_command, visible_devices
 
 
 @dataclass(frozen=True)

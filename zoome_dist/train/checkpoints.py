@@ -10,9 +10,7 @@ records the SHA-256 of its files (``sha256.json``); one whose bytes changed sinc
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from zoome_dist.core.files import sha256_file, write_text_atomic
 from zoome_dist.core.rundir import RunDir
 from zoome_dist.core.safe_load import DamagedCheckpointError, UnsafeCheckpointError, safe_load
 
@@ -66,17 +65,10 @@ def latest_tag(run: RunDir) -> str:
 CHECKSUMS = "sha256.json"  # in each checkpoint folder, written once every rank has written its files
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def write_checksums(folder: Path) -> None:
     """Record the SHA-256 of every file of a finished checkpoint folder (atomically)."""
-    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
-    tmp = folder / (CHECKSUMS + ".tmp")
-    tmp.write_text(json.dumps(sums, indent=1))
-    os.replace(tmp, folder / CHECKSUMS)
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    write_text_atomic(folder / CHECKSUMS, json.dumps(sums, indent=1))
 
 
 def checksum_damage(folder: Path) -> str | None:
@@ -93,6 +85,6 @@ def checksum_damage(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             return f"{path} differs from what was written (SHA-256 mismatch: damaged or replaced)"
     return None

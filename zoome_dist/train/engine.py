@@ -14,13 +14,12 @@ from torch import nn
 
 from zoome_dist.config import Config, DistConfig
 from zoome_dist.core.logs import get_logger
-from zoome_dist.train.losses import LOSSES
+from zoome_dist.core.rundir import RunDir
+from zoome_dist.launch.slurm import slurm_env
 from zoome_dist.models import BACKBONES, MODELS, create_model, model_options
 from zoome_dist.models.meta_embed import GATES
 from zoome_dist.pipeline import DEVICES, LOADERS
-from zoome_dist.core.rundir import RunDir
-from zoome_dist.launch.slurm import slurm_env
-
+from zoome_dist.train.losses import LOSSES
 
 
 @dataclass(frozen=True)

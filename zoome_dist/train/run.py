@@ -25,24 +25,25 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from zoome_dist.eval.calibration import plot_reliability
 from zoome_dist.config import Config
-from zoome_dist.data.manifest import load_manifest
+from zoome_dist.core.files import atomic_path, write_csv_atomic, write_text_atomic
 from zoome_dist.core.folder_lock import FolderLock
 from zoome_dist.core.logs import get_logger
-from zoome_dist.train.losses import make_loss
-from zoome_dist.eval.metrics import binary_metrics, youden_threshold
-from zoome_dist.pipeline import Augment, make_loader, resolve_loader
-from zoome_dist.eval.report import plot_curves
 from zoome_dist.core.rundir import RunDir
 from zoome_dist.core.storage import check_ranks
+from zoome_dist.data.manifest import load_manifest
+from zoome_dist.eval.calibration import plot_reliability
+from zoome_dist.eval.metrics import binary_metrics, youden_threshold
+from zoome_dist.eval.report import plot_curves
 from zoome_dist.eval.subgroups import SUBGROUP_COLUMNS, auc_by_source, subgroup_metrics
+from zoome_dist.pipeline import Augment, make_loader, resolve_loader
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
+from zoome_dist.train.checkpoints import (TAG, UnsafeCheckpointError, checksum_damage, install, latest_tag, step_tag,
+                                          write_checksums)
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
                                      build_scheduler, deepspeed_config, setup_distributed, validate)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
-from zoome_dist.train.checkpoints import TAG, UnsafeCheckpointError, checksum_damage, install, latest_tag, step_tag, write_checksums
-
+from zoome_dist.train.losses import make_loss
 
 log = get_logger(__name__)  # INFO on rank 0 only (zoome_dist.core.logs)
 
@@ -125,9 +126,7 @@ def save(engine, run: RunDir, state: dict, keep: int) -> str:
     dist.barrier()
     if dist.get_rank() == 0:  # every rank's files are written: mark the tag complete (DeepSpeed's `latest` comes earlier)
         write_checksums(run.checkpoints / tag)
-        tmp = run.committed.with_name(run.committed.name + ".tmp")
-        tmp.write_text(tag)
-        os.replace(tmp, run.committed)
+        write_text_atomic(run.committed, tag)
         _prune(run.checkpoints, keep, {tag, (state.get("best") or {}).get("tag")})
     return tag
 
@@ -203,26 +202,19 @@ def _predictions(folds: pd.DataFrame, sids: np.ndarray, probs: np.ndarray) -> pd
     return df
 
 
-def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-
-
 def save_model(path: Path, cfg: Config, model: torch.nn.Module, metadata_encoding: dict, epoch: int,
                metrics: dict) -> None:
     """``model_best.pt`` / ``model_last.pt``: weights, the config that builds them and the metadata
     encoding (what ``zoome predict`` needs); plain tensors and dicts, loadable with ``weights_only=True``."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": cfg.to_dict(), "metadata_encoding": metadata_encoding,
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "epoch": epoch, "metrics": metrics}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"config": cfg.to_dict(), "metadata_encoding": metadata_encoding,
+                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "epoch": epoch, "metrics": metrics}, tmp)
 
 
 def _write_best(run: RunDir, cfg: Config, engine, manifest: dict, folds: pd.DataFrame, best: dict,
                 sids: np.ndarray, probs: np.ndarray) -> None:
-    _write_csv(run.predictions("best"), _predictions(folds, sids, probs))
+    write_csv_atomic(_predictions(folds, sids, probs), run.predictions("best"))
     save_model(run.model_best, cfg, engine.module, manifest["metadata_encoding"], best["epoch"], best["metrics"])
     run.best.write_text(json.dumps(best, indent=1))
 
@@ -461,9 +453,9 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
         if engine.monitor.enabled:
             engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
                                          for k, v in val.items() if isinstance(v, float)])
-        _write_csv(t.run.predictions("last"), preds)
-        _write_csv(t.run.train_predictions, _predictions(t.folds_table, tr["train_ids"], tr["train_probs"]))
-        _write_csv(t.run.subgroups, subgroup_metrics(preds))
+        write_csv_atomic(preds, t.run.predictions("last"))
+        write_csv_atomic(_predictions(t.folds_table, tr["train_ids"], tr["train_probs"]), t.run.train_predictions)
+        write_csv_atomic(subgroup_metrics(preds), t.run.subgroups)
         plot_reliability({f"fold {t.fold}, epoch {epoch}": preds}, t.run.calibration_plot)
         save_model(t.run.model("last"), cfg, engine.module, t.manifest["metadata_encoding"], epoch, val)
         if is_best:

@@ -1,0 +1,36 @@
+"""``zoome score``: metrics of predictions against ground truth (ACC, SE, SP, AUC, ...)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, error
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoome score", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--truth", required=True, help="CSV with image_name,target (or image,MEL)")
+    p.add_argument("--pred", required=True, help="CSV with image_name,target probabilities (or image,MEL)")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = get_parser().parse_args(argv)
+    from zoome_dist.eval.score import score
+
+    try:
+        m = score(a.truth, a.pred)
+    except USER_ERRORS as e:
+        return error("zoome score", e)
+    if a.json:
+        print(json.dumps(m))
+    else:
+        for k, v in m.items():
+            print(f"{k:16s} {v:.4f}" if isinstance(v, float) else f"{k:16s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
