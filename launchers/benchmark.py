@@ -28,9 +28,8 @@ def _print(result: dict, as_json: bool) -> None:
         print(json.dumps(result, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="what", required=True)
+def _throughput_parsers(sub) -> list:
+    """Parsers of the throughput benchmarks: shards, model, pipeline, train, predict."""
     s = sub.add_parser("shards", help="shard build throughput and peak memory")
     s.add_argument("--n", type=int, default=1536, help="images per size (the memory check also builds 2N)")
     s.add_argument("--sizes", default="600,1024", help="source image sides, comma separated")
@@ -66,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--n", type=int, default=64)
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--ttas", default="1,2,8")
+    return [s, m, d, t, pr]
+
+
+def _study_parsers(sub) -> list:
+    """Parsers of the studies: cv (wall time and projection), meta (does metadata learn), gpu (the GPU check)."""
     c = sub.add_parser("cv", help="zoome cv wall time, jobs one at a time vs concurrent; ISIC-2020 projection")
     c.add_argument("--num-folds", type=int, default=3, help="folds of the tiny shard build (all are run)")
     c.add_argument("--n", type=int, default=144, help="synthetic images")
@@ -86,8 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--only", help="comma-separated parts to run (default: all): " + ",".join(GPU_PARTS))
     g.add_argument("--no-tests", action="store_true", help="skip the gpu-marked tests")
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile part (the last)")
-    for q in (s, m, d, t, pr, c, me, g):
+    return [c, me, g]
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    for q in _throughput_parsers(sub) + _study_parsers(sub):
         q.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = get_parser()
     a = p.parse_args(argv)
     if a.what == "gpu":
         parts = [x.strip() for x in a.only.split(",") if x.strip()] if a.only else list(GPU_PARTS)

@@ -14,9 +14,8 @@ import pytest
 import torch
 import yaml
 
-from zoome_dist.config import load_config, parse_set
+from zoome_dist.config import load_config, parse_set, validate
 from zoome_dist.train.checkpoints import write_checksums
-from zoome_dist.train.engine import validate
 from zoome_dist.train.run import _prune
 
 pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")

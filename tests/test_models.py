@@ -297,8 +297,7 @@ def test_gate_bias_sets_every_gate():
     torch.testing.assert_close(se(x) / x, torch.full_like(x, torch.sigmoid(torch.tensor(3.0)).item()))
     with pytest.raises(ValueError, match="zoom_se_placement 'inside'"):
         create_model("zoome", backbone="resnet18", zoom_se_placement="inside")
-    from zoome_dist.config import load_config
-    from zoome_dist.train.engine import validate
+    from zoome_dist.config import load_config, validate
 
     with pytest.raises(ValueError, match="gates saturate"):  # sigmoid(20) = 1.0: no gradient ever
         validate(load_config(overrides={"model.zoom_se_gate_bias": 20.0}))

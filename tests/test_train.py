@@ -279,8 +279,8 @@ def test_batch_policy_micro_scales_global_batch_and_lr():
         ds = deepspeed_config(cfg, 32)
         assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
             256, 8, 1)
-    from zoome_dist.config import choices
-    from zoome_dist.train.engine import LR_SCALING, validate
+    from zoome_dist.config import choices, validate
+    from zoome_dist.train.engine import LR_SCALING
 
     assert set(LR_SCALING) == set(choices("optim.lr_scaling"))
     for key, value, message in (("train.batch_policy", "fixed", "Valid choices: ['global', 'micro']"),

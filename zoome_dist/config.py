@@ -9,7 +9,9 @@ name keys of this tree (``optim.lr``) and are checked with ``check_keys``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -257,3 +259,102 @@ def changes(saved: str | Path, cfg: "Config") -> dict[str, tuple[Any, Any]]:
     """``{key: (saved value, cfg's value)}`` for every key where ``cfg`` differs from the config file ``saved``."""
     old, new = flatten(load_config(saved).to_dict()), flatten(cfg.to_dict())
     return {k: (old.get(k), new[k]) for k in sorted(new) if old.get(k) != new[k]}
+
+
+def _choose(key: str, value: Any, valid: tuple | list) -> None:
+    if value not in valid:
+        raise ValueError(f"Invalid {key} {value!r}. Valid choices: {list(valid)}")
+
+
+def _at_least(cfg: Config, keys: tuple[str, ...], low: int) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            raise ValueError(f"{key} must be {'positive' if low == 1 else f'≥ {low}'}, got {value}")
+
+
+def _check_registries(cfg: Config) -> None:
+    """Names looked up in the registries of models, losses, gates and loaders (imported only here)."""
+    from zoome_dist.models import BACKBONES, MODELS, model_options
+    from zoome_dist.models.meta_embed import GATES
+    from zoome_dist.pipeline import DEVICES, LOADERS
+    from zoome_dist.train.losses import LOSSES
+
+    _choose("model.name", cfg.model.name, sorted(MODELS))
+    _choose("loss.name", cfg.loss.name, LOSSES)
+    _choose("data.loader", cfg.data.loader, ("auto",) + LOADERS)
+    _choose("data.device", cfg.data.device, DEVICES)
+    if "backbone" in model_options(cfg.model.name):
+        _choose("model.backbone", cfg.model.backbone, list(BACKBONES))
+    _choose("model.meta_gate", cfg.model.meta_gate, sorted(GATES))
+
+
+def _check_ranges(cfg: Config) -> None:
+    _at_least(cfg, ("train.epochs", "train.global_batch_size", "train.micro_batch_size", "data.image_size",
+                    "train.keep_checkpoints", "data.num_threads", "model.pool_size", "model.meta_hidden"), 1)
+    for key in ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.min_lr_ratio",
+                "optim.clip_grad", "loss.alpha", "loss.gamma", "model.dropout", "model.rd_ratio", "optim.meta_lr_mult"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number ≥ 0, got {value}")
+    for key in ("lr", "meta_lr_mult"):
+        if getattr(cfg.optim, key) == 0:
+            raise ValueError(f"optim.{key} must be positive, got 0")
+    if cfg.train.eval_batch_size < 0:
+        raise ValueError(f"train.eval_batch_size must be 0 (the micro batch) or positive, got {cfg.train.eval_batch_size}")
+    if len(cfg.data.zoom) != 2 or not 0 < cfg.data.zoom[0] <= cfg.data.zoom[1] <= 1:
+        raise ValueError(f"data.zoom must be two numbers 0 < lo <= hi <= 1 (the crop's share of the side), got "
+                         f"{cfg.data.zoom}")
+    if not 0 <= cfg.data.rotate <= 180:
+        raise ValueError(f"data.rotate must lie in [0, 180] degrees, got {cfg.data.rotate}")
+    if not 0 <= cfg.data.flip <= 1:
+        raise ValueError(f"data.flip must be a probability in [0, 1], got {cfg.data.flip}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    bias = cfg.model.zoom_se_gate_bias
+    if bias is not None and not (math.isfinite(bias) and abs(bias) <= 10):
+        raise ValueError(f"model.zoom_se_gate_bias must lie in -10..10 (or be null), got {bias}: beyond, the gates "
+                         "saturate (sigmoid' ≈ 0) and Zoom-SE never trains; 3 starts every gate at 0.95")
+    if cfg.monitor.flops_profile_step < 0:
+        raise ValueError(f"monitor.flops_profile_step must be 0 (off) or a positive step, got "
+                         f"{cfg.monitor.flops_profile_step}")
+    if cfg.dist.timeout_s <= 0:
+        raise ValueError(f"dist.timeout_s must be positive, got {cfg.dist.timeout_s}")
+
+
+def _check_machine(cfg: Config) -> None:
+    """What this node must have: the accelerator (DeepSpeed's, ``DS_ACCELERATOR``), files, packages."""
+    from zoome_dist.train.engine import accelerator
+
+    device = accelerator()
+    if cfg.model.sync_bn and device != "cuda":
+        raise ValueError(f"model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs on "
+                         f"{device}: set model.sync_bn false")
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
+        raise ValueError(f"model.pretrained {cfg.model.pretrained!r}: no such file (seen from this node, as every rank "
+                         f"will look). It is a torchvision ImageNet state dict you provide, e.g. for "
+                         f"{cfg.model.backbone}: fetch it on a connected machine with torchvision.models.get_weight("
+                         f"...).get_state_dict() (README \"Real data\"), copy it here, and give its path")
+    if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
+        raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
+    if cfg.train.precision == "fp16" and device != "cuda":
+        raise ValueError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    if cfg.data.device == "gpu" and device != "cuda":
+        raise ValueError(f"data.device gpu needs DeepSpeed's cuda accelerator; it runs on {device} "
+                         "(DS_ACCELERATOR): use data.device auto or cpu")
+    for key, module in (("wandb_project", "wandb"), ("comet_project", "comet_ml")):
+        if getattr(cfg.monitor, key) and importlib.util.find_spec(module) is None:
+            raise ValueError(f"monitor.{key} needs the {module} package (pip install {module.replace('_', '-')}); "
+                             f"or set monitor.{key} to ''")
+
+
+def validate(cfg: Config) -> Config:
+    """Every check of a config beyond its own choices (``choice`` fields, checked when a value is parsed):
+    registry names, ranges, and what this node must have. Each names the bad value and the valid ones.
+    Returns ``cfg``."""
+    _check_registries(cfg)
+    _check_ranges(cfg)
+    _check_machine(cfg)
+    return cfg

@@ -378,6 +378,14 @@ def _markdown(res: dict) -> str:
 PARTS = ("tests", "models", "zoom_se_kernels", "pipeline", "data_wait", "train", "predict", "compiled")
 
 
+def _earlier(path: Path) -> dict:
+    """An earlier run's results (kept where this run does not redo them), or {}."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts: tuple[str, ...] = PARTS) -> dict:
     """The ``parts`` above, in that order; returns the result and writes ``gpu_check.{json,md}`` into
     ``out_dir`` after every part. Sections of an earlier run in ``out_dir`` that this one does not redo
@@ -394,11 +402,7 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res: dict = {}
-    try:
-        res = json.loads((out_dir / "gpu_check.json").read_text())
-    except (OSError, ValueError):
-        pass
+    res = _earlier(out_dir / "gpu_check.json")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     res.update(machine=machine(), gpu_info=gpu_info(), started=started)
     res["runs"] = res.get("runs", []) + [{"started": started, "parts": list(parts)}]

@@ -31,7 +31,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _parse_meta(spec: str) -> dict:
-    from zoome_dist.data.isic import parse_age
+    from zoome_dist.data.tables import parse_age
 
     out = {"age": None, "sex": None, "site": None}
     for item in filter(None, (x.strip() for x in spec.split(","))):

@@ -97,7 +97,8 @@ def _print_config(cfg) -> int:
 
     import yaml
 
-    from zoome_dist.train.engine import deepspeed_config, validate
+    from zoome_dist.config import validate
+    from zoome_dist.train.engine import deepspeed_config
 
     validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,5 +1,5 @@
 """The ISIC Archive download layout (``isic image download OUT/``) and ISIC 2024 (SLICE-3D) → the
-canonical table of ``isic.py``.
+canonical table of ``tables.py``.
 
 The vocabulary below is the official one of the ``isic-metadata`` package (6.1.0: ``DiagnosisEnum``,
 ``AnatomSiteEnum``, ``AnatomSiteSpecialEnum``), as ``isic-cli`` (12.7) writes it to ``metadata.csv``:
@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from zoome_dist.data.isic import (ReadResult, Skipped, _bad_line_records, _finish, _read_csv, _row, known_id,
-                                  optional_fields)
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.tables import (ReadResult, Skipped, bad_line_records, finish, known_id, make_row, optional_fields,
+                                    read_csv)
 
 ARCHIVE_REQUIRED = ("isic_id",)
 ISIC2024_REQUIRED = ("isic_id", "patient_id", "age_approx", "sex", "anatom_site_general")
@@ -121,11 +121,11 @@ def read_archive(path: str | Path, enc: MetadataEncoding | None = None) -> ReadR
     """An ISIC Archive ``metadata.csv``; patient = ``patient_id``, else ``lesion_id``, else the image."""
     path, enc = Path(path), enc or MetadataEncoding()
     bad: list[list[str]] = []
-    df = _read_csv(path, ARCHIVE_REQUIRED, bad)
+    df = read_csv(path, ARCHIVE_REQUIRED, bad)
     if not ({*DIAGNOSIS_LEVELS, "diagnosis"} & set(df.columns)):
         raise ValueError(f"{path}: an ISIC Archive metadata.csv without diagnoses (no diagnosis_1..5 nor "
                          f"diagnosis column): the melanoma target cannot be derived; found {list(df.columns)}")
-    skipped = _bad_line_records(bad, path)
+    skipped = bad_line_records(bad, path)
     rows = []
     for rec in df.to_dict("records"):
         name = rec["isic_id"].strip()
@@ -135,11 +135,11 @@ def read_archive(path: str | Path, enc: MetadataEncoding | None = None) -> ReadR
             continue
         raw_site, site, ok = archive_site(rec, enc)
         # an unrecognised site is left to _finish, which maps it to "unknown" and counts it like any layout's
-        row = _row(name, rec.get("patient_id", ""), rec.get("sex", ""), rec.get("age_approx", ""), raw_site,
+        row = make_row(name, rec.get("patient_id", ""), rec.get("sex", ""), rec.get("age_approx", ""), raw_site,
                    target, diagnosis, "archive", skipped, {**optional_fields(rec), "site": site if ok else ""})
         if row:
             rows.append(row)
-    return _finish(rows, skipped, path, enc, "archive")
+    return finish(rows, skipped, path, enc, "archive")
 
 
 ISIC2024_LEVELS = tuple(f"iddx_{i}" for i in range(1, 6))
@@ -152,8 +152,8 @@ def read_isic2024(path: str | Path, enc: MetadataEncoding | None = None) -> Read
     Sites are in the 2020 vocabulary already."""
     path, enc = Path(path), enc or MetadataEncoding()
     bad: list[list[str]] = []
-    df = _read_csv(path, ISIC2024_REQUIRED, bad)
-    skipped = _bad_line_records(bad, path)
+    df = read_csv(path, ISIC2024_REQUIRED, bad)
+    skipped = bad_line_records(bad, path)
     rows = []
     if ISIC2024_LEVELS[0] not in df.columns:
         raise ValueError(f"{path}: no iddx_1..5 columns. ISIC 2024's `target` means malignant, not melanoma; the "
@@ -165,8 +165,8 @@ def read_isic2024(path: str | Path, enc: MetadataEncoding | None = None) -> Read
         if target is None:
             skipped.append(Skipped(name, why))
             continue
-        row = _row(name, known_id(rec["patient_id"]), rec["sex"], rec["age_approx"], rec["anatom_site_general"],
+        row = make_row(name, known_id(rec["patient_id"]), rec["sex"], rec["age_approx"], rec["anatom_site_general"],
                    target, diagnosis, "isic2024", skipped, optional_fields(rec))
         if row:
             rows.append(row)
-    return _finish(rows, skipped, path, enc, "isic2024")
+    return finish(rows, skipped, path, enc, "isic2024")

@@ -3,10 +3,8 @@
 - **Exact** duplicates: the same bytes (SHA-256 of the file).
 - **Near** duplicates: perceptual hashes (``imagehash.phash`` with ``hash_size=16``: 256 bits, of the
   image decoded at reduced scale) at most ``max_distance`` bits apart (default 12 of 256, about 5 %;
-  ``--dup-distance``, -1 turns it off): the same photograph resized, re-encoded or re-saved as PNG
-  (measured: a 2/3-size quality-80 copy is 6 bits away, a PNG copy 0) while distinct images are
-  farther (closest pair among 1,500 synthetic lesions: 18 bits; the 64-bit phash put distinct
-  synthetic lesions 2 bits apart, hence the larger hash).
+  ``--dup-distance``, -1 turns it off): the same photograph resized, re-encoded or re-saved as PNG,
+  while distinct images are farther (the distances measured: docs/data.md, "Duplicates").
 - **Keep rule**: in the order earliest ``--csv`` source, then smallest image name, a copy not yet dropped
   is kept and every copy *directly* paired with it is dropped and recorded (flagged ``label_conflict``
   when the two targets differ). So each dropped image is a duplicate of a kept one, and a chain

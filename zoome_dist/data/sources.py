@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from zoome_dist.data.images import BadImage
-from zoome_dist.data.isic import (CANONICAL_COLUMNS, ISIC2019_META_NAME, LAYOUTS, ReadResult, Skipped, detect_layout,
-                                  read_isic)
+from zoome_dist.data.isic import ISIC2019_META_NAME, LAYOUTS, detect_layout, read_isic
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.data.tables import CANONICAL_COLUMNS, ReadResult, Skipped
 
 IMAGE_EXTS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")
 ARCHIVE_CSV = "metadata.csv"  # what `isic image download OUT/` writes beside the images

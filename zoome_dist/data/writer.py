@@ -28,9 +28,9 @@ from zoome_dist.core.procs import die_with_parent
 from zoome_dist.data import dedup
 from zoome_dist.data.folds import assign_folds, fold_summary
 from zoome_dist.data.images import BadImage, prepare_image
-from zoome_dist.data.isic import Skipped, read_csv_text, strip_image_ext
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import Combined, ImageStore, Source, read_sources, resolve_sources
+from zoome_dist.data.tables import Skipped, read_csv_text, strip_image_ext
 from zoome_dist.data.wds_index import create_index
 
 FORMAT_VERSION = 1
@@ -217,17 +217,10 @@ def _sources_record(sources: list[Source], table: pd.DataFrame, stamps: dict[str
     return out
 
 
-def build(csv: str | Path | list, images: str | Path | list | None, out: str | Path,
-          opts: BuildOptions = BuildOptions(), metadata_csv: str | Path | None = None, workers: int = 1,
-          resume: bool = False, progress: bool = True, exclude: str | Path | None = None) -> dict:
-    """Read the sources, drop excluded images and duplicates, assign folds by group, write every shard
-    and the manifest; returns the manifest. ``csv``/``images``: one or a list (``sources.resolve_sources``)."""
-    opts.validate()
-    out = Path(out)
-    csvs = list(csv) if isinstance(csv, (list, tuple)) else [csv]
-    imgs = list(images) if isinstance(images, (list, tuple)) else ([] if images is None else [images])
-    sources = resolve_sources(csvs, imgs, metadata_csv)
-    enc = MetadataEncoding()
+def _usable_rows(sources: list[Source], enc: MetadataEncoding, opts: BuildOptions, exclude: str | Path | None,
+                 csvs: list) -> tuple[Combined, pd.DataFrame, set[str]]:
+    """The sources read, less ``--exclude``d images; an error for no usable row or a source none of whose
+    images is where it says (a wrong --images: an error now, not a build of nothing)."""
     read = read_sources(sources, enc)
     if opts.strict and read.skipped:
         raise StrictError(f"bad row {read.skipped[0].image_name!r}: {read.skipped[0].reason}")
@@ -242,6 +235,21 @@ def build(csv: str | Path | list, images: str | Path | list | None, out: str | P
         if len(names) and not any(src.images.stamp(n) != b"missing\0" for n in names):
             raise ValueError(f"none of the {len(names)} images {src.name} lists is in {src.images} (e.g. "
                              f"{src.images.filename(names.iloc[0])}): is that the right image folder/file?")
+    return read, table, excluded
+
+
+def build(csv: str | Path | list, images: str | Path | list | None, out: str | Path,
+          opts: BuildOptions = BuildOptions(), metadata_csv: str | Path | None = None, workers: int = 1,
+          resume: bool = False, progress: bool = True, exclude: str | Path | None = None) -> dict:
+    """Read the sources, drop excluded images and duplicates, assign folds by group, write every shard
+    and the manifest; returns the manifest. ``csv``/``images``: one or a list (``sources.resolve_sources``)."""
+    opts.validate()
+    out = Path(out)
+    csvs = list(csv) if isinstance(csv, (list, tuple)) else [csv]
+    imgs = list(images) if isinstance(images, (list, tuple)) else ([] if images is None else [images])
+    sources = resolve_sources(csvs, imgs, metadata_csv)
+    enc = MetadataEncoding()
+    read, table, excluded = _usable_rows(sources, enc, opts, exclude, csvs)
 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
@@ -324,6 +332,32 @@ def _digests(out: Path, table: pd.DataFrame, stores: dict[str, ImageStore], stam
     return [tuple(cache[k][:2]) for k in keys]
 
 
+def _manifest(read: Combined, ordered: list[dict], fold_table: pd.DataFrame, kept: pd.DataFrame, opts: BuildOptions,
+              enc: MetadataEncoding, sources: list[dict], duplicates: dict, folds: list[dict]) -> dict:
+    """The build's manifest.json: counts, sources, vocabulary, per-fold summary, skipped rows, licences."""
+    skipped = [s.to_dict() for s in read.skipped] + [s for r in ordered for s in r["skipped"]]
+    per_source = {src["name"]: {"samples": int((fold_table["source"] == src["name"]).sum()),
+                                "positives": int(fold_table["target"][fold_table["source"] == src["name"]].sum())}
+                  for src in sources}
+    return {
+        "format": "zoome-shards", "format_version": FORMAT_VERSION, "source": sources[0], "sources": sources,
+        "options": asdict(opts), "fields": FIELD_SPEC, "metadata_encoding": enc.to_dict(),
+        "totals": {"samples": int(len(fold_table)), "positives": int(fold_table["target"].sum()),
+                   "patients": int(fold_table["patient_id"].nunique()), "groups": int(fold_table["group"].nunique()),
+                   "csv_rows_read": int(len(read.table)), "skipped": len(skipped),
+                   "converted": sum(len(r["converted"]) for r in ordered),
+                   "resized": sum(r["resized"] for r in ordered),
+                   "duplicates_dropped": len(duplicates["dropped"]) + len(duplicates["same_id"])},
+        "per_source": per_source, "folds": folds, "skipped": skipped,
+        "converted": [c for r in ordered for c in r["converted"]],
+        "unknown_sites": dict(sorted(read.unknown_sites.items())),
+        "no_metadata": sorted(set(read.no_metadata) & set(kept["image_name"])),
+        "duplicates": duplicates,
+        "licenses": dict(sorted(Counter(kept["copyright_license"]).items())),
+        "attributions": dict(sorted(Counter(kept["attribution"]).items())),
+    }
+
+
 def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, table: pd.DataFrame, folds: np.ndarray,
            stores: dict[str, ImageStore], enc: MetadataEncoding, opts: BuildOptions, sources: list[dict],
            duplicates: dict, workers: int, resume: bool, progress: bool) -> dict:
@@ -367,27 +401,7 @@ def _build(out: Path, plan_key: dict, plans: list[ShardPlan], read: Combined, ta
     for s in summary:
         s["shards"] = [{k: r[k] for k in ("path", "index", "samples", "bytes", "sha256")}
                        for r in ordered if r["fold"] == s["fold"] and r["samples"]]
-    skipped = [s.to_dict() for s in read.skipped] + [s for r in ordered for s in r["skipped"]]
-    per_source = {src["name"]: {"samples": int((fold_table["source"] == src["name"]).sum()),
-                                "positives": int(fold_table["target"][fold_table["source"] == src["name"]].sum())}
-                  for src in sources}
-    manifest = {
-        "format": "zoome-shards", "format_version": FORMAT_VERSION, "source": sources[0], "sources": sources,
-        "options": asdict(opts), "fields": FIELD_SPEC, "metadata_encoding": enc.to_dict(),
-        "totals": {"samples": int(len(fold_table)), "positives": int(fold_table["target"].sum()),
-                   "patients": int(fold_table["patient_id"].nunique()), "groups": int(fold_table["group"].nunique()),
-                   "csv_rows_read": int(len(read.table)), "skipped": len(skipped),
-                   "converted": sum(len(r["converted"]) for r in ordered),
-                   "resized": sum(r["resized"] for r in ordered),
-                   "duplicates_dropped": len(duplicates["dropped"]) + len(duplicates["same_id"])},
-        "per_source": per_source, "folds": summary, "skipped": skipped,
-        "converted": [c for r in ordered for c in r["converted"]],
-        "unknown_sites": dict(sorted(read.unknown_sites.items())),
-        "no_metadata": sorted(set(read.no_metadata) & set(kept["image_name"])),
-        "duplicates": duplicates,
-        "licenses": dict(sorted(Counter(kept["copyright_license"]).items())),
-        "attributions": dict(sorted(Counter(kept["attribution"]).items())),
-    }
+    manifest = _manifest(read, ordered, fold_table, kept, opts, enc, sources, duplicates, summary)
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 

@@ -22,6 +22,7 @@ from scipy.optimize import minimize_scalar
 from zoome_dist.core.files import atomic_path
 from zoome_dist.core.safe_load import safe_load
 from zoome_dist.eval.metrics import at_threshold, calibration_bins, ece, youden_threshold
+from zoome_dist.eval.plots import figure
 
 EPS = 1e-7
 
@@ -79,25 +80,18 @@ def stamp_checkpoint(path: Path, calibration: dict) -> None:
 def plot_reliability(predictions: dict[str, pd.DataFrame], path: str | Path, bins: int = 15) -> None:
     """Reliability diagram per variant (mean predicted probability vs observed melanoma rate per bin),
     with its ECE and a histogram of the predictions."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6.5), dpi=110, height_ratios=(3, 1), sharex=True)
-    edges = np.linspace(0, 1, bins + 1)
-    for label, df in predictions.items():
-        y, p = df["target"].to_numpy().astype(int), df["prob"].to_numpy()
-        idx = calibration_bins(p, bins)
-        xs = [p[idx == b].mean() for b in range(bins) if (idx == b).any()]
-        ys = [y[idx == b].mean() for b in range(bins) if (idx == b).any()]
-        ax.plot(xs, ys, "-o", ms=3, label=f"{label} (ECE {ece(y, p):.3f})")
-        hist.hist(p, bins=edges, histtype="step", label=label)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(ylabel="observed melanoma rate", title="Reliability (pooled out-of-fold)", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(fontsize=7)
-    hist.set(xlabel="predicted probability", ylabel="images")
-    hist.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, 2, 1, figsize=(5, 6.5), dpi=110, height_ratios=(3, 1), sharex=True) as (fig, (ax, hist)):
+        edges = np.linspace(0, 1, bins + 1)
+        for label, df in predictions.items():
+            y, p = df["target"].to_numpy().astype(int), df["prob"].to_numpy()
+            idx = calibration_bins(p, bins)
+            xs = [p[idx == b].mean() for b in range(bins) if (idx == b).any()]
+            ys = [y[idx == b].mean() for b in range(bins) if (idx == b).any()]
+            ax.plot(xs, ys, "-o", ms=3, label=f"{label} (ECE {ece(y, p):.3f})")
+            hist.hist(p, bins=edges, histtype="step", label=label)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(ylabel="observed melanoma rate", title="Reliability (pooled out-of-fold)", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7)
+        hist.set(xlabel="predicted probability", ylabel="images")
+        hist.set_yscale("log")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from zoome_dist.eval.report import mean_std
+
 # variant → (table, {metric: "mean±std" or "mean"})
 PAPER = {
     "zoome": ("I", {"acc": "84.59±2.94", "sens": "85.95±2.81", "spec": "84.63±3.03", "auc": "92.23±1.69"}),
@@ -23,11 +25,6 @@ VARIANTS = list(PAPER)  # the rows ``zoome cv --paper`` trains, in the tables' o
 CONFIG = "launchers/configs/zoome.yaml"  # the paper's recipe; each variant overrides model.name
 
 
-def _cell(values: pd.Series) -> str:
-    v = 100 * values.astype(float)
-    return f"{v.mean():.2f}±{v.std(ddof=1) if len(v) > 1 else 0:.2f}"
-
-
 def comparison_markdown(folds: pd.DataFrame) -> str:
     """Ours (mean ± std over folds; ACC/SE/SP at the out-of-fold threshold where the CV has ≥ 2 folds,
     else at each epoch's training threshold) beside the paper's, one row per variant."""
@@ -37,7 +34,7 @@ def comparison_markdown(folds: pd.DataFrame) -> str:
              "AUC ours / paper |", "|---|---|---|---|---|---|---|"]
     for variant, part in folds.groupby("variant", sort=False):
         table, paper = PAPER.get(variant, ("–", {}))
-        cells = [f"{_cell(part[key + (suffix if key != 'auc' else '')])} / {paper.get(key, '–')}"
+        cells = [f"{mean_std(part[key + (suffix if key != 'auc' else '')])} / {paper.get(key, '–')}"
                  for key in ("acc", "sens", "spec", "auc")]
         lines.append(f"| {variant} | {table} | {len(part)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

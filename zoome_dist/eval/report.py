@@ -8,11 +8,18 @@ import numpy as np
 import pandas as pd
 
 from zoome_dist.core.rundir import RunDir, fold_dir
+from zoome_dist.eval.plots import figure
 
 COLUMNS = [("acc", "ACC"), ("sens", "SE"), ("spec", "SP"), ("auc", "AUC")]
 EXTRA = [("acc_oof", "ACC@oof"), ("sens_oof", "SE@oof"), ("spec_oof", "SP@oof"),
          ("acc_t", "ACC@t"), ("sens_t", "SE@t"), ("spec_t", "SP@t"), ("sens_at_spec90", "SE@SP90"),
          ("pauc_sens80", "pAUC@SE80"), ("ece", "ECE")]
+
+
+def mean_std(values: pd.Series) -> str:
+    """``mean±std`` in % of fractions: the sample std over folds (ddof 1), 0 for a single fold."""
+    v = 100 * values.astype(float)
+    return f"{v.mean():.2f}±{v.std(ddof=1) if len(v) > 1 else 0:.2f}"
 
 
 def table_markdown(folds: pd.DataFrame) -> str:
@@ -22,57 +29,40 @@ def table_markdown(folds: pd.DataFrame) -> str:
     lines = ["| method | folds | " + " | ".join(h for _, h in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for variant, part in folds.groupby("variant", sort=False):
-        cells = []
-        for key, _ in cols:
-            v = 100 * part[key].astype(float)
-            cells.append(f"{v.mean():.2f}±{v.std(ddof=1) if len(v) > 1 else 0:.2f}")
+        cells = [mean_std(part[key]) for key, _ in cols]
         lines.append(f"| {variant} | {len(part)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_roc(predictions: dict[str, pd.DataFrame], path: str | Path) -> None:
     """One pooled out-of-fold ROC curve per variant (``target``, ``prob`` columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
-    for variant, df in predictions.items():
-        fpr, tpr, _ = roc_curve(df["target"], df["prob"])
-        ax.plot(fpr, tpr, label=f"{variant} (AUC {roc_auc_score(df['target'], df['prob']):.3f}, n={len(df)})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Pooled out-of-fold ROC",
-           xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, figsize=(5, 5), dpi=120) as (fig, ax):
+        for variant, df in predictions.items():
+            fpr, tpr, _ = roc_curve(df["target"], df["prob"])
+            ax.plot(fpr, tpr, label=f"{variant} (AUC {roc_auc_score(df['target'], df['prob']):.3f}, n={len(df)})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Pooled out-of-fold ROC",
+               xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="lower right", fontsize=7)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path) -> None:
     """Training curves, one line per run (label → its metrics records): training loss, validation
     AUC and learning rate per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
-    for label, records in runs.items():
-        epochs = [r["epoch"] for r in records]
-        for ax, key in zip(axes, ("train_loss", "val_auc", "lr")):
-            ax.plot(epochs, [r[key] for r in records], "-o", ms=3, label=label)
-    for ax, title in zip(axes, ("training loss", "validation AUC", "learning rate (end of epoch)")):
-        ax.set(xlabel="epoch", title=title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, 1, 3, figsize=(12, 3.6), dpi=110) as (fig, axes):
+        for label, records in runs.items():
+            epochs = [r["epoch"] for r in records]
+            for ax, key in zip(axes, ("train_loss", "val_auc", "lr")):
+                ax.plot(epochs, [r[key] for r in records], "-o", ms=3, label=label)
+        for ax, title in zip(axes, ("training loss", "validation AUC", "learning rate (end of epoch)")):
+            ax.set(xlabel="epoch", title=title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=6)
 
 
 def pooled(predictions: list[pd.DataFrame]) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from zoome_dist.eval.metrics import binary_metrics
 
 
 def _read(path: str, role: str) -> pd.DataFrame:
-    from zoome_dist.data.isic import read_csv_text
+    from zoome_dist.data.tables import read_csv_text
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{role} CSV not found: {path}")
@@ -32,7 +32,7 @@ def score(truth_csv: str, pred_csv: str) -> dict:
     if missing or extra:
         raise ValueError(f"rows do not match: {len(missing)} image(s) without a prediction {missing[:10]}, "
                          f"{len(extra)} prediction(s) for unknown images {extra[:10]}")
-    from zoome_dist.data.isic import parse_target
+    from zoome_dist.data.tables import parse_target
 
     merged = truth.merge(pred, on="image_name", suffixes=("_truth", "_pred"))
     y = merged["value_truth"].map(parse_target)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from zoome_dist.data.metadata import MetadataEncoding
+from zoome_dist.eval.plots import figure
 from zoome_dist.models.zoom_se import ZoomSE
 
 
@@ -78,31 +79,24 @@ def explain(model: torch.nn.Module, image: torch.Tensor, meta: torch.Tensor, enc
 
 def render(items: list[tuple[str, np.ndarray, Explanation]], out: str | Path) -> None:
     """One row per image: the image, Grad-CAM overlay, Zoom-SE cell maps; metadata effect in titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n_zoom = max(len(e.zoom_cells) for _, _, e in items)
     cols = 2 + n_zoom
-    fig, axes = plt.subplots(len(items), cols, figsize=(2.6 * cols, 2.8 * len(items)), dpi=110, squeeze=False)
-    for row, (name, rgb, e) in zip(axes, items):
-        meta = ("" if e.meta_logit_delta is None else
-                f"\nmetadata: logit {e.meta_logit_delta:+.2f} (p {e.prob_without_meta:.2f}→{e.prob:.2f})")
-        row[0].imshow(rgb)
-        row[0].set_title(f"{name}\nP(melanoma) = {e.prob:.3f}{meta}", fontsize=7)
-        row[1].imshow(rgb)
-        row[1].imshow(e.gradcam, cmap="jet", alpha=0.45, extent=(0, rgb.shape[1], rgb.shape[0], 0))
-        row[1].set_title(f"Grad-CAM, {e.cam_class} evidence", fontsize=7)
-        for j, cell in enumerate(e.zoom_cells):
-            lim = float(np.abs(cell).max()) or 1.0
-            row[2 + j].imshow(rgb, alpha=0.5)
-            row[2 + j].imshow(cell, cmap="coolwarm", vmin=-lim, vmax=lim, alpha=0.6,
-                              extent=(0, rgb.shape[1], rgb.shape[0], 0), interpolation="nearest")
-            row[2 + j].set_title(f"Zoom-SE cells, block −{len(e.zoom_cells) - j}\n(red: pushed toward melanoma)",
-                                 fontsize=7)
-        for ax in row:
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    with figure(out, len(items), cols, figsize=(2.6 * cols, 2.8 * len(items)), dpi=110, squeeze=False) as (fig, axes):
+        for row, (name, rgb, e) in zip(axes, items):
+            meta = ("" if e.meta_logit_delta is None else
+                    f"\nmetadata: logit {e.meta_logit_delta:+.2f} (p {e.prob_without_meta:.2f}→{e.prob:.2f})")
+            row[0].imshow(rgb)
+            row[0].set_title(f"{name}\nP(melanoma) = {e.prob:.3f}{meta}", fontsize=7)
+            row[1].imshow(rgb)
+            row[1].imshow(e.gradcam, cmap="jet", alpha=0.45, extent=(0, rgb.shape[1], rgb.shape[0], 0))
+            row[1].set_title(f"Grad-CAM, {e.cam_class} evidence", fontsize=7)
+            for j, cell in enumerate(e.zoom_cells):
+                lim = float(np.abs(cell).max()) or 1.0
+                row[2 + j].imshow(rgb, alpha=0.5)
+                row[2 + j].imshow(cell, cmap="coolwarm", vmin=-lim, vmax=lim, alpha=0.6,
+                                  extent=(0, rgb.shape[1], rgb.shape[0], 0), interpolation="nearest")
+                row[2 + j].set_title(f"Zoom-SE cells, block −{len(e.zoom_cells) - j}\n(red: pushed toward melanoma)",
+                                     fontsize=7)
+            for ax in row:
+                ax.axis("off")

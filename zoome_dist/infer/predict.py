@@ -22,9 +22,9 @@ from zoome_dist.config import Config
 from zoome_dist.core.rundir import MODEL_BEST, MODEL_LAST, SELECT, RunDir
 from zoome_dist.core.safe_load import safe_load
 from zoome_dist.data.images import BadImage, prepare_image
-from zoome_dist.data.isic import check_image_name, parse_age, read_csv_text
 from zoome_dist.data.metadata import MetadataEncoding
 from zoome_dist.data.sources import ARCHIVE_CSV, IMAGE_EXTS, FolderImages
+from zoome_dist.data.tables import check_columns, check_image_name, parse_age, read_csv_text, short_rows
 from zoome_dist.eval.calibration import apply_temperature
 from zoome_dist.pipeline import LOADERS, resolve_device
 from zoome_dist.train.engine import build_model
@@ -132,10 +132,8 @@ def read_test_csv(csv: str | Path, enc: MetadataEncoding) -> tuple[pd.DataFrame,
     and the rows that cannot (``{"image_name", "reason"}``). The rules are the shard builder's
     (``zoome_dist.data.isic``): safe image names, an age that is blank or a finite 0..120."""
     df = read_csv_text(Path(csv), dtype=str, keep_default_na=False)
-    missing = [c for c in TEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{csv}: missing required column(s) {missing}; found {list(df.columns)}")
-    short = ~df[list(TEST_COLUMNS)].notna().all(axis=1)  # rows with too few fields
+    check_columns(df, TEST_COLUMNS, csv)
+    short = short_rows(df, TEST_COLUMNS)
     problems = [{"image_name": str(n), "reason": "malformed CSV row: too few fields"} for n in df["image_name"][short]]
     df = df[~short]
     dup = df["image_name"][df["image_name"].duplicated()].tolist()

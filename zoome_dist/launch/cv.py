@@ -62,12 +62,11 @@ class Plan:
 
 def plan(a: argparse.Namespace) -> Plan:
     """Check the config, folds, variants and launch before any job; name each job's run folder."""
-    from zoome_dist.config import apply_overrides, load_config, parse_set
+    from zoome_dist.config import apply_overrides, load_config, parse_set, validate
     from zoome_dist.eval import paper
     from zoome_dist.launch.command import Launch
     from zoome_dist.launch.jobs import Job, Resources
     from zoome_dist.models import MODELS
-    from zoome_dist.train.engine import validate
 
     if a.paper:
         a.config = a.config or str(Path(__file__).resolve().parents[2] / paper.CONFIG)

@@ -35,6 +35,7 @@ from zoome_dist.config import Config, apply_overrides, check_keys
 from zoome_dist.core.procs import die_with_parent, exit_description, log_tail
 from zoome_dist.core.rundir import RunDir
 from zoome_dist.core.storage import snapshot_runs
+from zoome_dist.eval.plots import figure
 from zoome_dist.launch.command import job_env, local_rank_commands
 
 
@@ -187,10 +188,6 @@ def trial_id(result) -> str:
 
 def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
     """``trials.csv``, ``trials.md``, ``best.yaml`` (a full train.py config) and ``auc_vs_pool_size.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
     rows = []
@@ -219,18 +216,15 @@ def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
     cfg = trial_config(base, overrides)
     cfg.dump(out / "best.yaml")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    done = complete.dropna(subset=["mean_auc"])
-    ax.scatter(done["model.pool_size"], done["mean_auc"], alpha=0.7, label="trial (all folds)")
-    means = done.groupby("model.pool_size")["mean_auc"].mean()
-    ax.plot(means.index, means.values, "k-o", label="mean per pool size")
-    ax.set(xscale="log", xticks=sorted(done["model.pool_size"].unique()), xlabel="Zoom-SE pool size P",
-           ylabel=f"mean val AUC ({len(folds)} folds)", title="AUC vs Zoom-SE pool size")
-    ax.set_xticklabels([str(int(p)) for p in sorted(done["model.pool_size"].unique())])
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "auc_vs_pool_size.png")
-    plt.close(fig)
+    with figure(out / "auc_vs_pool_size.png", figsize=(5, 3.5), dpi=120) as (fig, ax):
+        done = complete.dropna(subset=["mean_auc"])
+        ax.scatter(done["model.pool_size"], done["mean_auc"], alpha=0.7, label="trial (all folds)")
+        means = done.groupby("model.pool_size")["mean_auc"].mean()
+        ax.plot(means.index, means.values, "k-o", label="mean per pool size")
+        ax.set(xscale="log", xticks=sorted(done["model.pool_size"].unique()), xlabel="Zoom-SE pool size P",
+               ylabel=f"mean val AUC ({len(folds)} folds)", title="AUC vs Zoom-SE pool size")
+        ax.set_xticklabels([str(int(p)) for p in sorted(done["model.pool_size"].unique())])
+        ax.legend(fontsize=7)
     return {"best": overrides, "best_mean_auc": float(best["mean_auc"]), "trials": len(df),
             "complete": int(len(complete))}
 

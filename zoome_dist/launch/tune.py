@@ -38,9 +38,8 @@ class Search:
 
 def prepare(a: argparse.Namespace) -> Search:
     """Every check that needs no Ray: flags, config, folds, optional packages, a resumed experiment's pickles."""
-    from zoome_dist.config import load_config, parse_set
+    from zoome_dist.config import load_config, parse_set, validate
     from zoome_dist.core.storage import open_storage
-    from zoome_dist.train.engine import validate
 
     if a.tolerate_failed_trials < 0:
         raise ValueError(f"--tolerate-failed-trials must be zero or more, got {a.tolerate_failed_trials}")

@@ -1,7 +1,6 @@
 """Distributed setup, the DeepSpeed config derived from ``Config``, model/optimizer/scheduler."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import socket
@@ -16,10 +15,7 @@ from zoome_dist.config import Config, DistConfig
 from zoome_dist.core.logs import get_logger
 from zoome_dist.core.rundir import RunDir
 from zoome_dist.launch.slurm import slurm_env
-from zoome_dist.models import BACKBONES, MODELS, create_model, model_options
-from zoome_dist.models.meta_embed import GATES
-from zoome_dist.pipeline import DEVICES, LOADERS
-from zoome_dist.train.losses import LOSSES
+from zoome_dist.models import create_model, model_options
 
 
 @dataclass(frozen=True)
@@ -144,10 +140,10 @@ def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:
 
 
 def _unlink_shm_buffer() -> None:
-    """DeepSpeed's CPU shared-memory all-reduce (every rank on one node) makes one 66 MB file per rank in
-    /dev/shm and never removes it: each run would keep 66 MB × ranks of RAM until a reboot (17 GB here
-    after a day of tests). Once every rank has mapped every buffer (the barrier), each removes its own
-    file's name; the mappings stay valid and the memory goes with the last rank's exit."""
+    """DeepSpeed's CPU shared-memory all-reduce (every rank on one node) makes one file per rank in /dev/shm
+    and never removes it: each run would keep that RAM until a reboot (docs/stack.md). Once every rank has
+    mapped every buffer (the barrier), each removes its own file's name; the mappings stay valid and the
+    memory goes with the last rank's exit."""
     import torch.distributed as dist
 
     if accelerator() != "cpu":
@@ -157,80 +153,6 @@ def _unlink_shm_buffer() -> None:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     Path("/dev/shm", name).unlink(missing_ok=True)
-
-
-def validate(cfg: Config) -> None:
-    """Checks that need the registries (models, losses, loaders), the machine (accelerator) or several
-    keys at once, and ranges; each names the bad value and the valid ones. The config's own choices
-    (``config.choice`` fields) are checked when a value is parsed."""
-    def choose(key: str, value: Any, choices: tuple | list) -> None:
-        if value not in choices:
-            raise ValueError(f"Invalid {key} {value!r}. Valid choices: {list(choices)}")
-
-    choose("model.name", cfg.model.name, sorted(MODELS))
-    choose("loss.name", cfg.loss.name, LOSSES)
-    choose("data.loader", cfg.data.loader, ("auto",) + LOADERS)
-    choose("data.device", cfg.data.device, DEVICES)
-    if cfg.model.sync_bn and accelerator() != "cuda":
-        raise ValueError(f"model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs on "
-                         f"{accelerator()}: set model.sync_bn false")
-    for key in ("train.epochs", "train.global_batch_size", "train.micro_batch_size", "data.image_size",
-                "train.keep_checkpoints", "data.num_threads"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ValueError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
-    for key in ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.min_lr_ratio",
-                "optim.clip_grad", "loss.alpha", "loss.gamma", "model.dropout", "model.rd_ratio", "optim.meta_lr_mult"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{key} must be a finite number ≥ 0, got {value}")
-    if "backbone" in model_options(cfg.model.name):
-        choose("model.backbone", cfg.model.backbone, list(BACKBONES))
-    choose("model.meta_gate", cfg.model.meta_gate, sorted(GATES))
-    for key in ("model.pool_size", "model.meta_hidden"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ValueError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
-    if cfg.train.eval_batch_size < 0:
-        raise ValueError(f"train.eval_batch_size must be 0 (the micro batch) or positive, got {cfg.train.eval_batch_size}")
-    if len(cfg.data.zoom) != 2 or not 0 < cfg.data.zoom[0] <= cfg.data.zoom[1] <= 1:
-        raise ValueError(f"data.zoom must be two numbers 0 < lo <= hi <= 1 (the crop's share of the side), got "
-                         f"{cfg.data.zoom}")
-    if not 0 <= cfg.data.rotate <= 180:
-        raise ValueError(f"data.rotate must lie in [0, 180] degrees, got {cfg.data.rotate}")
-    if not 0 <= cfg.data.flip <= 1:
-        raise ValueError(f"data.flip must be a probability in [0, 1], got {cfg.data.flip}")
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
-    bias = cfg.model.zoom_se_gate_bias
-    if bias is not None and not (math.isfinite(bias) and abs(bias) <= 10):
-        raise ValueError(f"model.zoom_se_gate_bias must lie in -10..10 (or be null), got {bias}: beyond, the gates "
-                         "saturate (sigmoid' ≈ 0) and Zoom-SE never trains; 3 starts every gate at 0.95")
-    for key in ("lr", "meta_lr_mult"):
-        if getattr(cfg.optim, key) == 0:
-            raise ValueError(f"optim.{key} must be positive, got 0")
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
-        raise ValueError(f"model.pretrained {cfg.model.pretrained!r}: no such file (seen from this node, as every rank "
-                         f"will look). It is a torchvision ImageNet state dict you provide, e.g. for "
-                         f"{cfg.model.backbone}: fetch it on a connected machine with torchvision.models.get_weight("
-                         f"...).get_state_dict() (README \"Real data\"), copy it here, and give its path")
-    if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
-        raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
-    if cfg.train.precision == "fp16" and accelerator() != "cuda":
-        raise ValueError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
-    if cfg.data.device == "gpu" and accelerator() != "cuda":
-        raise ValueError(f"data.device gpu needs DeepSpeed's cuda accelerator; it runs on {accelerator()} "
-                         "(DS_ACCELERATOR): use data.device auto or cpu")
-    for key, module in (("wandb_project", "wandb"), ("comet_project", "comet_ml")):
-        if getattr(cfg.monitor, key) and importlib.util.find_spec(module) is None:
-            raise ValueError(f"monitor.{key} needs the {module} package (pip install {module.replace('_', '-')}); "
-                             f"or set monitor.{key} to ''")
-    if cfg.monitor.flops_profile_step < 0:
-        raise ValueError(f"monitor.flops_profile_step must be 0 (off) or a positive step, got "
-                         f"{cfg.monitor.flops_profile_step}")
-    if cfg.dist.timeout_s <= 0:
-        raise ValueError(f"dist.timeout_s must be positive, got {cfg.dist.timeout_s}")
 
 
 def micro_and_accumulation(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:

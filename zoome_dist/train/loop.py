@@ -24,6 +24,17 @@ def _to_device(batch: tuple[torch.Tensor, ...], device: torch.device, channels_l
     return image, meta, label, sid
 
 
+def check_finite(loss_sum: float, probs: np.ndarray, epoch: int, device) -> None:
+    """A diverged epoch (a non-finite loss or prediction on any rank) raises on every rank together, so that
+    none waits in a collective for a rank that already failed."""
+    bad = torch.tensor([float(not (np.isfinite(loss_sum) and np.isfinite(probs).all()))], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise FloatingPointError(f"training diverged in epoch {epoch}: the loss or the predictions are not finite on at "
+                                 f"least one rank (this rank's loss sum: {loss_sum}); lower optim.lr, raise "
+                                 "optim.warmup_epochs or use train.precision fp32")
+
+
 def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, steps: int, skip: int = 0,
                     channels_last: bool = True, on_step: Callable[[int], None] | None = None,
                     progress: bool = True, log_every: int = 10,
@@ -31,7 +42,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
     """Run micro-steps ``skip..steps`` of one epoch; returns loss, speed, data wait and the
     training predictions of every rank (for the Youden threshold). A run resumed mid-epoch passes
     the micro-step it resumes at as ``skip`` and a loader set to start there (``set_epoch(epoch, skip)``).
-``train_ids`` are the sample ids trained on (every rank's), for the leakage check.
+    ``train_ids`` are the sample ids trained on (every rank's), for the leakage check.
 
     Nothing is copied to the host per step: the loss sum, predictions and labels stay on the
     device and are copied once at the end (and the loss at each progress update), so the host
@@ -78,12 +89,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
     s = torch.cat(ids).cpu().numpy() if ids else np.zeros(0, np.int64)
     total_loss = float(loss_sum)  # the one device→host copy of the epoch (waits for the GPU)
     elapsed = time.perf_counter() - start
-    bad = torch.tensor([float(not (np.isfinite(total_loss) and np.isfinite(p).all()))], device=loss_sum.device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank raises together: none waits in a collective
-    if bad.item():
-        raise FloatingPointError(f"training diverged in epoch {epoch}: the loss or the predictions are not "
-                                 f"finite on at least one rank (this rank's loss sum: {total_loss}); lower optim.lr, raise optim.warmup_epochs "
-                                 "or use train.precision fp32")
+    check_finite(total_loss, p, epoch, loss_sum.device)
     p, y, s, losses, counts = gather(p, y, s, np.array([total_loss]), np.array([n_images]))
     images = int(counts.sum())
     return {"train_loss": float(losses.sum() / max(1, images)), "train_images": images,

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from zoome_dist.config import Config
+from zoome_dist.config import Config, validate
 from zoome_dist.core.files import atomic_path, write_csv_atomic, write_text_atomic
 from zoome_dist.core.folder_lock import FolderLock
 from zoome_dist.core.logs import get_logger
@@ -41,7 +41,7 @@ from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scal
 from zoome_dist.train.checkpoints import (TAG, UnsafeCheckpointError, checksum_damage, install, latest_tag, step_tag,
                                           write_checksums)
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
-                                     build_scheduler, deepspeed_config, setup_distributed, validate)
+                                     build_scheduler, deepspeed_config, setup_distributed)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
 from zoome_dist.train.losses import make_loss
 
@@ -334,6 +334,18 @@ class _Training:
         return self.info.rank == 0
 
 
+def _describe_run(run: RunDir, cfg: Config, ds_cfg: dict, info: dict, first_epoch: int) -> None:
+    """Rank 0: the run's config, DeepSpeed config and run.json; metrics of epochs a resumed run redoes dropped
+    (and a line cut by a crash)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    cfg.dump(run.config)
+    run.deepspeed.write_text(json.dumps(ds_cfg, indent=1))
+    run.run_info.write_text(json.dumps(info, indent=1))
+    if run.metrics.exists():
+        kept = [r for r in run.read_metrics() if r["epoch"] < first_epoch]
+        run.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, train_folds: list[int],
            info: DistInfo, resuming: bool, progress: bool, val_ids: np.ndarray) -> _Training:
     """Loaders, model, DeepSpeed engine, restored state, and the run's description files."""
@@ -383,16 +395,10 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
              f"(optimizer step {engine.global_steps})")
     folds_table = None
     if info.rank == 0:
-        run.path.mkdir(parents=True, exist_ok=True)
-        cfg.dump(run.config)
-        run.deepspeed.write_text(json.dumps(ds_cfg, indent=1))
-        run.run_info.write_text(json.dumps({"shards": str(shards.resolve()), "fold": fold,
-                                            "train_folds": train_folds, "world_size": info.world_size,
-                                            "loader": loader, "steps_per_epoch": steps_per_epoch,
-                                            "global_batch": plan.global_batch, "lr": plan.lr}, indent=1))
-        if run.metrics.exists():  # drop epochs the resumed run will redo (and a line cut by a crash)
-            kept = [r for r in run.read_metrics() if r["epoch"] < state["epoch"]]
-            run.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        _describe_run(run, cfg, ds_cfg, {"shards": str(shards.resolve()), "fold": fold, "train_folds": train_folds,
+                                         "world_size": info.world_size, "loader": loader,
+                                         "steps_per_epoch": steps_per_epoch, "global_batch": plan.global_batch,
+                                         "lr": plan.lr}, state["epoch"])
         folds_table = pd.read_csv(shards / "folds.csv")
     log.info(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
          f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
@@ -444,29 +450,37 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
         state["best"] = {"epoch": epoch, "tag": step_tag(engine.global_steps), "metrics": val}
     state.update(epoch=epoch + 1, micro_step=0)
     if t.rank0:  # the epoch's files first, then the checkpoint that marks the epoch done
-        preds = _predictions(t.folds_table, sids, probs)
-        if by_source := auc_by_source(preds):
-            record["val_auc_by_source"] = by_source
-        with open(t.run.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        plot_curves({f"fold {t.fold}": t.run.read_metrics()}, t.run.curves)
-        if engine.monitor.enabled:
-            engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
-                                         for k, v in val.items() if isinstance(v, float)])
-        write_csv_atomic(preds, t.run.predictions("last"))
-        write_csv_atomic(_predictions(t.folds_table, tr["train_ids"], tr["train_probs"]), t.run.train_predictions)
-        write_csv_atomic(subgroup_metrics(preds), t.run.subgroups)
-        plot_reliability({f"fold {t.fold}, epoch {epoch}": preds}, t.run.calibration_plot)
-        save_model(t.run.model("last"), cfg, engine.module, t.manifest["metadata_encoding"], epoch, val)
-        if is_best:
-            _write_best(t.run, cfg, engine, t.manifest, t.folds_table, state["best"], sids, probs)
+        _write_epoch(t, epoch, record, tr, val, (sids, probs), is_best)
         log.info(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
-             f"acc/sens/spec@0.5 {val['acc']:.3f}/{val['sens']:.3f}/{val['spec']:.3f} "
-             f"@t={threshold:.3f} {val['acc_t']:.3f}/{val['sens_t']:.3f}/{val['spec_t']:.3f} | "
-             f"{tr['train_img_s_per_rank']:.1f} img/s/rank, data wait {100 * tr['data_wait']:.1f}%"
-             + (" *best*" if is_best else ""))
+                 f"acc/sens/spec@0.5 {val['acc']:.3f}/{val['sens']:.3f}/{val['spec']:.3f} "
+                 f"@t={threshold:.3f} {val['acc_t']:.3f}/{val['sens_t']:.3f}/{val['spec_t']:.3f} | "
+                 f"{tr['train_img_s_per_rank']:.1f} img/s/rank, data wait {100 * tr['data_wait']:.1f}%"
+                 + (" *best*" if is_best else ""))
     save(engine, t.run, dict(state), cfg.train.keep_checkpoints)
     return record
+
+
+def _write_epoch(t: _Training, epoch: int, record: dict, tr: dict, val: dict, val_preds: tuple,
+                 is_best: bool) -> None:
+    """Rank 0's files of a finished epoch: metrics line, curves, monitors, predictions, subgroups,
+    calibration plot, model_last.pt (and the best epoch's files)."""
+    engine, (sids, probs) = t.engine, val_preds
+    preds = _predictions(t.folds_table, sids, probs)
+    if by_source := auc_by_source(preds):
+        record["val_auc_by_source"] = by_source
+    with open(t.run.metrics, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    plot_curves({f"fold {t.fold}": t.run.read_metrics()}, t.run.curves)
+    if engine.monitor.enabled:
+        engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
+                                     for k, v in val.items() if isinstance(v, float)])
+    write_csv_atomic(preds, t.run.predictions("last"))
+    write_csv_atomic(_predictions(t.folds_table, tr["train_ids"], tr["train_probs"]), t.run.train_predictions)
+    write_csv_atomic(subgroup_metrics(preds), t.run.subgroups)
+    plot_reliability({f"fold {t.fold}, epoch {epoch}": preds}, t.run.calibration_plot)
+    save_model(t.run.model("last"), t.cfg, engine.module, t.manifest["metadata_encoding"], epoch, val)
+    if is_best:
+        _write_best(t.run, t.cfg, engine, t.manifest, t.folds_table, t.state["best"], sids, probs)
 
 
 def _finish(t: _Training, last: dict[str, Any]) -> dict[str, Any]:
