@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -49,3 +50,13 @@ def check_folds(folds: list[int], shards: str | Path) -> None:
     bad = [k for k in folds if k not in valid]
     if bad:
         raise ValueError(f"fold(s) {bad} do not exist in {shards}; valid folds: {valid}")
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+                argv: list[str] | None) -> int:
+    """Parse ``argv`` and ``run`` the command; a user error is one ``PROG: error: ...`` line and exit 2."""
+    a = parser.parse_args(argv)
+    try:
+        return run(a)
+    except USER_ERRORS as e:
+        return error(prog, e)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, error
+from zoome_dist.cli.common import HelpFormatter, run_command
 from zoome_dist.core.files import check_writable
 
 
@@ -40,11 +40,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = get_parser().parse_args(argv)
-    try:
-        return run(a)
-    except USER_ERRORS as e:
-        return error("zoome export", e)
+    return run_command("zoome export", get_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, error
+from zoome_dist.cli.common import HelpFormatter, run_command
 from zoome_dist.core.files import check_writable, write_csv_atomic
 
 
@@ -95,11 +95,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = get_parser().parse_args(argv)
-    try:
-        return run(a)
-    except USER_ERRORS as e:
-        return error("zoome predict", e)
+    return run_command("zoome predict", get_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, error
+from zoome_dist.cli.common import HelpFormatter, run_command
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -16,20 +16,20 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = get_parser().parse_args(argv)
+def run(a: argparse.Namespace) -> int:
     from zoome_dist.eval.score import score
 
-    try:
-        m = score(a.truth, a.pred)
-    except USER_ERRORS as e:
-        return error("zoome score", e)
+    m = score(a.truth, a.pred)
     if a.json:
         print(json.dumps(m))
     else:
         for k, v in m.items():
             print(f"{k:16s} {v:.4f}" if isinstance(v, float) else f"{k:16s} {v}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("zoome score", get_parser(), run, argv)
 
 
 if __name__ == "__main__":
