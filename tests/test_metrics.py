@@ -120,3 +120,21 @@ def test_score_empty_or_non_utf8_csv(tmp_path, capsys, content):
     assert zoome_main(["score", "--truth", str(tmp_path / "t.csv"), "--pred", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err
     assert ("empty CSV" in err or "not UTF-8" in err) and "Traceback" not in err
+
+
+def test_score_at_a_threshold(tmp_path, capsys):
+    """--threshold T: ACC/SE/SP at T (p >= T is melanoma), counted here from the five rows."""
+    truth, pred = tmp_path / "truth.csv", tmp_path / "pred.csv"
+    pd.DataFrame({"image_name": [f"I{i}" for i in range(5)], "target": Y}).to_csv(truth, index=False)
+    pd.DataFrame({"image_name": [f"I{i}" for i in range(5)], "target": P}).to_csv(pred, index=False)
+    t = sorted(P)[2]  # the third-lowest probability: the two lowest rows are called benign
+    assert zoome_main(["score", "--truth", str(truth), "--pred", str(pred), "--threshold", str(t), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    called = np.asarray(P) >= t
+    y = np.asarray(Y).astype(bool)
+    assert m["threshold"] == pytest.approx(t)
+    assert m["sens_t"] == pytest.approx((called & y).sum() / y.sum())
+    assert m["spec_t"] == pytest.approx((~called & ~y).sum() / (~y).sum())
+    assert m["acc_t"] == pytest.approx((called == y).mean())
+    assert zoome_main(["score", "--truth", str(truth), "--pred", str(pred), "--threshold", "1.5"]) == 2
+    assert "--threshold 1.5: a probability in [0, 1]" in capsys.readouterr().err

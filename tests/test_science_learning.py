@@ -87,6 +87,12 @@ def test_demo_recipe_learns(demo_cv):
         log = (cv / "zoome" / f"fold-{k:02d}" / "job.log").read_text()  # the run's closing line names the result
         assert f"fold {k} done in" in log and f"last epoch 3 (AUC {auc:.4f})" in log and "model_last.pt" in log
     assert folds["auc"].mean() > 0.75
+    # the pooled out-of-fold AUC and its interval (uncertainty.md), from the three folds' own predictions
+    pooled = pd.concat(pd.read_csv(cv / "zoome" / f"fold-{k:02d}" / "predictions_last.csv") for k in range(3))
+    row = pd.read_csv(cv / "uncertainty.csv").set_index("variant").loc["zoome"]
+    assert row["auc"] == pytest.approx(roc_auc_score(pooled["target"], pooled["prob"]))
+    assert row["n"] == len(pooled) and row["ci_low"] < row["auc"] < row["ci_high"]
+    assert f"{100 * row['auc']:.2f} [" in (cv / "uncertainty.md").read_text()
 
 
 def test_every_fold_trains_on_the_other_folds_only(demo_cv):
@@ -148,6 +154,11 @@ def test_metadata_model_beats_the_model_without_metadata_on_metadata_only_data(t
              "--set", "train.epochs=6", "--set", "optim.lr=0.002", "--set", "optim.meta_lr_mult=10")
     auc = pd.read_csv(tmp_path / "cv" / "folds.csv").set_index("variant")["auc"]
     assert auc["zoome"] > 0.75 and auc["zoome"] > auc["zoome_no_meta"] + 0.15, dict(auc)
+    # the report's paired comparison on the same images: zoome_no_meta is worse, and the interval says so
+    paired = pd.read_csv(tmp_path / "cv" / "uncertainty.csv").set_index("variant").loc["zoome_no_meta"]
+    assert paired["versus"] == "zoome"
+    assert paired["delta_auc"] == pytest.approx(auc["zoome_no_meta"] - auc["zoome"])  # one fold: pooled = fold
+    assert paired["ci_high"] < 0 and paired["p_value"] < 0.05, dict(paired)
 
 
 def test_rerun_reports_finished_folds_only_for_the_same_config(demo_cv):

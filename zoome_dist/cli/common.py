@@ -9,8 +9,17 @@ from pathlib import Path
 from typing import Callable
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and ``(default: ...)`` after every option's help."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and ``(default: X)`` once after an option's help where there is a default to
+    show: not for flags, nor for options without a default (None), nor where the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, [], "") or default is argparse.SUPPRESS or "default" in text
+                or action.option_strings == [] or isinstance(action, argparse._StoreConstAction)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 # Bad values, missing/unreadable/unwritable files and full disks, training that went non-finite.

@@ -48,10 +48,11 @@ def _terminate(signum: int, _frame) -> None:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoome cv", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="default: the config file's defaults (with --paper: launchers/configs/zoome.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--shards", required=True)
-    p.add_argument("--folds", default="0-9")
-    p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), as zoome train --set")
+    p.add_argument("--shards", required=True, help="zoome-shards build folder")
+    p.add_argument("--folds", default="0-9", help="validation folds to run, one job per (variant, fold): 0-9 or 0,3,5")
+    p.add_argument("--out", required=True, help="CV folder: one run folder per (variant, fold), then the reports")
     p.add_argument("--variants", default="", help="comma-separated model names (default: the config's)")
     p.add_argument("--gpus-per-job", "--num-gpus", dest="ranks", type=int, default=1, metavar="N",
                    help="data-parallel ranks of each (variant, fold) job, one GPU each (CPU ranks where there "

@@ -15,7 +15,7 @@ def get_parser() -> argparse.ArgumentParser:
     from zoome_dist.pipeline import DEVICES, LOADERS
 
     p = argparse.ArgumentParser(prog="zoome explain", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a model file, or a run folder (its --select model)")
     p.add_argument("--select", choices=SELECT, default="last", help="as zoome predict")
     p.add_argument("--image", action="append", default=[], help="image file; repeatable")
     p.add_argument("--meta", default="", help="for --image: age=55,sex=male,site=torso (missing = unknown)")
@@ -26,7 +26,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG report")
     p.add_argument("--device", default="auto", choices=DEVICES, help="as zoome predict")
     p.add_argument("--loader", default=LOADERS[0], choices=LOADERS, help="image decoding, as zoome predict")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="decoding threads")
     return p
 
 

@@ -15,7 +15,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoome export", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True,
                    help="model file, run folder or folder of runs (all become one ensemble); repeatable")
-    p.add_argument("--format", choices=["torchscript", "onnx"], required=True)
+    p.add_argument("--format", choices=["torchscript", "onnx"], required=True,
+                   help="torchscript (one .pt file) or onnx (one .onnx file, weights inside up to 1 GiB)")
     p.add_argument("--out", required=True, help="the file to write (FILE.json describes its inputs)")
     p.add_argument("--select", choices=SELECT, default="last", help="as zoome predict")
     p.add_argument("--calibrate", action="store_true", help="bake in each member's out-of-fold temperature")

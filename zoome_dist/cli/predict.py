@@ -24,12 +24,13 @@ def get_parser() -> argparse.ArgumentParser:
                    "(labels not needed). Without it: every image of --images, with the metadata of an ISIC Archive "
                    "metadata.csv there, else metadata unknown")
     p.add_argument("--images", required=True, help="folder with <image_name>.jpg (.JPG/.jpeg/.png)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="predictions CSV to write (unscorable images go to OUT.errors.csv)")
     p.add_argument("--tta", type=int, default=1, help="views averaged: 1, 2 (flip) or 8 (flips × transpose)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where the models run: auto (GPU if DeepSpeed's accelerator is cuda), gpu or cpu")
     p.add_argument("--loader", default=LOADERS[0], choices=LOADERS, help="image decoding")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="decoding threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--select", choices=SELECT, default="last",
                    help="each run's last epoch (model_last.pt) or its best-AUC epoch (model_best.pt), as zoome cv")

@@ -81,14 +81,14 @@ def get_parser() -> argparse.ArgumentParser:
                    help="near duplicates: perceptual-hash bits apart (of 256) at most; -1 finds exact copies only")
     b.add_argument("--no-dedup", action="store_true",
                    help="skip the duplicate search: keep every row (folds grouped by patient and lesion only)")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="shard folder to write (empty, or an interrupted build with --resume)")
     b.add_argument("--num-folds", type=int, default=DEFAULTS.folds, dest="folds",
                    help="how many folds to partition into (elsewhere --folds selects existing folds)")
     b.add_argument("--folds", type=int, dest="folds_deprecated", help=argparse.SUPPRESS)
-    b.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    b.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the fold assignment")
     b.add_argument("--max-side", type=int, default=DEFAULTS.max_side,
                    help="bound the longer side in px, 0 keeps originals")
-    b.add_argument("--samples-per-shard", type=int, default=DEFAULTS.samples_per_shard)
+    b.add_argument("--samples-per-shard", type=int, default=DEFAULTS.samples_per_shard, help="images per .tar shard")
     b.add_argument("--jpeg-quality", type=int, default=DEFAULTS.jpeg_quality,
                    help="quality of re-encoded JPEGs")
     b.add_argument("--workers", type=int, default=1, help="processes writing shards")
@@ -99,18 +99,18 @@ def get_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_build)
     v = sub.add_parser("verify", formatter_class=HelpFormatter, help="re-hash and re-check a shard build against its manifest")
     v.add_argument("shards")
-    v.add_argument("--quiet", action="store_true")
+    v.add_argument("--quiet", action="store_true", help="print only errors")
     v.set_defaults(func=_verify)
     s = sub.add_parser("synth", formatter_class=HelpFormatter, help="write a synthetic ISIC-2020-layout dataset")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="folder for train.csv and jpeg/train/")
     s.add_argument("--n", type=int, required=True, help="number of images")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     s.add_argument("--prevalence", type=float, default=0.1, help="expected melanoma fraction")
     s.add_argument("--size", type=int, default=256, help="image side in px")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, default=1, help="processes drawing images")
     s.add_argument("--label-from", choices=LABEL_FROM, default=LABEL_FROM[0],
                    help="metadata: labels from age/sex/site only, images carry no label signal (a metadata-path test)")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
     return p
 

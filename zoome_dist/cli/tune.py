@@ -23,12 +23,12 @@ from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, error
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoome tune", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config")
+    p.add_argument("--config", help="base YAML/JSON config (default: built-in paper recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override")
-    p.add_argument("--shards", required=True)
+    p.add_argument("--shards", required=True, help="zoome-shards build folder")
     p.add_argument("--folds", default="0,1,2", help="validation folds every configuration is trained on (0-2 or 0,1,2)")
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--out", required=True)
+    p.add_argument("--num-samples", type=int, default=16, help="configurations sampled")
+    p.add_argument("--out", required=True, help="experiment folder: trials.csv/.md, best.yaml, trial run folders")
     p.add_argument("--name", default="zoome_tune", help="experiment name (re-run to resume)")
     p.add_argument("--ray-address", help="join this cluster (e.g. auto or HOST:6379); default: local Ray")
     p.add_argument("--storage", metavar="URI",
@@ -43,11 +43,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=int, default=None,
                    help="GPUs per trial (default: 1 where the Ray cluster has GPUs, else 0, i.e. CPU trials)")
     p.add_argument("--workers-per-trial", type=int, default=0, help="ranks per trial (default: GPUs, or 1)")
-    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores (threads) per rank")
     p.add_argument("--pool-sizes", default="1,2,4,8", help="Zoom-SE pool sizes to search")
     p.add_argument("--batch-sizes", default="32,64,128", help="global batch sizes to search")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    p.add_argument("--search", choices=["random", "optuna"], default="random")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
+                   help="asha stops poor configurations after their first fold; fifo runs all")
+    p.add_argument("--search", choices=["random", "optuna"], default="random",
+                   help="how configurations are drawn (optuna needs the optuna extra)")
     p.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial (from its checkpoint)")
     p.add_argument("--tolerate-failed-trials", type=int, default=0, metavar="N",
                    help="exit 0 even when up to N trials ended in ERROR (after their restarts)")

@@ -10,22 +10,30 @@ import pandas as pd
 from zoome_dist.core.rundir import RunDir, fold_dir
 from zoome_dist.eval.plots import figure
 
-COLUMNS = [("acc", "ACC"), ("sens", "SE"), ("spec", "SP"), ("auc", "AUC")]
-EXTRA = [("acc_oof", "ACC@oof"), ("sens_oof", "SE@oof"), ("spec_oof", "SP@oof"),
-         ("acc_t", "ACC@t"), ("sens_t", "SE@t"), ("spec_t", "SP@t"), ("sens_at_spec90", "SE@SP90"),
-         ("pauc_sens80", "pAUC@SE80"), ("ece", "ECE")]
+# The table leads with what a reader of Table I needs: discrimination, then the honest operating point
+# (@oof: each fold at the Youden threshold of the other folds' out-of-fold predictions), calibration and
+# per-source AUC; then the optimistic training-set threshold (@t); the 0.5 figures last.
+LEAD = [("auc", "AUC"), ("pauc_sens80", "pAUC@SE80"), ("sens_oof", "SE@oof"), ("spec_oof", "SP@oof"),
+        ("acc_oof", "ACC@oof"), ("sens_at_spec90", "SE@SP90"), ("ece", "ECE")]
+OPTIMISTIC = [("sens_t", "SE@t"), ("spec_t", "SP@t"), ("acc_t", "ACC@t")]
+AT_HALF = [("acc", "ACC@0.5"), ("sens", "SE@0.5"), ("spec", "SP@0.5")]
+N_BOOT = 1000  # bootstrap resamples behind every interval of a CV report
+LEGEND = ("AUC and pAUC@SE80 (ISIC partial AUC above 80 % sensitivity) need no threshold. @oof: at the "
+          "Youden threshold of the other folds' out-of-fold predictions (the honest operating point); SE@SP90: "
+          "sensitivity at 90 % specificity; ECE: expected calibration error of the fold; @t: at the epoch's "
+          "training-set Youden threshold (optimistic); @0.5: at probability 0.5. % mean ± sample std over folds.")
 
 
 def mean_std(values: pd.Series) -> str:
-    """``mean±std`` in % of fractions: the sample std over folds (ddof 1), 0 for a single fold."""
+    """``mean±std`` in % of fractions: the sample std over folds (ddof 1); a single fold: its value alone."""
     v = 100 * values.astype(float)
-    return f"{v.mean():.2f}±{v.std(ddof=1) if len(v) > 1 else 0:.2f}"
+    return f"{v.mean():.2f}±{v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
 
 
 def table_markdown(folds: pd.DataFrame) -> str:
     """Mean ± std (%) over folds per variant; ``folds`` has one row per (variant, fold)."""
-    cols = (COLUMNS + [c for c in EXTRA if c[0] in folds.columns]
-            + [(c, f"AUC {c[4:]}") for c in folds.columns if c.startswith("auc:")])  # per source
+    per_source = [(c, f"AUC {c[4:]}") for c in folds.columns if c.startswith("auc:")]
+    cols = [c for c in LEAD + per_source + OPTIMISTIC + AT_HALF if c[0] in folds.columns]
     lines = ["| method | folds | " + " | ".join(h for _, h in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for variant, part in folds.groupby("variant", sort=False):
@@ -79,7 +87,7 @@ def fold_rows(variant: str, fold: int, metrics: dict) -> dict:
 def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> str:
     """The CV's tables, ROC and curves from its finished run folders; returns the markdown table."""
     from zoome_dist.eval.calibration import cross_fit_thresholds, fit, plot_reliability, stamp_checkpoint
-    from zoome_dist.eval.subgroups import auc_by_source, subgroup_markdown, subgroup_metrics
+    from zoome_dist.eval.subgroups import auc_by_source
 
     rows, preds, curves = [], {v: [] for v in variants}, {}
     for variant in variants:
@@ -101,7 +109,7 @@ def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> 
                 stamp_checkpoint(model, calibration)
     table = pd.DataFrame(rows)
     table.to_csv(out / "folds.csv", index=False)
-    md = table_markdown(table)
+    md = table_markdown(table) + "\n" + LEGEND + "\n"
     (out / "table.md").write_text(md)
     summary_rows = table.drop(columns=["fold"]).groupby("variant", sort=False).agg(["mean", "std"])
     summary_rows.columns = [f"{k}_{s}" for k, s in summary_rows.columns]
@@ -110,8 +118,44 @@ def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> 
     plot_roc(pooled_preds, out / "roc.png")
     plot_reliability(pooled_preds, out / "calibration.png")
     plot_curves(curves, out / "curves.png")
-    groups = {v: subgroup_metrics(p) for v, p in pooled_preds.items()}
+    _write_subgroups(pooled_preds, out)
+    return md + "\n" + write_uncertainty(pooled_preds, out)
+
+
+def _write_subgroups(pooled_preds: dict[str, pd.DataFrame], out: Path) -> None:
+    from zoome_dist.eval.subgroups import subgroup_markdown, subgroup_metrics
+
+    groups = {v: subgroup_metrics(p, n_boot=N_BOOT) for v, p in pooled_preds.items()}
     pd.concat([g.assign(variant=v) for v, g in groups.items()]).to_csv(out / "subgroups.csv", index=False)
-    (out / "subgroups.md").write_text("Pooled out-of-fold AUC per subgroup (% ; – where a subgroup has one class)\n\n"
-                                      + subgroup_markdown(groups))
-    return md
+    (out / "subgroups.md").write_text(
+        f"Pooled out-of-fold AUC per subgroup (%, [95 % bootstrap interval, {N_BOOT} stratified resamples]; – where "
+        "a subgroup has one class; † fewer than 10 positives or negatives: too few to trust)\n\n"
+        + subgroup_markdown(groups))
+
+
+def write_uncertainty(pooled_preds: dict[str, pd.DataFrame], out: Path) -> str:
+    """OUT/uncertainty.md and .csv: each variant's pooled out-of-fold AUC with its 95 % bootstrap interval,
+    and every other variant against the first on the same images (paired bootstrap: ΔAUC, interval, p)."""
+    from zoome_dist.eval.uncertainty import auc_interval, paired_auc_difference
+
+    rows, lines = [], [f"Pooled out-of-fold AUC (%), 95 % stratified bootstrap interval ({N_BOOT} resamples)", "",
+                       "| method | n | positives | AUC [95 % CI] |", "|---|---|---|---|"]
+    for variant, p in pooled_preds.items():
+        ci = auc_interval(p["target"], p["prob"], N_BOOT)
+        rows.append({"variant": variant, **ci})
+        lines.append(f"| {variant} | {ci['n']} | {ci['positives']} | {100 * ci['auc']:.2f} "
+                     f"[{100 * ci['ci_low']:.2f}–{100 * ci['ci_high']:.2f}]{' †' if ci['few'] else ''} |")
+    ref, *others = list(pooled_preds)
+    if others:
+        lines += ["", f"Paired against {ref} on the same images (paired bootstrap; p: two-sided, no difference)", "",
+                  f"| method | ΔAUC vs {ref} [95 % CI] | p |", "|---|---|---|"]
+    for variant in others:
+        both = pooled_preds[ref].merge(pooled_preds[variant], on="image_name", suffixes=("_a", "_b"))
+        d = paired_auc_difference(both["target_a"], both["prob_a"], both["prob_b"], N_BOOT)
+        rows.append({"variant": variant, "versus": ref, **d})
+        lines.append(f"| {variant} | {100 * d['delta_auc']:+.2f} [{100 * d['ci_low']:+.2f}–"
+                     f"{100 * d['ci_high']:+.2f}] | {d['p_value']:.3f} |")
+    pd.DataFrame(rows).to_csv(out / "uncertainty.csv", index=False)
+    text = "\n".join(lines) + "\n"
+    (out / "uncertainty.md").write_text(text)
+    return text

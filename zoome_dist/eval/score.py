@@ -24,8 +24,11 @@ def _read(path: str, role: str) -> pd.DataFrame:
     return df.rename(columns={key: "image_name", col: "value"})[["image_name", "value"]]
 
 
-def score(truth_csv: str, pred_csv: str) -> dict:
-    """Metrics of an ISIC-format prediction CSV against a ground-truth CSV (rows matched by image)."""
+def score(truth_csv: str, pred_csv: str, threshold: float | None = None) -> dict:
+    """Metrics of an ISIC-format prediction CSV against a ground-truth CSV (rows matched by image); with
+    ``threshold`` also ACC/SE/SP at it (``*_t``: the operating point, e.g. the stored out-of-fold one)."""
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"--threshold {threshold}: a probability in [0, 1]")
     truth, pred = _read(truth_csv, "truth"), _read(pred_csv, "prediction")
     missing = sorted(set(truth["image_name"]) - set(pred["image_name"]))
     extra = sorted(set(pred["image_name"]) - set(truth["image_name"]))
@@ -46,4 +49,4 @@ def score(truth_csv: str, pred_csv: str) -> dict:
         shown = [f"{n}={v!r}" for n, v in zip(merged["image_name"][bad_p][:10], merged["value_pred"][bad_p][:10])]
         raise ValueError(f"{pred_csv}: predictions must be probabilities in [0, 1]; {int(bad_p.sum())} row(s) "
                          f"are not: {shown}")
-    return binary_metrics(y.astype(int).to_numpy(), p.to_numpy())
+    return binary_metrics(y.astype(int).to_numpy(), p.to_numpy(), threshold)
