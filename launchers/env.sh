@@ -2,7 +2,7 @@
 # Run a command inside the project's virtual environment (.venv), creating it on first use.
 #   bash launchers/env.sh COMMAND [ARGS...]
 # The environment is (re)installed when pyproject.toml or constraints.txt changed since the last install.
-# It is the exact tested set (constraints.txt) with DALI for CUDA 13; see README "Installing".
+# It is the exact tested set (constraints.txt) with DALI for CUDA 13; see docs/install.md.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${ZOOME_VENV:-$root/.venv}"

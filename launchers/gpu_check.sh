@@ -9,7 +9,7 @@
 #   bash launchers/gpu_check.sh [OUT_DIR [--only PART,...] [--no-compile] [--no-tests]]   (default OUT_DIR: runs/gpu_check)
 #
 # On a GPU host with its own torch and no network, bring DeepSpeed and WebDataset as wheels
-# (README "GPU check") and put them on PYTHONPATH first; DALI is optional.
+# (docs/install.md, "GPU check") and put them on PYTHONPATH first; DALI is optional.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The wheels an offline GPU host with its own torch needs to run this package (README "Install by hand",
+# The wheels an offline GPU host with its own torch needs to run this package (docs/install.md,
 # "GPU check"): DeepSpeed built with no ops, WebDataset, and their small dependencies, for that host's
 # Python (default 3.12, the GPU check host's). About 5 MB; built here, carried there.
 #   bash launchers/gpu_wheels.sh [DIR=.whl] [PYTHON_VERSION=3.12]

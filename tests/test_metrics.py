@@ -80,6 +80,9 @@ def test_cv_report(shards_dir, tmp_path):
            "--set", "train.precision=fp32", "--jobs", "2", "--cpus-per-job", "1"]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # concurrent jobs: one line per finished epoch from each job, and how much of the CV is left
+    assert "zoome fold 0: epoch 0 done (val AUC" in r.stdout and "zoome_no_meta fold 1: epoch 0 done" in r.stdout
+    assert "4 of 4 job(s) finished" in r.stdout and "min left" in r.stdout, r.stdout
     folds = pd.read_csv(tmp_path / "cv" / "folds.csv")
     assert sorted(zip(folds["variant"], folds["fold"])) == [("zoome", 0), ("zoome", 1), ("zoome_no_meta", 0),
                                                             ("zoome_no_meta", 1)]

@@ -307,7 +307,9 @@ def test_export_matches_pytorch_on_images(checkpoint, tmp_path, fmt):
         shipped = tmp_path / f"shipped{len(ckpts)}"  # what the user copies elsewhere: the files it lists
         shipped.mkdir()
         assert info["files"] == [out.name] and sorted(p.name for p in tmp_path.glob(f"{out.name}*")) == \
-            [out.name, out.name + ".json"]  # nothing else was left beside it
+            [out.name, out.name + ".card.md", out.name + ".json"]  # nothing else was left beside it
+        card = out.with_name(out.name + ".card.md").read_text()  # models of no CV: the card says what it lacks
+        assert f"mean probability of {len(ckpts)} model(s), 48 px" in card and "No single cross-validation card" in card
         for name in info["files"]:
             shutil.copy(out.with_name(name), shipped / name)
         if fmt == "onnx":

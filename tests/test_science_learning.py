@@ -170,7 +170,52 @@ def test_rerun_reports_finished_folds_only_for_the_same_config(demo_cv):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     same = subprocess.run([*base, "--set", "train.epochs=4"], capture_output=True, text=True, timeout=120, env=env)
     assert same.returncode == 0 and same.stdout.count("(finished)") == 3, same.stdout + same.stderr
+    assert "0 to train, 3 finished; expected run time on GPUs" in same.stdout  # the plan before hours of work
     changed = subprocess.run([*base, "--set", "train.epochs=5"], capture_output=True, text=True, timeout=120, env=env)
     assert changed.returncode == 2, changed.stdout + changed.stderr
     assert "zoome fold 1 (finished" in changed.stderr and "train.epochs: 4 -> 5" in changed.stderr
     assert "Traceback" not in changed.stderr
+
+
+def test_finished_folds_keep_their_models_and_not_their_checkpoints(demo_cv):
+    """``zoome cv``'s default ``--keep models``: a finished fold keeps what predict, export and the report
+    read, and drops the DeepSpeed checkpoints, saying how much; such a fold is not retrained by mistake
+    (``zoome train`` into it is refused, ``--resume`` says there is nothing to resume)."""
+    shards, cv = demo_cv
+    fold = cv / "zoome" / "fold-00"
+    assert not (fold / "checkpoints").exists()
+    for name in ("model_last.pt", "model_best.pt", "predictions_last.csv", "summary.json", "metrics.jsonl"):
+        assert (fold / name).is_file(), name
+    assert "DeepSpeed checkpoints removed" in (fold / "job.log").read_text()
+    before = (fold / "summary.json").read_text()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1"}
+    cmd = [sys.executable, "-m", "zoome_dist.train", "--config", str(fold / "config.yaml"), "--shards", str(shards),
+           "--fold", "0", "--out", str(fold), "--no-progress"]
+    fresh = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert fresh.returncode == 2 and "already holds a training run" in fresh.stderr, fresh.stderr[-2000:]
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=120, env=env)
+    assert resumed.returncode == 0 and "nothing to resume" in resumed.stderr + resumed.stdout, resumed.stderr[-2000:]
+    assert (fold / "summary.json").read_text() == before
+
+
+def test_model_card_states_what_the_report_measured(demo_cv, tmp_path):
+    """MODEL_CARD.md of a CV variant: the pooled AUC and interval of uncertainty.csv, the threshold of
+    calibration.json, the counts and licences of the shards' manifest; an export of those models carries it."""
+    from zoome_dist.cli.main import main as zoome_main
+
+    shards, cv = demo_cv
+    card = (cv / "zoome" / "MODEL_CARD.md").read_text()
+    unc = pd.read_csv(cv / "uncertainty.csv").set_index("variant").loc["zoome"]
+    pooled = (f"Pooled AUC {100 * unc['auc']:.2f} % (95 % bootstrap interval {100 * unc['ci_low']:.2f}–"
+              f"{100 * unc['ci_high']:.2f}; n {int(unc['n'])}")
+    assert pooled in card
+    assert f"{json.loads((cv / 'zoome' / 'calibration.json').read_text())['threshold']:.4f}" in card
+    totals = json.loads((shards / "manifest.json").read_text())["totals"]
+    assert f"{totals['samples']} images ({totals['positives']} melanoma)" in card
+    for section in ("## Intended use", "## Training data", "Licences of the training images", "## Where it does worse",
+                    "## Known limitations"):
+        assert section in card
+    out = tmp_path / "zoome.pt"
+    assert zoome_main(["export", "--checkpoint", str(cv / "zoome"), "--format", "torchscript", "--out", str(out)]) == 0
+    exported = (tmp_path / "zoome.pt.card.md").read_text()
+    assert "mean probability of 3 model(s)" in exported and pooled in exported

@@ -336,7 +336,7 @@ def _check_machine(cfg: Config) -> None:
         raise ValueError(f"model.pretrained {cfg.model.pretrained!r}: no such file (seen from this node, as every rank "
                          f"will look). It is a torchvision ImageNet state dict you provide, e.g. for "
                          f"{cfg.model.backbone}: fetch it on a connected machine with torchvision.models.get_weight("
-                         f"...).get_state_dict() (README \"Real data\"), copy it here, and give its path")
+                         f"...).get_state_dict() (docs/real-data.md), copy it here, and give its path")
     if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
         raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
     if cfg.train.precision == "fp16" and device != "cuda":

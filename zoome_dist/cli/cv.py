@@ -82,6 +82,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-job", type=int, metavar="I",
                    help="train only job I of the --dry-run list (resuming it), and write no report: one task of "
                         "a SLURM job array (launchers/slurm/cv.sh); a later plain run writes the report")
+    p.add_argument("--keep", choices=("models", "all"), default="models",
+                   help="what a finished fold keeps: its model files, predictions and logs (models), or its DeepSpeed "
+                        "checkpoints too (all: ~3 checkpoints of the model and optimizer per fold, to continue it "
+                        "later); unfinished folds always keep their checkpoints, to resume")
     p.add_argument("--select", choices=SELECT, default="last",
                    help="the epoch each fold reports (and whose model the calibration is stored in)")
     return p
@@ -120,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             for i, j in enumerate(plan.jobs):
                 print(f"job {i}: {j.name} -> {j.run.path} ({'finished' if j.done else 'to train'})")
+            done = sum(j.done for j in plan.jobs)
+            print(f"{len(plan.jobs) - done} to train, {done} finished; "
+                  + cv.expected_time(a.shards, plan.folds, plan.variants, plan.cfg.train.epochs))
             return 0
         return cv.run(a, plan)
     except KeyboardInterrupt:

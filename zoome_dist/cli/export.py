@@ -26,6 +26,7 @@ def get_parser() -> argparse.ArgumentParser:
 def run(a: argparse.Namespace) -> int:
     import torch
 
+    from zoome_dist.eval.model_card import export_card
     from zoome_dist.infer.export import export
     from zoome_dist.infer.predict import find_checkpoints, load_member
 
@@ -33,9 +34,11 @@ def run(a: argparse.Namespace) -> int:
     check_writable(out)
     members = [load_member(p, torch.device("cpu")) for p in find_checkpoints(a.checkpoint, a.select)]
     info = export(members, a.format, out, calibrate=a.calibrate)
+    card = out.with_name(out.name + ".card.md")
+    card.write_text(export_card(info, [m.path for m in members]))
     extra = [f for f in info["files"] if f != out.name]
     print(f"wrote {out} ({a.format}, {len(members)} member(s), {info['image_size']} px; outputs within "
-          f"{info['max_abs_diff_vs_pytorch']:.1e} of PyTorch) and {out.name}.json"
+          f"{info['max_abs_diff_vs_pytorch']:.1e} of PyTorch), {out.name}.json and the model card {card.name}"
           + (f"; its weights are in {', '.join(extra)}: keep the files together" if extra else ""), file=sys.stderr)
     return 0
 

@@ -44,6 +44,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a changed train.epochs, train.log_every, train.keep_checkpoints, "
                         "train.checkpoint_every_steps, train.eval_batch_size, data.num_threads or monitor.* key")
+    p.add_argument("--keep", choices=("all", "models"), default="all",
+                   help="what the run folder keeps once training has finished: all (DeepSpeed checkpoints too: "
+                        "the run can be continued with --resume) or models (model files, predictions, logs: a "
+                        "fraction of the size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--log-level", default="info", choices=LEVELS,
                    help="rank 0's log level (other ranks: warnings and errors); debug also shows DeepSpeed's INFO")
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.print_config:
             return _print_config(cfg)
         run(cfg, a.shards, a.fold, a.out, resume=a.resume, progress=not a.no_progress,
-            allow_changes=a.allow_config_change)
+            allow_changes=a.allow_config_change, keep=a.keep)
     except USER_ERRORS as e:
         rank = os.environ.get("RANK", "0")
         # every rank reports (a rank-local error, e.g. LOCAL_RANK beyond the GPUs, must not go unseen)

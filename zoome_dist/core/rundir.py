@@ -17,7 +17,8 @@ this type, so a file's name lives here and nowhere else.
                            adds its out-of-fold threshold and temperature to them (``calibration``)
     best.json              the best epoch, its checkpoint tag and metrics
     summary.json           written last: the run finished
-    checkpoints/latest     names the newest DeepSpeed checkpoint checkpoints/stepNNNNNNN/
+    checkpoints/latest     names the newest DeepSpeed checkpoint checkpoints/stepNNNNNNN/ (checkpoints/ is
+                           removed once the run has finished with ``--keep models``, ``zoome cv``'s default)
     checkpoints/committed  the newest one every rank has finished writing (what is copied to storage)
     tensorboard/           DeepSpeed's TensorBoard monitor; monitor/: its CSV monitor (monitor.csv)
     flops.txt              DeepSpeed's flops profile (monitor.flops_profile_step)

@@ -209,6 +209,10 @@ def upload_run(fs: "pyarrow.fs.FileSystem", remote: str, local: Path) -> None:
             m.unlink(missing_ok=True)  # written last, below: a copy cut short names no checkpoint it lacks
         pafs.copy_files(str(Path(tmp) / "run"), remote, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)
+    run = RunDir(Path(local))
+    if not keep and run.summary.is_file() and not run.checkpoints.exists():  # finished, pruned (--keep models)
+        if fs.get_file_info(f"{remote}/checkpoints").type == pafs.FileType.Directory:
+            fs.delete_dir(f"{remote}/checkpoints")
     if keep:
         for m in ("latest", "committed"):
             with fs.open_output_stream(f"{remote}/checkpoints/{m}") as f:

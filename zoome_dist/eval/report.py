@@ -119,7 +119,26 @@ def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> 
     plot_reliability(pooled_preds, out / "calibration.png")
     plot_curves(curves, out / "curves.png")
     _write_subgroups(pooled_preds, out)
-    return md + "\n" + write_uncertainty(pooled_preds, out)
+    md += "\n" + write_uncertainty(pooled_preds, out)
+    for variant in variants:
+        write_model_card(out, variant, RunDir(fold_dir(out, variant, folds[0])))
+    return md
+
+
+def write_model_card(out: Path, variant: str, run: RunDir) -> Path:
+    """OUT/<variant>/MODEL_CARD.md, from the report's files, the variant's config and the shards' manifest
+    (found through a fold's run.json; a data section without counts where the shards are gone)."""
+    import yaml
+
+    from zoome_dist.eval.model_card import cv_model_card
+
+    shards = Path(json.loads(run.run_info.read_text()).get("shards", "")) if run.run_info.is_file() else None
+    manifest_file = shards / "manifest.json" if shards else None
+    manifest = json.loads(manifest_file.read_text()) if manifest_file and manifest_file.is_file() else {}
+    config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
+    path = out / variant / "MODEL_CARD.md"
+    path.write_text(cv_model_card(out, variant, manifest, config))
+    return path
 
 
 def _write_subgroups(pooled_preds: dict[str, pd.DataFrame], out: Path) -> None:

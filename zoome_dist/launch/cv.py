@@ -41,7 +41,7 @@ def check_reuse(jobs: list[tuple[Any, Any]], shards: Path) -> None:
 def fold_args(a: argparse.Namespace, variant: str, fold: int, run_dir: Path) -> tuple[str, ...]:
     """A job's ``zoome train`` arguments, with absolute paths (a Ray task runs in another folder)."""
     args = ["--shards", str(Path(a.shards).resolve()), "--fold", str(fold), "--out", str(run_dir),
-            "--set", f"model.name={variant}", "--no-progress"]
+            "--set", f"model.name={variant}", "--no-progress", "--keep", a.keep]
     if a.config:
         args += ["--config", str(Path(a.config).resolve())]
     for s in a.set:

@@ -6,11 +6,12 @@ when it is started again, and is retried up to ``retries`` times after a failure
 
 Why jobs and not more ranks: a 10-fold CV of 7 variants is 70 jobs; at the paper's global batch 64,
 data parallelism over many GPUs is launch-bound and leaves tiny per-GPU batches for BatchNorm, while
-independent 1-GPU jobs keep every GPU busy (README "Cross-validation on a cluster").
+independent 1-GPU jobs keep every GPU busy (docs/clusters.md, "Cross-validation on a cluster").
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -97,6 +98,46 @@ def _attempt(job: Job, res: Resources, gpu: bool, extra_env: dict[str, str], str
             _RUNNING.discard(p)
 
 
+class _Progress:
+    """How far a CV is: jobs finished, and the time left at the mean job's pace, ``concurrent`` at a time."""
+
+    def __init__(self, total: int, concurrent: int):
+        self.total, self.concurrent, self.durations, self.lock = total, concurrent, [], threading.Lock()
+
+    def finished(self, seconds: float) -> str:
+        with self.lock:
+            self.durations.append(seconds)
+            done, mean = len(self.durations), sum(self.durations) / len(self.durations)
+        left = math.ceil((self.total - done) / self.concurrent) * mean / 60
+        return f"{done} of {self.total} job(s) finished" + (f", about {left:.0f} min left" if done < self.total else "")
+
+
+@contextlib.contextmanager
+def _epoch_watch(job: Job, enabled: bool, every_s: float = 5.0):
+    """While the job runs, one line per finished epoch (its validation AUC), from the run's metrics.jsonl."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        seen, stopped = len(job.run.read_metrics()), False
+        while not stopped:  # a last look once the job has ended: its final epochs too
+            stopped = stop.wait(every_s)
+            records = job.run.read_metrics()
+            for r in records[seen:]:
+                auc = r.get("val_auc", float("nan"))
+                print(f"== {job.name}: epoch {r['epoch']} done (val AUC {auc:.4f})", flush=True)
+            seen = max(seen, len(records))
+
+    thread = threading.Thread(target=watch, daemon=True) if enabled else None
+    if thread:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread:
+            thread.join()
+
+
 def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int = 0,
               gpu: bool = False) -> dict[str, str]:
     """Run ``jobs`` here, ``concurrent`` at a time; returns ``{name: error}`` of the jobs that failed.
@@ -114,6 +155,7 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
                  for k in range(concurrent)]
     free, lock, failed = list(range(concurrent)), threading.Lock(), {}
     stream = concurrent == 1
+    progress = _Progress(len(todo), concurrent)
 
     def one(job: Job) -> None:
         if _STOP.is_set():
@@ -126,9 +168,12 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
                     return
                 print(f"== {job.name}: {'started' if attempt == 0 else f'retry {attempt}'} → {job.run.path}",
                       flush=True)
-                rc = _attempt(job, res, gpu, slots[slot], stream)
+                started = time.monotonic()
+                with _epoch_watch(job, enabled=not stream):  # concurrent jobs' output is in their job.log
+                    rc = _attempt(job, res, gpu, slots[slot], stream)
                 if rc == 0:
-                    print(f"== {job.name}: done", flush=True)
+                    print(f"== {job.name}: done in {(time.monotonic() - started) / 60:.1f} min; "
+                          + progress.finished(time.monotonic() - started), flush=True)
                     return
                 print(f"== {job.name}: {exit_description(rc)}" + ("" if stream else f"; see {job.run.job_log}"),
                       file=sys.stderr, flush=True)

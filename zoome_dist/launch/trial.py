@@ -1,6 +1,6 @@
 """Ray Tune search over the training config, cross-validated inside each trial.
 
-Design (see README "Tuning"):
+Design (see docs/tuning.md):
 - **Folds inside a trial**: one sampled configuration trains every chosen fold in turn, and reports
   after every epoch the running mean validation AUC (finished folds' final AUC and the current fold's
   latest). Every fold of a configuration therefore uses the same hyperparameters (a ``grid_search``

@@ -61,6 +61,8 @@ def _params_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+KEEP = ("all", "models")  # what a finished run keeps: everything, or the model files, predictions and logs
+
 # Keys a resumed run may change with ``allow_changes`` (they do not alter what the run computes).
 RESUMABLE_KEYS = ("train.epochs", "train.log_every", "train.keep_checkpoints", "train.checkpoint_every_steps",
                   "train.eval_batch_size", "data.num_threads", "monitor.csv", "monitor.wandb_project",
@@ -71,10 +73,22 @@ def _check_run_folder(run: RunDir, resume: bool) -> bool:
     """True when there is a checkpoint to resume from."""
     if run.path.exists() and not run.path.is_dir():
         raise FileExistsError(f"--out {run.path} is a file, not a run folder")
-    if run.resumable and not resume:
+    if (run.resumable or run.summary.is_file()) and not resume:
         raise FileExistsError(f"{run.path} already holds a training run; pass --resume to continue it or "
                               "choose another --out")
     return run.resumable and resume
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20 if path.is_dir() else 0.0
+
+
+def prune_checkpoints(run: RunDir) -> float:
+    """``--keep models``: a finished run keeps its model files, predictions and logs, and drops its DeepSpeed
+    checkpoints (what resuming needs, most of the folder); returns the MB freed."""
+    freed = _folder_mb(run.checkpoints)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    return freed
 
 
 def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: bool,
@@ -229,8 +243,11 @@ def to_channels_last(engine, cfg: Config) -> None:
 
 
 def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: bool = False,
-        progress: bool = True, allow_changes: bool = False) -> dict[str, Any]:
-    """Train one fold; returns the summary (best and last metrics, optimizer steps) on every rank."""
+        progress: bool = True, allow_changes: bool = False, keep: str = "all") -> dict[str, Any]:
+    """Train one fold; returns the summary (best and last metrics, optimizer steps) on every rank. ``keep``:
+    what a finished run keeps, ``all`` or ``models`` (no DeepSpeed checkpoints: it cannot be continued)."""
+    if keep not in KEEP:
+        raise ValueError(f"keep {keep!r}; valid: {list(KEEP)}")
     started = time.perf_counter()
     validate(cfg)
     shards, out = Path(shards), Path(out)
@@ -240,6 +257,10 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
         raise ValueError(f"fold {fold} does not exist in {shards}; valid folds: {fold_ids}")
     val_ids = fold_sample_ids(shards, manifest, fold)  # a damaged build fails here, before any work
     resuming = _check_run_folder(RunDir(out), resume)
+    if resume and not resuming and RunDir(out).summary.is_file():  # finished, and kept its model files only
+        log.info(f"{out} finished training and keeps only its model files (its checkpoints were removed, --keep "
+                 "models): nothing to resume; train into a new --out to train longer")
+        return json.loads(RunDir(out).summary.read_text())
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any work
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: not writable")
@@ -271,7 +292,8 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
         for epoch in range(t.state["epoch"], cfg.train.epochs):
             last = _epoch(t, epoch)
         summary = _finish(t, last)
-        log.info(summary_line(summary, RunDir(out), time.perf_counter() - started))
+        freed = prune_checkpoints(t.run) if keep == "models" and t.rank0 else 0.0
+        log.info(summary_line(summary, RunDir(out), time.perf_counter() - started, freed))
         ok = True
         return summary
     finally:
@@ -282,15 +304,19 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
         lock.__exit__()
 
 
-def summary_line(summary: dict[str, Any], run: RunDir, seconds: float) -> str:
-    """The run's one closing line: best and last epoch with their AUC, the model files, the wall time."""
+def summary_line(summary: dict[str, Any], run: RunDir, seconds: float, freed_mb: float = 0.0) -> str:
+    """The run's one closing line: best and last epoch with their AUC, the model files, the wall time, the
+    size of the run folder (and what ``--keep models`` removed)."""
     best, last = summary.get("best") or {}, summary.get("last") or {}
     parts = [f"fold {summary['fold']} done in {seconds / 60:.1f} min"]
     if best:
         parts.append(f"best epoch {best['epoch']} (AUC {best['metrics']['auc']:.4f})")
     if last:
         parts.append(f"last epoch {last['epoch']} (AUC {last['val_auc']:.4f})")
-    return "; ".join(parts) + f"; models: {run.model('last')} (and {run.model_best.name})"
+    size = f"run folder {_folder_mb(run.path):.0f} MB" + (
+        f" (DeepSpeed checkpoints removed, {freed_mb:.0f} MB: --keep models)" if freed_mb else
+        f", of which checkpoints {_folder_mb(run.checkpoints):.0f} MB (--keep models drops them)")
+    return "; ".join(parts) + f"; models: {run.model('last')} (and {run.model_best.name}); {size}"
 
 
 def _hold_on_rank0(lock: FolderLock) -> None:
