@@ -291,3 +291,18 @@ def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
     for out, _ in outs:  # mean (1, 3) → 2; var (2, 4) → 3; batches tracked: rank 0's 10
         assert out.strip().splitlines()[-1] == "[2.0, 2.0] [3.0, 3.0] 10"
+
+
+def test_early_stopping_rule():
+    """train.patience P: epoch e is not trained when the P epochs before it brought no better AUC than the
+    best epoch's; 0 never stops. Counted by hand from the best epoch a checkpoint's state holds."""
+    from zoome_dist.config import load_config, validate
+    from zoome_dist.train.run import stalled
+
+    best = {"epoch": 2}
+    assert [e for e in range(3, 8) if stalled(best, e, 2)] == [5, 6, 7]  # epochs 3, 4 brought nothing: stop at 5
+    assert not stalled(best, 3, 1) and stalled(best, 4, 1)
+    assert not any(stalled(best, e, 0) for e in range(3, 50))  # off
+    assert not stalled(None, 5, 1)  # nothing trained yet
+    with pytest.raises(ValueError, match="train.patience must be 0"):
+        validate(load_config(overrides={"train.patience": -1}))

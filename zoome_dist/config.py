@@ -81,6 +81,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 20
+    patience: int = 0                   # early stopping: stop after this many epochs without a better val AUC; 0: off
     global_batch_size: int = 64
     micro_batch_size: int = 32          # per rank and step; accumulation = global / (micro × world)
     # global: global_batch_size fixed whatever the ranks (the paper); micro: micro_batch_size per rank
@@ -302,6 +303,9 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("lr", "meta_lr_mult"):
         if getattr(cfg.optim, key) == 0:
             raise ValueError(f"optim.{key} must be positive, got 0")
+    if cfg.train.patience < 0:
+        raise ValueError(f"train.patience must be 0 (no early stopping) or a number of epochs, got "
+                         f"{cfg.train.patience}")
     if cfg.train.eval_batch_size < 0:
         raise ValueError(f"train.eval_batch_size must be 0 (the micro batch) or positive, got {cfg.train.eval_batch_size}")
     if len(cfg.data.zoom) != 2 or not 0 < cfg.data.zoom[0] <= cfg.data.zoom[1] <= 1:

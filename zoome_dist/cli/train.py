@@ -42,8 +42,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "derived from it for WORLD_SIZE ranks (default 1); train nothing")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume: accept a changed train.epochs, train.log_every, train.keep_checkpoints, "
-                        "train.checkpoint_every_steps, train.eval_batch_size, data.num_threads or monitor.* key")
+                   help="with --resume: accept a changed train.epochs, train.patience, train.log_every, "
+                        "train.keep_checkpoints, train.checkpoint_every_steps, train.eval_batch_size, "
+                        "data.num_threads or monitor.* key")
     p.add_argument("--keep", choices=("all", "models"), default="all",
                    help="what the run folder keeps once training has finished: all (DeepSpeed checkpoints too: "
                         "the run can be continued with --resume) or models (model files, predictions, logs: a "

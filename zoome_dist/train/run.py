@@ -64,8 +64,8 @@ def _params_digest(model: torch.nn.Module) -> str:
 KEEP = ("all", "models")  # what a finished run keeps: everything, or the model files, predictions and logs
 
 # Keys a resumed run may change with ``allow_changes`` (they do not alter what the run computes).
-RESUMABLE_KEYS = ("train.epochs", "train.log_every", "train.keep_checkpoints", "train.checkpoint_every_steps",
-                  "train.eval_batch_size", "data.num_threads", "monitor.csv", "monitor.wandb_project",
+RESUMABLE_KEYS = ("train.epochs", "train.patience", "train.log_every", "train.keep_checkpoints",
+                  "train.checkpoint_every_steps", "train.eval_batch_size", "data.num_threads", "monitor.csv", "monitor.wandb_project",
                   "monitor.comet_project", "monitor.flops_profile_step")
 
 
@@ -290,6 +290,10 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
             log.info(f"{out} already trained all {cfg.train.epochs} epochs: nothing to train (raise train.epochs "
                      "with --allow-config-change to continue it)")
         for epoch in range(t.state["epoch"], cfg.train.epochs):
+            if stalled(t.state["best"], epoch, cfg.train.patience):
+                log.info(f"early stop before epoch {epoch}: no better validation AUC for {cfg.train.patience} "
+                         f"epoch(s) since epoch {t.state['best']['epoch']} (train.patience)")
+                break
             last = _epoch(t, epoch)
         summary = _finish(t, last)
         freed = prune_checkpoints(t.run) if keep == "models" and t.rank0 else 0.0
@@ -302,6 +306,12 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
                 dist.barrier()
             dist.destroy_process_group()
         lock.__exit__()
+
+
+def stalled(best: dict | None, epoch: int, patience: int) -> bool:
+    """Early stopping: before ``epoch``, the last ``patience`` epochs brought no better validation AUC than
+    the best epoch's (the state a checkpoint holds, so a resumed run decides alike)."""
+    return bool(patience) and best is not None and epoch - 1 - best["epoch"] >= patience
 
 
 def summary_line(summary: dict[str, Any], run: RunDir, seconds: float, freed_mb: float = 0.0) -> str:
@@ -517,6 +527,7 @@ def _finish(t: _Training, last: dict[str, Any]) -> dict[str, Any]:
     summary = {"fold": t.fold, "epochs": t.cfg.train.epochs, "global_steps": int(t.engine.global_steps),
                "world_size": t.info.world_size, "hosts": [h for _, h in gathered], "best": t.state["best"],
                "last": last, "ranks_identical": len(set(digests)) == 1,
+               "stopped_early": bool(last) and last.get("epoch", -1) < t.cfg.train.epochs - 1,  # train.patience
                "skipped_steps": int(t.engine.skipped_steps)}  # fp16 steps skipped on inf/NaN gradients
     if t.rank0:
         t.run.summary.write_text(json.dumps(summary, indent=1))
