@@ -196,3 +196,30 @@ def test_a_signal_to_zoome_tune_ends_every_process_it_started(cluster, shards_di
     while time.time() < deadline and ours():
         time.sleep(0.5)
     assert not ours(), [q.info["cmdline"][:4] for q in ours()]
+
+
+def test_search_space_file(tmp_path):
+    """tuning/space.yaml is the default space; a space file may search the metadata options and freeze keys;
+    unknown keys, samplers and values the config refuses are errors naming them."""
+    import yaml
+    from ray import tune
+
+    from zoome_dist.launch.trial import DEFAULT_SPACE, load_space, search_space
+
+    shipped = Path(__file__).resolve().parents[1] / "tuning" / "space.yaml"
+    assert load_space(shipped) == DEFAULT_SPACE == load_space(None)
+    mine = tmp_path / "space.yaml"
+    mine.write_text(yaml.safe_dump({"model.meta_fusion": {"choice": ["gate", "concat"]},
+                                    "optim.lr": {"loguniform": [1e-4, 1e-2]}, "train.epochs": 3}))
+    space = search_space(load_space(mine), pool_sizes=(2, 4))
+    assert space["train.epochs"] == 3  # frozen
+    assert isinstance(space["model.meta_fusion"], tune.search.sample.Categorical)
+    assert space["model.meta_fusion"].categories == ["gate", "concat"]
+    assert space["model.pool_size"].categories == [2, 4]  # --pool-sizes replaces the file's
+    for bad, message in [({"model.nope": {"choice": [1]}}, "model.nope"),
+                         ({"optim.lr": {"normal": [0, 1]}}, "one of"),
+                         ({"model.meta_fusion": {"choice": ["gate", "sum"]}}, "sum"),
+                         ({"optim.lr": {"uniform": [0.1]}}, "low, high")]:
+        mine.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ValueError, match=message):
+            load_space(mine)

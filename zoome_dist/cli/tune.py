@@ -44,8 +44,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="GPUs per trial (default: 1 where the Ray cluster has GPUs, else 0, i.e. CPU trials)")
     p.add_argument("--workers-per-trial", type=int, default=0, help="ranks per trial (default: GPUs, or 1)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores (threads) per rank")
-    p.add_argument("--pool-sizes", default="1,2,4,8", help="Zoom-SE pool sizes to search")
-    p.add_argument("--batch-sizes", default="32,64,128", help="global batch sizes to search")
+    p.add_argument("--space", metavar="YAML",
+                   help="the search space: config key → {loguniform|uniform: [low, high]}, {choice: [...]}, "
+                        "{randint: [low, high]} or a plain value (frozen); default: tuning/space.yaml's space")
+    p.add_argument("--pool-sizes", help="Zoom-SE pool sizes to search, e.g. 1,2,4,8 (replaces the space's)")
+    p.add_argument("--batch-sizes", help="global batch sizes to search, e.g. 32,64,128 (replaces the space's)")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
                    help="asha stops poor configurations after their first fold; fifo runs all")
     p.add_argument("--search", choices=["random", "optuna"], default="random",

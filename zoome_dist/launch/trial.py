@@ -39,25 +39,62 @@ from zoome_dist.eval.plots import figure
 from zoome_dist.launch.command import job_env, local_rank_commands
 
 
-def search_space(pool_sizes: tuple[int, ...] = (1, 2, 4, 8), base_model: str = "zoome",
-                 batch_sizes: tuple[int, ...] = (32, 64, 128)) -> dict[str, Any]:
-    """The search space, defined once; its keys are config keys (checked against the config tree)."""
+# The default search space (tuning/space.yaml is this, as a file to copy and edit): config key → a
+# distribution (one of SAMPLERS, with its arguments) or a plain value (frozen for every trial).
+DEFAULT_SPACE: dict[str, Any] = {
+    "optim.lr": {"loguniform": [1e-5, 1e-3]},
+    "optim.weight_decay": {"choice": [0.0, 1e-5, 1e-4, 1e-3]},
+    "loss.alpha": {"uniform": [0.1, 0.9]},
+    "loss.gamma": {"uniform": [0.0, 3.0]},
+    "train.global_batch_size": {"choice": [32, 64, 128]},
+    "model.pool_size": {"choice": [1, 2, 4, 8]},
+    "model.name": {"choice": ["zoome", "zoome_no_meta"]},  # metadata embedding on/off
+}
+SAMPLERS = ("loguniform", "uniform", "choice", "randint")
+
+
+def load_space(path: str | Path | None) -> dict[str, Any]:
+    """A search-space YAML file (``DEFAULT_SPACE`` without one), checked: known config keys, one known sampler
+    per key, and every value it can draw accepted by the config's types."""
+    spec = DEFAULT_SPACE if path is None else yaml.safe_load(Path(path).read_text())
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{path}: a search space is a mapping of config keys to distributions or values")
+    check_keys(list(spec))
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            if len(value) != 1 or next(iter(value)) not in SAMPLERS:
+                raise ValueError(f"{path}: {key}: one of {list(SAMPLERS)} with its arguments, e.g. "
+                                 f"{{choice: [1, 2]}} or {{loguniform: [1.0e-5, 1.0e-3]}}; got {value!r}")
+            (kind, args), = value.items()
+            if not isinstance(args, list) or (kind != "choice" and len(args) != 2) or not args:
+                raise ValueError(f"{path}: {key}: {kind} takes a list " + ("of values" if kind == "choice" else
+                                                                        "[low, high]") + f"; got {args!r}")
+            for v in (args if kind == "choice" else args[:1]):
+                apply_overrides(Config(), {key: v})  # the config's type and choices check each value
+        else:
+            apply_overrides(Config(), {key: value})
+    return spec
+
+
+def search_space(spec: dict[str, Any], pool_sizes: tuple[int, ...] | None = None, base_model: str = "zoome",
+                 batch_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Ray Tune's param_space from a checked ``spec`` (``load_space``); ``pool_sizes`` and ``batch_sizes``
+    (``--pool-sizes``, ``--batch-sizes``) replace those keys' choices where given."""
     from ray import tune
 
-    if base_model not in ("zoome", "zoome_no_meta"):
+    spec = dict(spec)
+    for key, values in (("model.pool_size", pool_sizes), ("train.global_batch_size", batch_sizes)):
+        if values:
+            spec[key] = {"choice": list(values)}
+    names = spec.get("model.name")
+    if isinstance(names, dict) and base_model not in ("zoome", "zoome_no_meta"):
         raise ValueError(f"the search toggles metadata on the zoome family; model.name {base_model!r} "
                          "is not zoome or zoome_no_meta")
-    space = {
-        "optim.lr": tune.loguniform(1e-5, 1e-3),
-        "optim.weight_decay": tune.choice([0.0, 1e-5, 1e-4, 1e-3]),
-        "loss.alpha": tune.uniform(0.1, 0.9),
-        "loss.gamma": tune.uniform(0.0, 3.0),
-        "train.global_batch_size": tune.choice(list(batch_sizes)),
-        "model.pool_size": tune.choice(list(pool_sizes)),
-        "model.name": tune.choice(["zoome", "zoome_no_meta"]),  # metadata embedding on/off
-    }
-    check_keys(list(space))
-    return space
+    def sampler(v: dict):
+        (kind, args), = v.items()
+        return tune.choice(list(args)) if kind == "choice" else getattr(tune, kind)(*args)
+
+    return {k: sampler(v) if isinstance(v, dict) else v for k, v in spec.items()}
 
 
 def trial_config(base: dict, overrides: dict[str, Any]) -> Config:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from zoome_dist.cli.common import check_folds, parse_folds
-from zoome_dist.launch.trial import base_tree, check_pickles_are_ours, search_space, trainable, write_results
+from zoome_dist.launch.trial import (base_tree, check_pickles_are_ours, load_space, search_space, trainable,
+                                     write_results)
 
 
 def trial_resources(gpus: int | None, workers: int, cluster_gpus: int) -> tuple[int, int]:
@@ -23,6 +24,15 @@ def trial_resources(gpus: int | None, workers: int, cluster_gpus: int) -> tuple[
     if gpus and workers > gpus:
         raise ValueError(f"--workers-per-trial {workers} > --gpus-per-trial {gpus}: a GPU trial runs one rank per GPU")
     return workers or max(1, gpus), gpus
+
+
+def _ints(flag: str, spec: str | None) -> tuple[int, ...] | None:
+    if not spec:
+        return None
+    try:
+        return tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: comma-separated whole numbers, e.g. 1,2,4,8") from None
 
 
 @dataclass
@@ -47,8 +57,8 @@ def prepare(a: argparse.Namespace) -> Search:
     validate(cfg)
     folds = parse_folds(a.folds)
     check_folds(folds, a.shards)
-    space = search_space(tuple(int(x) for x in a.pool_sizes.split(",")), cfg.model.name,
-                         tuple(int(x) for x in a.batch_sizes.split(",")))
+    space = search_space(load_space(a.space), _ints("--pool-sizes", a.pool_sizes), cfg.model.name,
+                         _ints("--batch-sizes", a.batch_sizes))
     if a.search == "optuna":
         try:
             import optuna  # noqa: F401 - Ray's OptunaSearch imports without it, then asserts
