@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +221,36 @@ def test_model_card_states_what_the_report_measured(demo_cv, tmp_path):
     assert zoome_main(["export", "--checkpoint", str(cv / "zoome"), "--format", "torchscript", "--out", str(out)]) == 0
     exported = (tmp_path / "zoome.pt.card.md").read_text()
     assert "mean probability of 3 model(s)" in exported and pooled in exported
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if found is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs the Debian package chromium)")
+    return found
+
+
+def test_html_report_renders_in_a_browser(demo_cv, tmp_path):
+    """OUT/report.html, opened by headless Chromium from the file alone (no network): the rendered page holds the
+    tables (the pooled AUC of uncertainty.csv in a table cell) and the screenshot shows the ROC figure's lines."""
+    from PIL import Image
+
+    _, cv = demo_cv
+    page = cv / "report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2400",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert dom.returncode == 0 and "<table>" in dom.stdout, dom.stderr[-2000:]
+    auc = pd.read_csv(cv / "uncertainty.csv").set_index("variant").loc["zoome", "auc"]
+    assert re.search(rf"<td>{100 * auc:.2f} \[[0-9.]+–[0-9.]+\]", dom.stdout)
+    assert dom.stdout.count("data:image/png;base64,") >= 3 and "Model card: zoome" in dom.stdout
+    shot = tmp_path / "report.png"
+    r = subprocess.run([_chromium(), *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    blue = np.abs(pixels - [31, 119, 180]).sum(axis=1) < 40  # matplotlib's first line colour: the ROC curve
+    assert blue.sum() > 300, f"{blue.sum()} ROC-blue pixels: the figure did not render"
+    assert len(np.unique(pixels[::50], axis=0)) > 50  # text, tables and figures, not a blank page

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from zoome_dist.core.rundir import RunDir, fold_dir
+from zoome_dist.eval.html_report import write_html_report
 from zoome_dist.eval.plots import figure
 
 # The table leads with what a reader of Table I needs: discrimination, then the honest operating point
@@ -122,6 +123,8 @@ def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> 
     md += "\n" + write_uncertainty(pooled_preds, out)
     for variant in variants:
         write_model_card(out, variant, RunDir(fold_dir(out, variant, folds[0])))
+    first = RunDir(fold_dir(out, variants[0], folds[0])).config
+    write_html_report(out, variants, folds, first.read_text() if first.is_file() else "")
     return md
 
 

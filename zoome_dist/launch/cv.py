@@ -128,7 +128,7 @@ def run(a: argparse.Namespace, p: Plan) -> int:
         (out / "paper.md").write_text(cmp)
         print(f"ours beside the paper's (%):\n{cmp}")
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'folds.csv'}, {out / 'subgroups.md'}, "
-          f"{out / 'uncertainty.md'}, "
+          f"{out / 'uncertainty.md'}, {out / 'report.html'} (all in one page), "
           f"{out / 'roc.png'}, {out / 'calibration.png'}, {out / 'curves.png'}")
     return 0
 

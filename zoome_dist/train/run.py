@@ -284,18 +284,7 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
                 log.info(f"resuming with changed {changed} (--allow-config-change)")
         t = _setup(cfg, shards, fold, RunDir(out), manifest, [k for k in fold_ids if k != fold], info, resuming,
                    progress, val_ids)
-        done = t.run.read_metrics()  # a run resumed after its last epoch's checkpoint trains no epoch
-        last: dict[str, Any] = done[-1] if done else {}
-        if t.state["epoch"] >= cfg.train.epochs:
-            log.info(f"{out} already trained all {cfg.train.epochs} epochs: nothing to train (raise train.epochs "
-                     "with --allow-config-change to continue it)")
-        for epoch in range(t.state["epoch"], cfg.train.epochs):
-            if stalled(t.state["best"], epoch, cfg.train.patience):
-                log.info(f"early stop before epoch {epoch}: no better validation AUC for {cfg.train.patience} "
-                         f"epoch(s) since epoch {t.state['best']['epoch']} (train.patience)")
-                break
-            last = _epoch(t, epoch)
-        summary = _finish(t, last)
+        summary = _finish(t, _train_epochs(t))
         freed = prune_checkpoints(t.run) if keep == "models" and t.rank0 else 0.0
         log.info(summary_line(summary, RunDir(out), time.perf_counter() - started, freed))
         ok = True
@@ -306,6 +295,24 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
                 dist.barrier()
             dist.destroy_process_group()
         lock.__exit__()
+
+
+def _train_epochs(t: _Training) -> dict[str, Any]:
+    """The epochs left (none for a run resumed after its last epoch's checkpoint), early stopping on the way;
+    returns the last epoch's metrics record."""
+    cfg = t.cfg
+    done = t.run.read_metrics()
+    last: dict[str, Any] = done[-1] if done else {}
+    if t.state["epoch"] >= cfg.train.epochs:
+        log.info(f"{t.run.path} already trained all {cfg.train.epochs} epochs: nothing to train (raise train.epochs "
+                 "with --allow-config-change to continue it)")
+    for epoch in range(t.state["epoch"], cfg.train.epochs):
+        if stalled(t.state["best"], epoch, cfg.train.patience):
+            log.info(f"early stop before epoch {epoch}: no better validation AUC for {cfg.train.patience} "
+                     f"epoch(s) since epoch {t.state['best']['epoch']} (train.patience)")
+            break
+        last = _epoch(t, epoch)
+    return last
 
 
 def stalled(best: dict | None, epoch: int, patience: int) -> bool:
