@@ -77,9 +77,11 @@ def stamp_checkpoint(path: Path, calibration: dict) -> None:
         torch.save(state, tmp)
 
 
-def plot_reliability(predictions: dict[str, pd.DataFrame], path: str | Path, bins: int = 15) -> None:
+def plot_reliability(predictions: dict[str, pd.DataFrame], path: str | Path, bins: int = 15,
+                     scope: str = "pooled out-of-fold") -> None:
     """Reliability diagram per variant (mean predicted probability vs observed melanoma rate per bin),
-    with its ECE and a histogram of the predictions."""
+    with its ECE and a histogram of the predictions; ``scope`` says what the predictions are (the title
+    and the ECE label: pooled over folds, or one fold's)."""
 
     with figure(path, 2, 1, figsize=(5, 6.5), dpi=110, height_ratios=(3, 1), sharex=True) as (fig, (ax, hist)):
         edges = np.linspace(0, 1, bins + 1)
@@ -88,10 +90,10 @@ def plot_reliability(predictions: dict[str, pd.DataFrame], path: str | Path, bin
             idx = calibration_bins(p, bins)
             xs = [p[idx == b].mean() for b in range(bins) if (idx == b).any()]
             ys = [y[idx == b].mean() for b in range(bins) if (idx == b).any()]
-            ax.plot(xs, ys, "-o", ms=3, label=f"{label} (ECE {ece(y, p):.3f})")
+            ax.plot(xs, ys, "-o", ms=3, label=f"{label} (ECE {ece(y, p):.3f}, {scope})")
             hist.hist(p, bins=edges, histtype="step", label=label)
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(ylabel="observed melanoma rate", title="Reliability (pooled out-of-fold)", xlim=(0, 1), ylim=(0, 1))
+        ax.set(ylabel="observed melanoma rate", title=f"Reliability ({scope})", xlim=(0, 1), ylim=(0, 1))
         ax.legend(fontsize=7)
         hist.set(xlabel="predicted probability", ylabel="images")
         hist.set_yscale("log")

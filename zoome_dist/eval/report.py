@@ -57,7 +57,8 @@ def plot_roc(predictions: dict[str, pd.DataFrame], path: str | Path) -> None:
         ax.legend(loc="lower right", fontsize=7)
 
 
-def plot_curves(runs: dict[str, list[dict]], path: str | Path) -> None:
+def plot_curves(runs: dict[str, list[dict]], path: str | Path,
+                title: str = "Training curves, one line per fold") -> None:
     """Training curves, one line per run (label → its metrics records): training loss, validation
     AUC and learning rate per epoch."""
     from matplotlib.ticker import MaxNLocator
@@ -72,6 +73,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=6)
+        fig.suptitle(title, fontsize=10)
 
 
 def pooled(predictions: list[pd.DataFrame]) -> pd.DataFrame:

@@ -89,13 +89,15 @@ def render(items: list[tuple[str, np.ndarray, Explanation]], out: str | Path) ->
             row[0].imshow(rgb)
             row[0].set_title(f"{name}\nP(melanoma) = {e.prob:.3f}{meta}", fontsize=7)
             row[1].imshow(rgb)
-            row[1].imshow(e.gradcam, cmap="jet", alpha=0.45, extent=(0, rgb.shape[1], rgb.shape[0], 0))
+            cam = row[1].imshow(e.gradcam, cmap="jet", alpha=0.45, extent=(0, rgb.shape[1], rgb.shape[0], 0))
             row[1].set_title(f"Grad-CAM, {e.cam_class} evidence", fontsize=7)
+            fig.colorbar(cam, ax=row[1], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             for j, cell in enumerate(e.zoom_cells):
                 lim = float(np.abs(cell).max()) or 1.0
                 row[2 + j].imshow(rgb, alpha=0.5)
-                row[2 + j].imshow(cell, cmap="coolwarm", vmin=-lim, vmax=lim, alpha=0.6,
-                                  extent=(0, rgb.shape[1], rgb.shape[0], 0), interpolation="nearest")
+                cells = row[2 + j].imshow(cell, cmap="coolwarm", vmin=-lim, vmax=lim, alpha=0.6,
+                                          extent=(0, rgb.shape[1], rgb.shape[0], 0), interpolation="nearest")
+                fig.colorbar(cells, ax=row[2 + j], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
                 row[2 + j].set_title(f"Zoom-SE cells, block −{len(e.zoom_cells) - j}\n(red: pushed toward melanoma)",
                                      fontsize=7)
             for ax in row:

@@ -513,14 +513,14 @@ def _write_epoch(t: _Training, epoch: int, record: dict, tr: dict, val: dict, va
         record["val_auc_by_source"] = by_source
     with open(t.run.metrics, "a") as f:
         f.write(json.dumps(record) + "\n")
-    plot_curves({f"fold {t.fold}": t.run.read_metrics()}, t.run.curves)
+    plot_curves({f"fold {t.fold}": t.run.read_metrics()}, t.run.curves, "Training curves of this fold")
     if engine.monitor.enabled:
         engine.monitor.write_events([(f"Val/{k}", float(v), engine.global_samples)
                                      for k, v in val.items() if isinstance(v, float)])
     write_csv_atomic(preds, t.run.predictions("last"))
     write_csv_atomic(_predictions(t.folds_table, tr["train_ids"], tr["train_probs"]), t.run.train_predictions)
     write_csv_atomic(subgroup_metrics(preds), t.run.subgroups)
-    plot_reliability({f"fold {t.fold}, epoch {epoch}": preds}, t.run.calibration_plot)
+    plot_reliability({f"fold {t.fold}, epoch {epoch}": preds}, t.run.calibration_plot, scope="this fold")
     save_model(t.run.model("last"), t.cfg, engine.module, t.manifest["metadata_encoding"], epoch, val)
     if is_best:
         _write_best(t.run, t.cfg, engine, t.manifest, t.folds_table, t.state["best"], sids, probs)
