@@ -320,5 +320,6 @@ def test_batch_policy_micro_on_two_ranks(tiny_cfg, shards_dir, tmp_path):
     assert info and all("[rank 0] INFO" in ln for ln in info), info
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # DeepSpeed's own monitors and profiler from the config
-    assert {"Val_auc.csv", "Train_Samples_lr.csv"} <= {p.name for p in (out / "monitor" / "train").iterdir()}
+    assert {"Val_auc.csv", "Train_Samples_lr.csv", "Train_Samples_train_loss.csv"} <= {
+        p.name for p in (out / "monitor" / "train").iterdir()}  # the training loss and lr per step, not only epochs
     assert "Flops Profiler" in (out / "flops.txt").read_text()

@@ -24,6 +24,16 @@ def _to_device(batch: tuple[torch.Tensor, ...], device: torch.device, channels_l
     return image, meta, label, sid
 
 
+def _monitor_step(engine, loss: torch.Tensor, micro: int, every: int) -> None:
+    """Every ``every`` optimizer steps, the step's training loss (its last micro-batch's) to DeepSpeed's
+    monitors (TensorBoard, W&B, CSV: ``Train/Samples/train_loss``), beside the lr DeepSpeed writes itself.
+    Only then is the loss copied to the host."""
+    if not engine.monitor.enabled or dist.get_rank() != 0 or micro % engine.gradient_accumulation_steps():
+        return
+    if engine.global_steps % every == 0:
+        engine.monitor.write_events([("Train/Samples/train_loss", float(loss.detach()), engine.global_samples)])
+
+
 def check_finite(loss_sum: float, probs: np.ndarray, epoch: int, device) -> None:
     """A diverged epoch (a non-finite loss or prediction on any rank) raises on every rank together, so that
     none waits in a collective for a rank that already failed."""
@@ -68,6 +78,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
         if before_step is not None:
             before_step()
         engine.step()
+        _monitor_step(engine, loss, i + 1, log_every)
         loss_sum += loss.detach() * len(label)
         n_images += len(label)
         probs.append(logits.detach().float())
