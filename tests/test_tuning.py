@@ -65,6 +65,8 @@ def test_search_across_two_nodes(cluster, shards_dir, tmp_path):
     assert cfg.optim.lr == pytest.approx(best["optim.lr"]) and cfg.model.backbone == "resnet18"
     assert "| trial_id |" in (out / "trials.md").read_text()
     assert (out / "auc_vs_pool_size.png").read_bytes()[:4] == b"\x89PNG"
+    # the best configuration's models are kept: a run folder per fold, no retraining needed
+    assert all((Path(best["run_dir"]) / f"fold-{k:02d}" / "model_last.pt").is_file() for k in (0, 1))
     # re-running the same experiment resumes it: nothing is retrained, the same trials come back
     finished = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/fold-*/summary.json")}
     assert len(finished) == 8

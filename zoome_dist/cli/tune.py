@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "trials.md").read_text())
     print(f"best mean AUC {summary['best_mean_auc']:.4f} over folds {search.folds} ({summary['complete']} of "
           f"{summary['trials']} trials finished every fold): {summary['best']}")
+    if summary.get("best_run_dir"):  # its fold-XX/model_last.pt: the best configuration's models, no retraining
+        print(f"the best trial's run folders (a model per fold; zoome predict/export take the folder): "
+              f"{summary['best_run_dir']}")
     print(f"wrote {out / 'trials.csv'}, {out / 'trials.md'}, {out / 'best.yaml'}, {out / 'auc_vs_pool_size.png'}")
     return 0
 

@@ -235,7 +235,7 @@ def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
                **{f"auc_fold_{k}": m.get(f"auc_fold_{k}") for k in folds},
                "folds_done": m.get("folds_done", 0), "mean_auc": m.get("mean_auc"),
                "complete": m.get("folds_done", 0) == len(folds), "node_id": m.get("node_id"),
-               "node_ip": m.get("node_ip"),
+               "node_ip": m.get("node_ip"), "run_dir": m.get("run_dir"),
                "error": error_line(r.error)}
         rows.append(row)
     df = pd.DataFrame(rows).sort_values("mean_auc", ascending=False, na_position="last")
@@ -263,7 +263,7 @@ def write_results(results, out: Path, base: dict, folds: list[int]) -> dict:
         ax.set_xticklabels([str(int(p)) for p in sorted(done["model.pool_size"].unique())])
         ax.legend(fontsize=7)
     return {"best": overrides, "best_mean_auc": float(best["mean_auc"]), "trials": len(df),
-            "complete": int(len(complete))}
+            "complete": int(len(complete)), "best_run_dir": best.get("run_dir")}
 
 
 def check_pickles_are_ours(experiment: Path) -> None:
