@@ -42,7 +42,7 @@ def _is_missing(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class MetadataEncoding:
-    """Age/90 + age-missing flag, sex one-hot, site one-hot (docs/paper.md, "Metadata Embedding")."""
+    """Age/90 + age-missing flag, sex one-hot, site one-hot (docs/data.md, "Metadata encoding")."""
 
     version: int = 1
     age_scale: float = 90.0

@@ -1,8 +1,8 @@
 """Load a torchvision ImageNet state dict (a local file, never a download) into a wrapped backbone.
 
-Get the file once on a machine with internet access, e.g.
-``python -c "import torch, torchvision as tv; torch.save(tv.models.resnext50_32x4d(weights='IMAGENET1K_V2').state_dict(), 'resnext50_32x4d_imagenet.pth')"``,
-then pass ``model.pretrained=/path/resnext50_32x4d_imagenet.pth``.
+Get the file once on a machine with internet access (the command: docs/real-data.md; torchvision's
+``get_weight("ResNeXt50_32X4D_Weights.IMAGENET1K_V1").get_state_dict()`` saved with ``torch.save``), then
+pass ``model.pretrained=/path/resnext50_32x4d_imagenet.pth``.
 """
 from __future__ import annotations
 
