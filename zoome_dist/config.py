@@ -328,26 +328,31 @@ def _check_ranges(cfg: Config) -> None:
         raise ValueError(f"dist.timeout_s must be positive, got {cfg.dist.timeout_s}")
 
 
-def _check_machine(cfg: Config) -> None:
-    """What this node must have: the accelerator (DeepSpeed's, ``DS_ACCELERATOR``), files, packages."""
+def _accelerator() -> str:
     from zoome_dist.train.engine import accelerator
 
-    device = accelerator()
-    if cfg.model.sync_bn and device != "cuda":
-        raise ValueError(f"model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs on "
-                         f"{device}: set model.sync_bn false")
+    return accelerator()
+
+
+def _check_machine(cfg: Config) -> None:
+    """What this node must have: the accelerator (DeepSpeed's, ``DS_ACCELERATOR``: asked only where a key
+    needs CUDA, since asking starts DeepSpeed's accelerator), files, packages."""
+    if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
+        raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
+    needs_cuda = cfg.model.sync_bn or cfg.train.precision == "fp16" or cfg.data.device == "gpu"
+    if needs_cuda and (device := _accelerator()) != "cuda":
+        if cfg.model.sync_bn:
+            raise ValueError(f"model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs "
+                             f"on {device}: set model.sync_bn false")
+        if cfg.train.precision == "fp16":
+            raise ValueError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+        raise ValueError(f"data.device gpu needs DeepSpeed's cuda accelerator; it runs on {device} "
+                         "(DS_ACCELERATOR): use data.device auto or cpu")
     if cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
         raise ValueError(f"model.pretrained {cfg.model.pretrained!r}: no such file (seen from this node, as every rank "
                          f"will look). It is a torchvision ImageNet state dict you provide, e.g. for "
                          f"{cfg.model.backbone}: fetch it on a connected machine with torchvision.models.get_weight("
                          f"...).get_state_dict() (docs/real-data.md), copy it here, and give its path")
-    if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
-        raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
-    if cfg.train.precision == "fp16" and device != "cuda":
-        raise ValueError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
-    if cfg.data.device == "gpu" and device != "cuda":
-        raise ValueError(f"data.device gpu needs DeepSpeed's cuda accelerator; it runs on {device} "
-                         "(DS_ACCELERATOR): use data.device auto or cpu")
     for key, module in (("wandb_project", "wandb"), ("comet_project", "comet_ml")):
         if getattr(cfg.monitor, key) and importlib.util.find_spec(module) is None:
             raise ValueError(f"monitor.{key} needs the {module} package (pip install {module.replace('_', '-')}); "
