@@ -88,11 +88,12 @@ def fold_rows(variant: str, fold: int, metrics: dict) -> dict:
 
 
 def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> str:
-    """The CV's tables, ROC and curves from its finished run folders; returns the markdown table."""
+    """The CV's tables, figures, intervals, model cards and HTML page from its finished run folders; returns the
+    markdown it prints: the table, its legend and the intervals."""
     from zoome_dist.eval.calibration import cross_fit_thresholds, fit, plot_reliability, stamp_checkpoint
     from zoome_dist.eval.subgroups import auc_by_source
 
-    rows, preds, curves = [], {v: [] for v in variants}, {}
+    rows, pooled_preds, curves = [], {}, {}
     for variant in variants:
         runs = {fold: RunDir(fold_dir(out, variant, fold)) for fold in folds}
         fold_preds = {fold: pd.read_csv(run.predictions(select), keep_default_na=False, na_values=[""])
@@ -102,8 +103,8 @@ def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> 
             curves[f"{variant} fold {fold}"] = run.read_metrics()
             rows.append({**fold_rows(variant, fold, run.fold_metrics(select)), **honest.get(fold, {}),
                          **{f"auc:{src}": auc for src, auc in auc_by_source(fold_preds[fold]).items()}})
-        preds[variant] = list(fold_preds.values())
-        calibration = {**fit(pooled(preds[variant])), "select": select, "folds": folds,
+        pooled_preds[variant] = pooled(list(fold_preds.values()))
+        calibration = {**fit(pooled_preds[variant]), "select": select, "folds": folds,
                        "fit_on": f"pooled out-of-fold predictions of {len(folds)} fold(s), {select} epoch"}
         (out / variant / "calibration.json").write_text(json.dumps(calibration, indent=1))
         for run in runs.values():
@@ -117,7 +118,6 @@ def cv_report(out: Path, variants: list[str], folds: list[int], select: str) -> 
     summary_rows = table.drop(columns=["fold"]).groupby("variant", sort=False).agg(["mean", "std"])
     summary_rows.columns = [f"{k}_{s}" for k, s in summary_rows.columns]
     summary_rows.to_csv(out / "table.csv")
-    pooled_preds = {v: pooled(ps) for v, ps in preds.items()}
     plot_roc(pooled_preds, out / "roc.png")
     plot_reliability(pooled_preds, out / "calibration.png")
     plot_curves(curves, out / "curves.png")

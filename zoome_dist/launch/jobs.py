@@ -172,8 +172,8 @@ def run_local(jobs: list[Job], res: Resources, concurrent: int = 1, retries: int
                 with _epoch_watch(job, enabled=not stream):  # concurrent jobs' output is in their job.log
                     rc = _attempt(job, res, gpu, slots[slot], stream)
                 if rc == 0:
-                    print(f"== {job.name}: done in {(time.monotonic() - started) / 60:.1f} min; "
-                          + progress.finished(time.monotonic() - started), flush=True)
+                    took = time.monotonic() - started
+                    print(f"== {job.name}: done in {took / 60:.1f} min; " + progress.finished(took), flush=True)
                     return
                 print(f"== {job.name}: {exit_description(rc)}" + ("" if stream else f"; see {job.run.job_log}"),
                       file=sys.stderr, flush=True)

@@ -34,6 +34,12 @@ def _monitor_step(engine, loss: torch.Tensor, micro: int, every: int) -> None:
         engine.monitor.write_events([("Train/Samples/train_loss", float(loss.detach()), engine.global_samples)])
 
 
+def _show_speed(bar: tqdm, engine, mean_loss: float, n_images: int, wait: float, elapsed: float) -> None:
+    """The progress bar's loss, img/s over every rank, data-wait share and lr."""
+    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{n_images * dist.get_world_size() / elapsed:.1f}",
+                    wait=f"{100 * wait / elapsed:.1f}%", lr=f"{engine.get_lr()[0]:.2e}")
+
+
 def check_finite(loss_sum: float, probs: np.ndarray, epoch: int, device) -> None:
     """A diverged epoch (a non-finite loss or prediction on any rank) raises on every rank together, so that
     none waits in a collective for a rank that already failed."""
@@ -81,15 +87,14 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
         _monitor_step(engine, loss, i + 1, log_every)
         loss_sum += loss.detach() * len(label)
         n_images += len(label)
-        probs.append(logits.detach().float()), labels.append(label), ids.append(sid)
+        probs.append(logits.detach().float())
+        labels.append(label)
+        ids.append(sid)
         if on_step is not None:
             on_step(i + 1)
         bar.update()
         if progress and ((i + 1) % log_every == 0 or i + 1 == steps):
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{float(loss_sum) / n_images:.4f}",
-                            img_s=f"{n_images * dist.get_world_size() / elapsed:.1f}",
-                            wait=f"{100 * wait / elapsed:.1f}%", lr=f"{engine.get_lr()[0]:.2e}")
+            _show_speed(bar, engine, float(loss_sum) / n_images, n_images, wait, time.perf_counter() - start)
     bar.close()
     if hasattr(it, "close"):  # leftover batches (steps was cut to whole optimizer steps): closed, not drained (those
         it.close()            # already sent to workers are still decoded there); the next pass starts afresh either way

@@ -65,8 +65,8 @@ KEEP = ("all", "models")  # what a finished run keeps: everything, or the model 
 
 # Keys a resumed run may change with ``allow_changes`` (they do not alter what the run computes).
 RESUMABLE_KEYS = ("train.epochs", "train.patience", "train.log_every", "train.keep_checkpoints",
-                  "train.checkpoint_every_steps", "train.eval_batch_size", "data.num_threads", "monitor.csv", "monitor.wandb_project",
-                  "monitor.comet_project", "monitor.flops_profile_step")
+                  "train.checkpoint_every_steps", "train.eval_batch_size", "data.num_threads", "monitor.csv",
+                  "monitor.wandb_project", "monitor.comet_project", "monitor.flops_profile_step")
 
 
 def _check_run_folder(run: RunDir, resume: bool) -> bool:
