@@ -177,6 +177,8 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
                 shutil.copytree(Path(d) / "runs", trial_dir)
                 carried = True
     trial_dir.mkdir(parents=True, exist_ok=True)
+    for stale in Path(root).glob(f".report-{trial_id}-*"):  # a report folder of an attempt killed on this node
+        shutil.rmtree(stale, ignore_errors=True)
     node, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
     with open(trial_dir / "trial.log", "a") as f:  # where each attempt ran, and what it started from
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} attempt on {node_ip}: "
@@ -199,7 +201,7 @@ def trainable(config: dict, *, base: dict, shards: str, folds: list[int], run_ro
                        "val_auc": rec["val_auc"], "folds_done": len(state["done"]), "node_id": node,
                        "node_ip": node_ip,
                        "run_dir": str(trial_dir), **{f"auc_fold_{k}": v for k, v in aucs.items()}}
-            with tempfile.TemporaryDirectory() as d:
+            with tempfile.TemporaryDirectory(dir=root, prefix=f".report-{trial_id}-") as d:
                 (Path(d) / "state.json").write_text(json.dumps(state))
                 if carry_runs:
                     snapshot_runs(trial_dir, Path(d) / "runs")
