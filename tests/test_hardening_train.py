@@ -124,13 +124,13 @@ def test_resume_with_changed_config_is_refused(base_run, shards_dir, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
 
 
-@pytest.mark.slow
-def test_torch_loader_resume_mid_epoch_repeats_the_uninterrupted_run(shards_dir, tmp_path):
-    """One torch training loader serves every epoch (persistent workers, set_epoch); a resumed run builds
-    a fresh one and skips to its micro-step. Rewind a finished 2-epoch run to a mid-epoch-1 checkpoint and
-    resume: the same batches must follow, so the same final model (one CPU process, fp32: to 1e-6)."""
+def rewind_and_resume(shards_dir, tmp_path, train_cfg: dict, *resume_args: str) -> tuple[subprocess.CompletedProcess, Path,
+                                                                                           Path]:
+    """Train 2 epochs, copy the run rewound to its first mid-epoch-1 checkpoint (its summary gone: unfinished) and
+    train the copy again with ``resume_args``; returns that run's output, the copy and the uninterrupted run."""
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "num_threads": 2},
-                                                       "train": {**TINY["train"], "epochs": 2, "keep_checkpoints": 100}}))
+                                                       "train": {**TINY["train"], "epochs": 2, "keep_checkpoints": 100,
+                                                                 **train_cfg}}))
     run = tmp_path / "run"
     r = train(tmp_path / "cfg.yaml", shards_dir, run)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -145,12 +145,43 @@ def test_torch_loader_resume_mid_epoch_repeats_the_uninterrupted_run(shards_dir,
             shutil.rmtree(rewound / "checkpoints" / t)
     (rewound / "checkpoints" / "latest").write_text(mid[0])
     (rewound / "summary.json").unlink()
-    r = train(tmp_path / "cfg.yaml", shards_dir, rewound, "--resume")
+    r = train(tmp_path / "cfg.yaml", shards_dir, rewound, *resume_args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"micro-step {int(mid[0][4:]) - spe}" in r.stdout
-    a = pd.read_csv(rewound / "predictions_last.csv").set_index("image_name")["prob"]
-    b = pd.read_csv(run / "predictions_last.csv").set_index("image_name")["prob"]
-    assert len(a) == len(b) > 0 and (a - b.loc[a.index]).abs().max() <= 1e-6
+    return r, rewound, run
+
+
+def same_predictions(a: Path, b: Path, tol: float = 1e-6) -> bool:
+    pa = pd.read_csv(a / "predictions_last.csv").set_index("image_name")["prob"]
+    pb = pd.read_csv(b / "predictions_last.csv").set_index("image_name")["prob"]
+    return len(pa) == len(pb) > 0 and (pa - pb.loc[pa.index]).abs().max() <= tol
+
+
+@pytest.mark.slow
+def test_torch_loader_resume_mid_epoch_repeats_the_uninterrupted_run(shards_dir, tmp_path):
+    """One torch training loader serves every epoch (persistent workers, set_epoch); a resumed run builds
+    a fresh one and skips to its micro-step. Rewind a finished 2-epoch run to a mid-epoch-1 checkpoint and
+    resume: the same batches must follow, so the same final model (one CPU process, fp32: to 1e-6)."""
+    _, rewound, run = rewind_and_resume(shards_dir, tmp_path, {}, "--resume")
+    assert same_predictions(rewound, run)
+
+
+@pytest.mark.slow
+def test_unfinished_run_resumes_by_itself_with_its_weight_ema(shards_dir, tmp_path):
+    """``train.ema_decay``: the EMA of the weights is what is validated and saved, and it travels in the
+    checkpoint. An unfinished run is resumed without --resume (saying so) and ends with the uninterrupted run's
+    EMA predictions; the model file holds the EMA, not the training weights."""
+    r, rewound, run = rewind_and_resume(shards_dir, tmp_path, {"ema_decay": 0.9})
+    assert "holds an unfinished run of this config: resuming it" in r.stdout + r.stderr
+    assert same_predictions(rewound, run)
+    from zoome_dist.core.safe_load import safe_load
+
+    saved = safe_load(run / "model_last.pt")["state_dict"]
+    ds = safe_load(run / "checkpoints" / newest_tag(run) / "mp_rank_00_model_states.pt")
+    key = next(k for k in saved if k.endswith("weight") and saved[k].dim() == 4)
+    raw = ds["module"][key]
+    ema = ds["zoome"]["ema"]["shadow"][key]
+    assert torch.equal(saved[key], ema.to(saved[key].dtype)) and not torch.allclose(raw, ema)
 
 
 def test_a_skip_needs_a_loader_started_there():

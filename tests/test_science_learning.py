@@ -194,7 +194,7 @@ def test_finished_folds_keep_their_models_and_not_their_checkpoints(demo_cv):
     cmd = [sys.executable, "-m", "zoome_dist.train", "--config", str(fold / "config.yaml"), "--shards", str(shards),
            "--fold", "0", "--out", str(fold), "--no-progress"]
     fresh = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert fresh.returncode == 2 and "already holds a training run" in fresh.stderr, fresh.stderr[-2000:]
+    assert fresh.returncode == 2 and "already holds a finished training run" in fresh.stderr, fresh.stderr[-2000:]
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=120, env=env)
     assert resumed.returncode == 0 and "nothing to resume" in resumed.stderr + resumed.stdout, resumed.stderr[-2000:]
     assert (fold / "summary.json").read_text() == before

@@ -82,6 +82,7 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 20
     patience: int = 0                   # early stopping: stop after this many epochs without a better val AUC; 0: off
+    ema_decay: float = 0.0              # EMA of the weights (validated, saved, best-picked); 0: off; e.g. 0.999
     global_batch_size: int = 64
     micro_batch_size: int = 32          # per rank and step; accumulation = global / (micro × world)
     # global: global_batch_size fixed whatever the ranks (the paper); micro: micro_batch_size per rank
@@ -306,6 +307,9 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.train.patience < 0:
         raise ValueError(f"train.patience must be 0 (no early stopping) or a number of epochs, got "
                          f"{cfg.train.patience}")
+    if not (math.isfinite(cfg.train.ema_decay) and 0 <= cfg.train.ema_decay < 1):
+        raise ValueError(f"train.ema_decay must lie in [0, 1) (0: no EMA of the weights; e.g. 0.999), got "
+                         f"{cfg.train.ema_decay}")
     if cfg.train.eval_batch_size < 0:
         raise ValueError(f"train.eval_batch_size must be 0 (the micro batch) or positive, got {cfg.train.eval_batch_size}")
     if len(cfg.data.zoom) != 2 or not 0 < cfg.data.zoom[0] <= cfg.data.zoom[1] <= 1:

@@ -15,8 +15,9 @@ One process, no launcher:
     zoome train --config launchers/configs/demo-cpu.yaml --shards ... --fold 0 --out ...
 
 Overrides: --set optim.lr=3e-4 --set train.precision=fp32 (any key of zoome_dist/config.py).
-Resume after a crash: the same command with --resume (continues from the newest intact checkpoint;
-a changed config is refused unless --allow-config-change and only train.epochs and similar differ).
+Resume after a crash: the same command (an unfinished run in --out continues from its newest intact
+checkpoint; a changed config is refused). Train a finished run longer: --resume --allow-config-change
+--set train.epochs=N (only train.epochs and similar keys may differ).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved, validated config (file + --set) as YAML, and the DeepSpeed config "
                         "derived from it for WORLD_SIZE ranks (default 1); train nothing")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue a finished run in --out (with --allow-config-change and a higher train.epochs); an "
+                        "unfinished one is resumed without it")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept a changed train.epochs, train.patience, train.log_every, "
                         "train.keep_checkpoints, train.checkpoint_every_steps, train.eval_batch_size, "

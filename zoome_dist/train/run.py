@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,7 @@ from zoome_dist.eval.report import plot_curves
 from zoome_dist.eval.subgroups import SUBGROUP_COLUMNS, auc_by_source, subgroup_metrics
 from zoome_dist.pipeline import Augment, make_loader, resolve_loader
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
+from zoome_dist.train.ema import WeightEMA
 from zoome_dist.train.checkpoints import (TAG, UnsafeCheckpointError, checksum_damage, install, latest_tag, step_tag,
                                           write_checksums)
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
@@ -70,13 +72,14 @@ RESUMABLE_KEYS = ("train.epochs", "train.patience", "train.log_every", "train.ke
 
 
 def _check_run_folder(run: RunDir, resume: bool) -> bool:
-    """True when there is a checkpoint to resume from."""
+    """True when there is a checkpoint to resume from: an unfinished run is resumed without asking (its config
+    is checked), a finished one only with ``resume``."""
     if run.path.exists() and not run.path.is_dir():
         raise FileExistsError(f"--out {run.path} is a file, not a run folder")
-    if (run.resumable or run.summary.is_file()) and not resume:
-        raise FileExistsError(f"{run.path} already holds a training run; pass --resume to continue it or "
-                              "choose another --out")
-    return run.resumable and resume
+    if run.summary.is_file() and not resume:
+        raise FileExistsError(f"{run.path} already holds a finished training run; pass --resume (with "
+                              "--allow-config-change and a higher train.epochs) to train it longer, or choose another --out")
+    return run.resumable
 
 
 def _folder_mb(path: Path) -> float:
@@ -114,8 +117,8 @@ def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: 
         detail = ", ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in refused)
         hint = (f"; --allow-config-change accepts changes of {list(RESUMABLE_KEYS)} only" if allow_changes else
                 f"; pass --allow-config-change to change any of {list(RESUMABLE_KEYS)}")
-        raise ValueError(f"resuming {out} with a different config ({detail}): use the run's own config "
-                         f"({run.config}) or a new --out{hint}")
+        raise ValueError(f"{out} holds a run of a different config ({detail}): to continue it, use its own config "
+                         f"({run.config}); to start afresh, a new --out{hint}")
     return changed
 
 
@@ -127,16 +130,18 @@ def _prune(ckpt_dir: Path, keep: int, protect: set[str]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save(engine, run: RunDir, state: dict, keep: int) -> str:
+def save(engine, run: RunDir, state: dict, keep: int, ema: WeightEMA | None = None) -> str:
     """DeepSpeed checkpoint ``step{N}`` with our state (and the fp16 GradScaler's) as client state.
 
     DeepSpeed saves rank 0's module, BatchNorm buffers included, and every rank resumes from it: the
     buffers are averaged over the ranks first, so an uninterrupted run and a resumed one hold the same
-    buffers on every rank from here on (exact resume)."""
+    buffers on every rank from here on (exact resume). The EMA of the weights (``train.ema_decay``) travels along."""
     average_buffers(engine.module)
+    if ema is not None:
+        ema.average_over_ranks()
     tag = step_tag(engine.global_steps)
-    engine.save_checkpoint(str(run.checkpoints), tag=tag,
-                           client_state={"zoome": {**state, "grad_scaler": scaler_state(engine)}})
+    engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state={"zoome": {
+        **state, "grad_scaler": scaler_state(engine), "ema": ema.state_dict() if ema is not None else None}})
     dist.barrier()
     if dist.get_rank() == 0:  # every rank's files are written: mark the tag complete (DeepSpeed's `latest` comes earlier)
         write_checksums(run.checkpoints / tag)
@@ -282,6 +287,9 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
             changed = check_resume_config(out, cfg, info.world_size, allow_changes, job)
             if changed:
                 log.info(f"resuming with changed {changed} (--allow-config-change)")
+            if not resume:
+                log.info(f"{out} holds an unfinished run of this config: resuming it (train into a new --out to "
+                         "start afresh)")
         t = _setup(cfg, shards, fold, RunDir(out), manifest, [k for k in fold_ids if k != fold], info, resuming,
                    progress, val_ids)
         summary = _finish(t, _train_epochs(t))
@@ -368,6 +376,7 @@ class _Training:
     val_ids: np.ndarray            # the validation fold's sample ids (folds.csv)
     loss_fn: Callable
     overflow: OverflowFlag | None
+    ema: WeightEMA | None          # train.ema_decay: validation and model files use the averaged weights
     state: dict[str, Any]          # epoch, micro_step, best: what a checkpoint carries
     folds_table: pd.DataFrame | None
     progress: bool
@@ -392,8 +401,6 @@ def _describe_run(run: RunDir, cfg: Config, ds_cfg: dict, info: dict, first_epoc
 def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, train_folds: list[int],
            info: DistInfo, resuming: bool, progress: bool, val_ids: np.ndarray) -> _Training:
     """Loaders, model, DeepSpeed engine, restored state, and the run's description files."""
-    import deepspeed
-
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     plan = batch_plan(cfg, info.world_size)
@@ -416,24 +423,12 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
         raise ValueError(f"training folds {train_folds} give {micro_steps} micro-batches per rank, fewer than "
                          f"one global batch ({gas} accumulation steps); lower train.global_batch_size")
 
-    model = build_model(cfg)
-    if cfg.model.sync_bn and info.world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(cfg, model, plan.lr)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_cfg)
-    install(engine)  # checkpoints load with weights_only=True
-    to_channels_last(engine, cfg)
-    if engine.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest kernels once
-    overflow = OverflowFlag(optimizer) if grad_scaler(engine) is not None else None
-    if cfg.model.compile:
-        engine.compile()
-
+    engine, overflow = _build_engine(cfg, info, plan, ds_cfg, steps_per_epoch)
     state: dict[str, Any] = {"epoch": 0, "micro_step": 0, "best": None}
+    ema = WeightEMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     if resuming:
         state.update(restore(engine, run))
+        _restore_ema(ema, state.pop("ema", None), run)
         log.info(f"resumed from {run.checkpoints} at epoch {state['epoch']}, micro-step {state['micro_step']} "
              f"(optimizer step {engine.global_steps})")
     folds_table = None
@@ -448,7 +443,39 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
          f"lr {plan.lr:.3g}), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
     return _Training(cfg, info, run, fold, manifest, plan, engine, train_it, val_it,
                      steps_per_epoch * gas, val_ids,
-                     make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma), overflow, state, folds_table, progress)
+                     make_loss(cfg.loss.name, cfg.loss.alpha, cfg.loss.gamma), overflow, ema, state, folds_table,
+                     progress)
+
+
+def _restore_ema(ema: WeightEMA | None, saved: dict | None, run: RunDir) -> None:
+    """The checkpoint's EMA of the weights into ``ema``; one saved without it starts it from the resumed weights."""
+    if ema is not None and saved is not None:
+        ema.load_state_dict(saved)
+    elif ema is not None:
+        warn0(f"the checkpoint in {run.checkpoints} holds no EMA of the weights: the EMA starts from the resumed "
+              "weights")
+
+
+def _build_engine(cfg: Config, info: DistInfo, plan: BatchPlan, ds_cfg: dict, steps_per_epoch: int):
+    """The model, optimizer and schedule in a DeepSpeed engine (safe checkpoint loads, channels_last); returns the
+    engine and the fp16 overflow flag (or None)."""
+    import deepspeed
+
+    model = build_model(cfg)
+    if cfg.model.sync_bn and info.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(cfg, model, plan.lr)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_cfg)
+    install(engine)  # checkpoints load with weights_only=True
+    to_channels_last(engine, cfg)
+    if engine.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest kernels once
+    overflow = OverflowFlag(optimizer) if grad_scaler(engine) is not None else None
+    if cfg.model.compile:
+        engine.compile()
+    return engine, overflow
 
 
 def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
@@ -460,9 +487,13 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
     every = cfg.train.checkpoint_every_steps
 
     def on_step(micro: int) -> None:
-        if every and micro % t.plan.accumulation == 0 and micro < t.steps and engine.global_steps % every == 0:
+        if micro % t.plan.accumulation:
+            return  # not an optimizer step
+        if t.ema is not None:
+            t.ema.update(engine.module)
+        if every and micro < t.steps and engine.global_steps % every == 0:
             save(engine, t.run, {"epoch": epoch, "micro_step": micro, "best": state["best"]},
-                 cfg.train.keep_checkpoints)
+                 cfg.train.keep_checkpoints, t.ema)
 
     t0 = time.perf_counter()
     good = t.run.committed_tag() if skip == 0 else None  # the end of the last epoch: finite metrics
@@ -480,13 +511,22 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
     if len(leaked):
         raise RuntimeError(f"fold {t.fold}: epoch {epoch} trained on {len(leaked)} sample(s) of the validation fold "
                            f"(sample ids {list(leaked[:5])}): the training loader does not exclude fold {t.fold}")
+    with t.ema.applied(engine.module) if t.ema is not None else nullcontext():  # the weights validated and saved
+        record = _validate(t, epoch, tr, time.perf_counter() - t0)
+    save(engine, t.run, dict(state), cfg.train.keep_checkpoints, t.ema)
+    return record
+
+
+def _validate(t: _Training, epoch: int, tr: dict, seconds: float) -> dict[str, Any]:
+    """Evaluate the fold, update the best epoch, and (rank 0) write the epoch's files; returns its record."""
+    cfg, engine, state = t.cfg, t.engine, t.state
     sids, probs, labels = evaluate(engine, t.val_it, expected=t.val_ids,
                                    channels_last=cfg.model.channels_last, progress=t.progress and t.rank0)
     threshold = youden_threshold(tr["train_labels"], tr["train_probs"]) if len(tr["train_labels"]) else 0.5
     val = binary_metrics(labels, probs, threshold)
     record = {"epoch": epoch, "global_step": engine.global_steps, "lr": engine.get_lr()[0],
               **{k: v for k, v in tr.items() if k not in ("train_probs", "train_labels", "train_ids")},
-              "epoch_seconds": time.perf_counter() - t0,
+              "epoch_seconds": seconds,
               **{f"val_{k}": v for k, v in val.items()}}
     is_best = state["best"] is None or val["auc"] > state["best"]["metrics"]["auc"]
     if is_best:
@@ -494,12 +534,11 @@ def _epoch(t: _Training, epoch: int) -> dict[str, Any]:
     state.update(epoch=epoch + 1, micro_step=0)
     if t.rank0:  # the epoch's files first, then the checkpoint that marks the epoch done
         _write_epoch(t, epoch, record, tr, val, (sids, probs), is_best)
-        log.info(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC {val['auc']:.4f} "
+        log.info(f"epoch {epoch}: loss {tr['train_loss']:.4f} | val AUC{' (EMA)' if t.ema else ''} {val['auc']:.4f} "
                  f"acc/sens/spec@0.5 {val['acc']:.3f}/{val['sens']:.3f}/{val['spec']:.3f} "
                  f"@t={threshold:.3f} {val['acc_t']:.3f}/{val['sens_t']:.3f}/{val['spec_t']:.3f} | "
                  f"{tr['train_img_s_per_rank']:.1f} img/s/rank, data wait {100 * tr['data_wait']:.1f}%"
                  + (" *best*" if is_best else ""))
-    save(engine, t.run, dict(state), cfg.train.keep_checkpoints)
     return record
 
 
