@@ -38,3 +38,17 @@ def test_a_default_is_shown_where_there_is_one():
     text = importlib.import_module("zoome_dist.cli.predict").get_parser().format_help()
     assert re.search(r"--tta TTA\s+views averaged.*\(default: 1\)", text, re.S)
     assert "--no-progress" in text and "no progress bar (default" not in text  # a flag: no default shown
+
+
+def test_no_accelerator_warning_where_ds_accelerator_is_unset():
+    """Without DS_ACCELERATOR, `zoome train` settles it as DeepSpeed would (here: no GPU, cpu) before DeepSpeed
+    loads, so DeepSpeed does not warn that it 'was unable to detect' a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    r = subprocess.run([sys.executable, "-m", "zoome_dist.train", "--print-config"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "train_batch_size" in r.stdout, r.stderr[-2000:]
+    assert "unable to detect" not in r.stderr and "WARNING" not in r.stderr, r.stderr[-2000:]

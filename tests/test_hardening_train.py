@@ -77,6 +77,24 @@ def test_planted_pickle_in_checkpoint_never_runs(base_run, shards_dir, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_diverged_epoch_names_the_checkpoint_known_good(base_run, shards_dir, tmp_path):
+    """Epoch 1 of a run continued from its epoch-0 checkpoint diverges (the checkpoint's schedule raised to lr
+    1e30): the error names that checkpoint (the last one whose metrics were finite) and says to delete the
+    newer ones; exit 2, no traceback."""
+    run = copy_run(base_run, tmp_path)
+    good = newest_tag(run)
+    target = run / "checkpoints" / good / "mp_rank_00_model_states.pt"
+    state = torch.load(target, weights_only=False)
+    state["lr_scheduler"]["base_lrs"] = [1e30 for _ in state["lr_scheduler"]["base_lrs"]]
+    torch.save(state, target)
+    write_checksums(target.parent)
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2", "--allow-config-change")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "not finite" in r.stderr and f"--resume from {good}, the last checkpoint known good (the end of epoch 0)" \
+        in r.stderr and "first delete the newer folders" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back(base_run, shards_dir, tmp_path):
     run = copy_run(base_run, tmp_path)
     tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step"))

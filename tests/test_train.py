@@ -254,6 +254,9 @@ def test_launch_commands(tmp_path):
     assert train_command(["--fold", "0"])[1:] == ["-m", "zoome_dist.train", "--fold", "0"]
     cmd = train_command(["--fold", "0"], Launch(ranks=2))
     assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[-4:] == ["--module", "zoome_dist.train", "--fold", "0"]
+    assert cmd[cmd.index("--log_level") + 1] == "warning"  # DeepSpeed's launcher INFO lines: only with debug
+    cmd = train_command(["--fold", "0", "--log-level", "debug"], Launch(ranks=2))
+    assert cmd[cmd.index("--log_level") + 1] == "info"
     (tmp_path / "hosts").write_text("node1 slots=8\n")
     with pytest.raises(ValueError, match="needs --master-addr"):
         train_command([], Launch(hostfile=str(tmp_path / "hosts")))
@@ -323,3 +326,31 @@ def test_batch_policy_micro_on_two_ranks(tiny_cfg, shards_dir, tmp_path):
     assert {"Val_auc.csv", "Train_Samples_lr.csv", "Train_Samples_train_loss.csv"} <= {
         p.name for p in (out / "monitor" / "train").iterdir()}  # the training loss and lr per step, not only epochs
     assert "Flops Profiler" in (out / "flops.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_to_the_launcher_ends_every_rank(tiny_cfg, shards_dir, tmp_path, sig):
+    """SIGTERM (kill) or SIGHUP (a closed terminal or ssh session) to `deepspeed ... zoome_dist.train` with 2
+    ranks: its launch.py and both ranks end too, within seconds, as on Ctrl-C. DeepSpeed forwards SIGTERM
+    itself; on SIGHUP its runner dies alone, and the ranks, watching it, end the job."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(ds_cmd(2, str(ROOT / "launchers" / "train.py"),
+                                   *train_args(tiny_cfg, shards_dir, out, "--set", "train.epochs=50")),
+                            env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (out / "checkpoints" / "latest").is_file():
+            time.sleep(0.2)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert sum(any("--local_rank" in c for c in p.cmdline()) for p in started) == 2, "the ranks never trained"
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        try:  # whatever is left of the job (its own session)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass

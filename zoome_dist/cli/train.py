@@ -8,7 +8,7 @@ Single GPU node (N GPUs, NCCL):
         --shards data/shards --fold 0 --out runs/zoome/fold-00
 Several nodes (hostfile lines: "node1 slots=8"; shards on shared storage):
     deepspeed --hostfile hosts --master_addr node1 --module zoome_dist.train --config ... --fold 0 --out ...
-CPU-only machine (2 ranks over gloo; DS_ACCELERATOR=cpu silences the accelerator warning):
+CPU-only machine (2 ranks over gloo; DS_ACCELERATOR=cpu spares the launcher its accelerator warning):
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --module zoome_dist.train \\
         --config launchers/configs/demo-cpu.yaml --shards runs/demo/shards --fold 0 --out runs/demo/fold-00
 One process, no launcher:
@@ -29,6 +29,7 @@ import sys
 from zoome_dist.cli.common import USER_ERRORS, HelpFormatter, error
 from zoome_dist.config import load_config, parse_set
 from zoome_dist.core.logs import LEVELS, setup_logging
+from zoome_dist.core.procs import end_with_launcher
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.print_config:  # printing the config starts no process group
             return error("zoome train", e)
     setup_logging(a.log_level)
+    if not a.print_config:
+        end_with_launcher()  # a SIGTERM/SIGHUP that ends DeepSpeed's runner ends its ranks too
 
     try:
         cfg = load_config(a.config, parse_set(a.set))

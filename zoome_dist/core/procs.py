@@ -44,3 +44,40 @@ def log_tail(path, lines: int = 15) -> str:
     except OSError:
         return ""
     return "\n".join("    " + line for line in tail)
+
+
+def end_with_launcher(poll_s: float = 1.0) -> bool:
+    """A rank started by DeepSpeed's launcher (``deepspeed`` runner → ``launch.py`` → ranks) ends the whole job
+    when the runner goes away. On one node the runner forwards no signal: a SIGTERM (``kill``, ``timeout``)
+    or SIGHUP (a closed terminal or ssh session) ends the runner alone, and launch.py and the ranks would train
+    on. A daemon thread checks every ``poll_s`` that launch.py and its parent are still there; when either is
+    gone it sends SIGTERM to launch.py (which ends every rank of the node) and to this rank. Returns whether
+    it watches (False outside DeepSpeed's launcher)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    try:
+        launcher = psutil.Process(os.getppid())
+        runner = launcher.ppid()
+        if runner <= 1 or not any("deepspeed.launcher.launch" in part for part in launcher.cmdline()):
+            return False
+    except psutil.Error:
+        return False
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            try:
+                if launcher.is_running() and launcher.ppid() == runner and psutil.pid_exists(runner):
+                    continue
+                launcher.terminate()
+            except psutil.Error:
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+    threading.Thread(target=watch, name="end-with-launcher", daemon=True).start()
+    return True

@@ -66,7 +66,11 @@ def train_command(train_args: list[str], launch: Launch = Launch(), env: dict[st
     from zoome_dist.train.engine import accelerator, free_port
 
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [deepspeed, "--master_port", str(launch.master_port or free_port())]
+    # the launcher's own INFO lines (its command, each rank spawned) only with the ranks' --log-level debug
+    debug = any(a == "--log-level=debug" or (a == "--log-level" and b == "debug")
+                for a, b in zip(train_args, [*train_args[1:], ""]))
+    cmd = [deepspeed, "--log_level", "info" if debug else "warning", "--master_port",
+           str(launch.master_port or free_port())]
     if launch.hostfile:
         cmd += ["--hostfile", launch.hostfile, "--master_addr", launch.master_addr]
     else:
