@@ -6,6 +6,7 @@
     python launchers/benchmark.py train    [--json]   # training img/s per rank + data wait, fp32 vs bf16
     python launchers/benchmark.py predict  [--json]   # zoome predict img/s, TTA 1 vs 8
     python launchers/benchmark.py cv       [--json]   # CV jobs sequential vs concurrent + ISIC-2020 projection
+    python launchers/benchmark.py ops      [--json]   # host operations per step, per zoom_se_impl (counted)
     python launchers/benchmark.py gpu --out DIR [--only PARTS] [--no-compile]  # the one-GPU check (gpu_check.sh)
 
 Record the figures, with the machine line this prints, in BENCHMARKS.md.
@@ -84,13 +85,16 @@ def _study_parsers(sub) -> list:
     me.add_argument("--size", type=int, default=64, help="image side (px), also the training size")
     me.add_argument("--epochs", type=int, default=8)
     me.add_argument("--ranks", type=int, default=2)
+    o = sub.add_parser("ops", help="host operations (ATen calls + Triton launches) per training step: zoome_no_meta "
+                                   "per zoom_se_impl vs resnext50 (on CPU: Triton under TRITON_INTERPRET=1)")
+    o.add_argument("--impls", default="plain,fused,triton")
     g = sub.add_parser("gpu", help="the one-GPU check: gpu tests + every GPU figure, JSON + markdown")
     g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
     g.add_argument("--n", type=int, default=1536, help="synthetic 1024 px images")
     g.add_argument("--only", help="comma-separated parts to run (default: all): " + ",".join(GPU_PARTS))
     g.add_argument("--no-tests", action="store_true", help="skip the gpu-marked tests")
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile part (the last)")
-    return [c, me, g]
+    return [c, me, o, g]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
         skip = ({"tests"} if a.no_tests else set()) | ({"compiled"} if a.no_compile else set())
         r = bench_gpu(a.out, a.n, parts=tuple(x for x in parts if x not in skip))
+    elif a.what == "ops":
+        from benchmarks.ops import bench_ops
+
+        r = bench_ops(tuple(a.impls.split(",")), "cuda" if _cuda() else "cpu")
     elif a.what == "meta":
         from benchmarks.meta import bench_meta
 

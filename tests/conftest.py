@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ["DS_ACCELERATOR"] == "cpu":  # Triton kernels on CPU tensors (test_zoom_se_triton.py): Triton reads
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # this when it is first imported, so before any test imports it
 
 from zoome_dist.data.synth import synthesize  # noqa: E402
 from zoome_dist.data.writer import BuildOptions, build  # noqa: E402

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ class ModelConfig:
     rd_ratio: float = 0.0625            # Zoom-SE reduction 1/r
     zoom_se_placement: str = choice("output", ("output", "residual"))  # gate the block output (paper) or its branch
     zoom_se_gate_bias: float | None = None  # None: default init (gates ≈ 0.5); a value: gates start at sigmoid(value)
+    # Zoom-SE's code: auto (= fused until a GPU check shows triton equal and faster), triton (CUDA), fused, plain
+    zoom_se_impl: str = choice("auto", ("auto", "triton", "fused", "plain"))
     meta_hidden: int = 256
     meta_gate: str = "sigmoid"
     meta_fusion: str = choice("gate", ("gate", "concat", "both"))  # gate: the paper's o = t ⊗ x; concat: MLP features
@@ -343,8 +346,17 @@ def _check_machine(cfg: Config) -> None:
     needs CUDA, since asking starts DeepSpeed's accelerator), files, packages."""
     if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
         raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
-    needs_cuda = cfg.model.sync_bn or cfg.train.precision == "fp16" or cfg.data.device == "gpu"
+    triton = cfg.model.zoom_se_impl == "triton"
+    if triton and importlib.util.find_spec("triton") is None:
+        raise ValueError("model.zoom_se_impl triton needs the triton package (it comes with torch's CUDA build); "
+                         "use auto")
+    interpreted = triton and os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: CPU tensors too
+    needs_cuda = cfg.model.sync_bn or cfg.train.precision == "fp16" or cfg.data.device == "gpu" or (
+        triton and not interpreted)
     if needs_cuda and (device := _accelerator()) != "cuda":
+        if triton and not interpreted:
+            raise ValueError(f"model.zoom_se_impl triton needs a CUDA GPU; this runs on {device}: use auto (or "
+                             "TRITON_INTERPRET=1, Triton's slow interpreter, to check the kernels on CPU)")
         if cfg.model.sync_bn:
             raise ValueError(f"model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs "
                              f"on {device}: set model.sync_bn false")

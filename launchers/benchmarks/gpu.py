@@ -125,28 +125,53 @@ def bench_zoom_se_kernels(device: str = "cuda", batch: int = 64, dtype: torch.dt
 
 
 def _contender(name: str) -> torch.nn.Module:
-    """``zoome`` (fused Zoom-SE), ``zoome_plain_autograd`` (Zoom-SE through plain autograd instead of the
-    fused function) or ``resnext50`` (the plain backbone)."""
-    from benchmarks.model import plain_zoom_se
+    """``zoome`` (fused Zoom-SE), ``zoome_triton`` (the Triton kernels), ``zoome_plain_autograd`` (Zoom-SE
+    through plain autograd instead of the fused function) or ``resnext50`` (the plain backbone)."""
+    from benchmarks.model import zoom_se_impl
     from zoome_dist.models import ZooME, create_model
 
     if name == "resnext50":
         return ZooME("resnext50_32x4d", zoom_se=False, meta=False)
-    model = create_model("zoome")
-    return model if name == "zoome" else plain_zoom_se(model)
+    impl = {"zoome": "fused", "zoome_triton": "triton", "zoome_plain_autograd": "plain"}[name]
+    return zoom_se_impl(create_model("zoome"), impl)
+
+
+def check_triton(size: int = 224, batch: int = 8) -> dict:
+    """The evidence ``zoom_se_impl: auto`` waits for, part one: ZooME with the Triton kernels against the fused
+    path on this GPU, same weights and batch, bf16 autocast, channels_last: the largest differences of the
+    logits and of the gradients (relative to each tensor's largest magnitude). Speed: ``models``."""
+    torch.manual_seed(0)
+    fused = _contender("zoome").cuda().train().to(memory_format=torch.channels_last)
+    tri = _contender("zoome_triton").cuda().train().to(memory_format=torch.channels_last)
+    tri.load_state_dict(fused.state_dict())
+    image = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    meta = torch.randn(batch, 12, device="cuda")
+    got = []
+    for m in (fused, tri):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(image, meta).float()
+        out.sum().backward()
+        got.append((out.detach(), {n: p.grad.float() for n, p in m.named_parameters()}))
+    (lf, gf), (lt, gt) = got
+    rel = {n: float((gt[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)) for n, g in gf.items()}
+    worst = max(rel, key=rel.get)
+    return {"logits_max_abs_diff": float((lt - lf).abs().max()), "logits_max_abs": float(lf.abs().max()),
+            "grad_max_rel_diff": round(rel[worst], 5), "grad_worst_param": worst,
+            "equal": bool(float((lt - lf).abs().max()) <= 0.02 * float(lf.abs().max()) and rel[worst] <= 0.05)}
 
 
 def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int = 30, rounds: int = 2) -> dict:
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     reference = _contender("zoome_plain_autograd")
-    models = {"zoome": _contender("zoome"), "resnext50": _contender("resnext50"), "zoome_reference": reference}
+    models = {"zoome": _contender("zoome"), "resnext50": _contender("resnext50"), "zoome_reference": reference,
+              "zoome_triton": _contender("zoome_triton")}
     for m in models.values():
         m.cuda().train().to(memory_format=torch.channels_last)
     out: dict = {}
     for prec, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         for micro in micros:
-            names = list(models) if (prec, micro) == ("bf16", max(micros)) else ["zoome", "resnext50"]
+            names = list(models) if (prec, micro) == ("bf16", max(micros)) else ["zoome", "resnext50", "zoome_triton"]
             best = {k: 0.0 for k in names}
             for _ in range(rounds):  # alternate the contenders; keep each one's best
                 for name in names:
@@ -154,6 +179,8 @@ def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int 
             out[f"{prec}_micro{micro}"] = {"zoome_img_s": round(best["zoome"], 1),
                                            "resnext50_img_s": round(best["resnext50"], 1),
                                            "ratio": round(best["zoome"] / best["resnext50"], 3)}
+            out[f"{prec}_micro{micro}"].update(zoome_triton_img_s=round(best["zoome_triton"], 1),
+                                               triton_ratio=round(best["zoome_triton"] / best["resnext50"], 3))
             if "zoome_reference" in best:
                 out[f"{prec}_micro{micro}"]["zoome_reference_img_s"] = round(best["zoome_reference"], 1)
     return out
@@ -365,17 +392,19 @@ def _markdown(res: dict) -> str:
     g = res["gpu_info"]
     rows = ["| what | figure |", "|---|---|",
             f"| GPU | {g.get('gpu')} (driver {g.get('driver')}, CUDA {g.get('cuda')}, torch {g.get('torch')}) |"]
-    for section in ("tests", "models", "zoom_se_kernels", "pipeline", "data_wait", "train", "predict", "compiled"):
+    for section in PARTS:
         for k, v in res.get(section, {}).items():
             if section == "models" and isinstance(v, dict):
                 ref = f"; plain-autograd Zoom-SE {v['zoome_reference_img_s']}" if "zoome_reference_img_s" in v else ""
-                v = f"zoome {v['zoome_img_s']} / resnext50 {v['resnext50_img_s']} img/s (ratio {v['ratio']}){ref}"
+                tri = f"; triton Zoom-SE {v['zoome_triton_img_s']} (ratio {v['triton_ratio']})" if "triton_ratio" in v else ""
+                v = (f"zoome {v['zoome_img_s']} / resnext50 {v['resnext50_img_s']} img/s (ratio {v['ratio']})"
+                     f"{tri}{ref}")
             if k != "tail":
                 rows.append(f"| {section} {k} | {str(v).replace('|', '/').replace(chr(10), ' ')[:300]} |")
     return "\n".join(rows) + "\n"
 
 
-PARTS = ("tests", "models", "zoom_se_kernels", "pipeline", "data_wait", "train", "predict", "compiled")
+PARTS = ("tests", "triton", "models", "zoom_se_kernels", "ops", "pipeline", "data_wait", "train", "predict", "compiled")
 
 
 def _earlier(path: Path) -> dict:
@@ -396,6 +425,7 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
         raise ValueError(f"unknown gpu_check part(s) {bad}; valid: {list(PARTS)}")
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU visible (torch.cuda.is_available() is False): the GPU check needs one")
+    from benchmarks.ops import bench_ops
     from benchmarks.predict import bench_predict
     from benchmarks.shards import reused_dataset
     from zoome_dist.data.writer import BuildOptions, build
@@ -424,8 +454,10 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
         save()
 
     step("tests", _pytest_gpu)
+    step("triton", check_triton)
     step("models", bench_models)
     step("zoom_se_kernels", bench_zoom_se_kernels)
+    step("ops", lambda: bench_ops(device="cuda"))
     if {"pipeline", "data_wait", "train"} & set(parts):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)

@@ -32,11 +32,11 @@ def _step_time(model: torch.nn.Module, img: torch.Tensor, meta: torch.Tensor, ta
     return (time.perf_counter() - t) / iters
 
 
-def plain_zoom_se(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every Zoom-SE block through plain autograd instead of the fused function."""
+def zoom_se_impl(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """``model`` with every Zoom-SE block through ``impl`` (``plain``: plain autograd; ``fused``; ``triton``)."""
     for m in model.modules():
         if isinstance(m, ZoomSE):
-            m.fused = False
+            m.impl = impl
     return model
 
 
@@ -52,7 +52,7 @@ def bench_model(image_size: int = 224, batch_size: int = 8, iters: int = 2, roun
     img = torch.randn(batch_size, 3, image_size, image_size, device=dev).to(memory_format=torch.channels_last)
     meta, target = torch.rand(batch_size, 12, device=dev), (torch.rand(batch_size, device=dev) > 0.5).long()
     models = {"zoome": create_model("zoome", backbone=backbone),
-              "zoome_plain": plain_zoom_se(create_model("zoome", backbone=backbone)),
+              "zoome_plain": zoom_se_impl(create_model("zoome", backbone=backbone), "plain"),
               "backbone": ZooME(backbone, zoom_se=False, meta=False)}
     for m in models.values():
         m.to(dev).train().to(memory_format=torch.channels_last)

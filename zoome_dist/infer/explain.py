@@ -44,10 +44,10 @@ def explain(model: torch.nn.Module, image: torch.Tensor, meta: torch.Tensor, enc
     model.eval()
     blocks = _last_zoomse(model, zoom_blocks)
     cells: list[torch.Tensor] = []
-    saved = [(b, b.fused) for b in blocks]
+    saved = [(b, b.impl) for b in blocks]
     hooks = []
     for b in blocks:
-        b.fused = False  # the reference path exposes the pooled cells z as a graph node
+        b.impl = "plain"  # the reference path exposes the pooled cells z as a graph node
         hooks.append(b.pool.register_forward_hook(lambda _m, _i, z: (z.retain_grad(), cells.append(z))[1]))
     try:
         with torch.enable_grad():
@@ -59,8 +59,8 @@ def explain(model: torch.nn.Module, image: torch.Tensor, meta: torch.Tensor, enc
     finally:
         for h in hooks:
             h.remove()
-        for b, fused in saved:
-            b.fused = fused
+        for b, impl in saved:
+            b.impl = impl
     prob = float(torch.sigmoid(logit.detach()))
     sign = 1.0 if prob >= threshold else -1.0
     weights = sign * feats.grad.mean((2, 3), keepdim=True)

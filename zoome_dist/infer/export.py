@@ -49,7 +49,7 @@ def exportable(model: nn.Module) -> nn.Module:
     """The model with every Zoom-SE on its reference path and an explicit adaptive max pool."""
     for mod in model.modules():
         if isinstance(mod, ZoomSE):
-            mod.fused = False
+            mod.impl = "plain"
             mod.pool = SlicedAdaptiveMaxPool2d(mod.pool_size)
     return model.float().to(memory_format=torch.contiguous_format).eval()
 

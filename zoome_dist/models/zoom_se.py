@@ -3,15 +3,24 @@
 Xing et al., Sec. III-A. ``pool_size`` P = 1 is a global-max-pool SE; when P is a whole multiple of
 both feature-map sides every input cell weighs equally, i.e. a plain (average-pool) SE block.
 
-The default forward is one fused autograd function: its backward scatters the max-pool gradient
-straight into ``dy * gate`` instead of building a dense zero tensor and adding it, which saves
-several full passes over the feature map per block (``fused=False`` is the plain autograd reference).
+The forward (``impl``, config ``model.zoom_se_impl``) is one of:
+- ``fused`` (``auto`` today): one autograd function whose backward scatters the max-pool gradient straight
+  into ``dy * gate`` instead of building a dense zero tensor and adding it, which saves several full passes
+  over the feature map per block;
+- ``triton``: the same function with Triton kernels for the pool, the gate multiply and a one-pass backward
+  (``zoom_se_triton.py``; CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` for tests);
+- ``plain``: plain autograd, the reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from zoome_dist.models.zoom_gate import gate_mlp, gate_mlp_backward
+
+
+IMPLS = ("auto", "triton", "fused", "plain")
 
 
 class _ZoomGate(torch.autograd.Function):
@@ -28,8 +37,7 @@ class _ZoomGate(torch.autograd.Function):
         else:
             z, idx = F.adaptive_max_pool2d(u, pool_size, return_indices=True)
         s = z.float().mean((2, 3))
-        h = F.relu(F.linear(s, w1.float(), b1.float()))
-        g = torch.sigmoid(F.linear(h, w2.float(), b2.float()))
+        h, g = gate_mlp(s, w1, b1, w2, b2)
         ctx.save_for_backward(u, idx, s, h, g, w1, w2)
         ctx.cells = z.shape[2] * z.shape[3]
         return u * g.to(u.dtype)[:, :, None, None]
@@ -38,11 +46,8 @@ class _ZoomGate(torch.autograd.Function):
     def backward(ctx, dy):
         u, idx, s, h, g, w1, w2 = ctx.saved_tensors
         dg = (dy * u).sum((2, 3), dtype=torch.float32)
-        dq = dg * g * (1 - g)
-        dw2, db2 = dq.t() @ h, dq.sum(0)
-        dpre = (dq @ w2.float()) * (h > 0)
-        dw1, db1 = dpre.t() @ s, dpre.sum(0)
-        ds = (dpre @ w1.float()) / ctx.cells
+        ds, *dweights = gate_mlp_backward(dg * g * (1 - g), s, h, w1, w2)
+        ds = ds / ctx.cells
         dx = dy * g.to(dy.dtype)[:, :, None, None]
         b, c = ds.shape
         src = ds.to(dx.dtype)[:, :, None].expand(b, c, idx.shape[2] * idx.shape[3])
@@ -53,7 +58,7 @@ class _ZoomGate(torch.autograd.Function):
         else:  # channels_last: scatter along H*W of the (B, H*W, C) view
             dx.permute(0, 2, 3, 1).view(b, -1, c).scatter_add_(
                 1, idx.permute(0, 2, 3, 1).reshape(b, -1, c), src.transpose(1, 2))
-        return dx, None, dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
+        return dx, None, *dweights
 
 
 class SlicedAdaptiveMaxPool2d(nn.Module):
@@ -82,11 +87,13 @@ class ZoomSE(nn.Module):
 
     def __init__(self, channels: int, pool_size: int = 4, rd_ratio: float = 1 / 16,
                  rd_channels: int | None = None, act_layer: type[nn.Module] = nn.ReLU,
-                 gate_layer: type[nn.Module] = nn.Sigmoid, fused: bool = True,
+                 gate_layer: type[nn.Module] = nn.Sigmoid, impl: str = "auto",
                  gate_bias: float | None = None) -> None:
         super().__init__()
         if pool_size < 1:
             raise ValueError(f"pool_size must be a positive integer, got {pool_size}")
+        if impl not in IMPLS:
+            raise ValueError(f"Invalid Zoom-SE impl {impl!r}. Valid: {list(IMPLS)}")
         self.pool_size = pool_size
         rd_channels = rd_channels or max(1, int(channels * rd_ratio))
         self.pool = nn.AdaptiveMaxPool2d(pool_size)
@@ -97,20 +104,26 @@ class ZoomSE(nn.Module):
         if gate_bias is not None:
             nn.init.zeros_(self.fc2.weight)
             nn.init.constant_(self.fc2.bias, gate_bias)
-        # The fused path hard-codes ReLU and sigmoid; other layers use the reference path.
-        self.fused = fused and act_layer is nn.ReLU and gate_layer is nn.Sigmoid
+        # auto: the fused path, until a GPU check shows the Triton one equal and faster (BENCHMARKS.md). The
+        # fused and Triton paths hard-code ReLU and sigmoid; other layers use the reference path.
+        impl = "fused" if impl == "auto" else impl
+        self.impl = impl if act_layer is nn.ReLU and gate_layer is nn.Sigmoid else "plain"
 
     def squeeze(self, x: torch.Tensor) -> torch.Tensor:
         """Zoom-in and squeeze: (B, C, H, W) → (B, C, 1, 1)."""
         return self.pool(x).mean((2, 3), keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.impl != "plain":
+            if self.impl == "triton":
+                from zoome_dist.models.zoom_se_triton import TritonZoomGate as gate
+            else:
+                gate = _ZoomGate
             # autocast off around the function, not inside its forward: torch.compile (dynamo) does not
             # restore autocast after an autograd function's forward that turns it off, so every later
             # op of the model ran without it (bf16 activations met float32 weights: compile failed)
             with torch.autocast(x.device.type, enabled=False):
-                return _ZoomGate.apply(x, self.pool_size, self.fc1.weight.flatten(1), self.fc1.bias,
+                return gate.apply(x, self.pool_size, self.fc1.weight.flatten(1), self.fc1.bias,
                                        self.fc2.weight.flatten(1), self.fc2.bias)
         q = self.fc2(self.act(self.fc1(self.squeeze(x))))
         return x * self.gate(q)

@@ -30,7 +30,7 @@ class ZooME(nn.Module):
     def __init__(self, backbone: str = "resnext50_32x4d", zoom_se: bool = True, pool_size: int = 4,
                  rd_ratio: float = 1 / 16, meta: bool = True, meta_dim: int = 12, meta_hidden: int = 256,
                  meta_gate: str = "sigmoid", dropout: float = 0.0, zoom_se_placement: str = "output",
-                 zoom_se_gate_bias: float | None = None, meta_fusion: str = "gate") -> None:
+                 zoom_se_gate_bias: float | None = None, meta_fusion: str = "gate", zoom_se_impl: str = "auto") -> None:
         super().__init__()
         if meta_fusion not in FUSIONS:
             raise ValueError(f"Invalid meta_fusion {meta_fusion!r}. Valid: {list(FUSIONS)}")
@@ -44,7 +44,7 @@ class ZooME(nn.Module):
             for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
                 for i, block in enumerate(stage):
                     stage[i] = wrap(block, ZoomSE(_block_channels(block), pool_size, rd_ratio,
-                                                  gate_bias=zoom_se_gate_bias))
+                                                  gate_bias=zoom_se_gate_bias, impl=zoom_se_impl))
         channels = net.fc.in_features
         concat = meta and meta_fusion in ("concat", "both")
         net.fc = nn.Linear(channels + (meta_hidden if concat else 0), 1)

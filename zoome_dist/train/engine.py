@@ -242,7 +242,7 @@ def build_model(cfg: Config) -> nn.Module:
     defaults = ModelConfig()
     opts = {}
     for key in ("backbone", "pool_size", "rd_ratio", "meta_hidden", "meta_gate", "dropout", "zoom_se_placement",
-                "zoom_se_gate_bias", "meta_fusion"):
+                "zoom_se_gate_bias", "meta_fusion", "zoom_se_impl"):
         value = getattr(cfg.model, key)
         if key in takes:
             opts[key] = value

@@ -1,0 +1,134 @@
+"""Zoom-SE's Triton kernels (``model.zoom_se_impl: triton``) against ATen and the plain-autograd reference,
+on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, which conftest.py sets on CPU machines
+before anything imports Triton). Correctness only: on a GPU host the GPU check compares the kernels with the
+fused path on CUDA and measures their speed (``launchers/gpu_check.sh``)."""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_models import _fwd_bwd, _layout
+
+from zoome_dist.models import ZoomSE, create_model
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="Triton's interpreter is off (a GPU host: the GPU check compares the kernels)")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("triton")
+    return importlib.import_module("zoome_dist.models.zoom_se_triton")
+
+
+SHAPES = [(2, 40, 7, 7, 4),   # channels past one block of 32, a map P does not divide (overlapping windows)
+          (1, 5, 6, 9, 4),    # not square
+          (2, 3, 5, 5, 3),
+          (1, 4, 8, 8, 1),    # global max
+          (1, 3, 3, 3, 4)]    # P beyond the map: one-cell windows, some shared
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("b,c,h,w,p", SHAPES)
+def test_pool_values_indices_and_ties_equal_aten(kernels, dtype, layout, b, c, h, w, p):
+    torch.manual_seed(b * 1000 + c * 10 + h)
+    x = torch.randn(b, c, h, w).mul(2).round().clamp(min=0)  # many ties: zeros and repeated small integers
+    x = _layout(x.to(dtype), layout)
+    s, idx = kernels.pool_mean(x, p)
+    z, want = F.adaptive_max_pool2d(x, p, return_indices=True)
+    assert torch.equal(idx.long(), want), "argmax differs from ATen's (window bounds or tie-breaking)"
+    torch.testing.assert_close(s, z.float().mean((2, 3)))
+
+
+def test_pool_nan_wins_as_in_aten(kernels):
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = float("nan")  # two NaNs in one window
+    x[0, 1, 2, 2] = float("nan")
+    s, idx = kernels.pool_mean(x, 2)
+    _, want = F.adaptive_max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(idx.long(), want) and s.isnan().tolist() == [[True, True]]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("c,hw,pool", [(40, 7, 4), (16, 5, 3), (8, 6, 1), (16, 8, 4)])
+def test_block_forward_and_backward_equal_the_reference(layout, c, hw, pool):
+    """Output, input gradient (the argmax cells included: a planted maximum shared by overlapping windows gets
+    every cell's share) and the gate MLP's gradients, against plain autograd; the output keeps the layout."""
+    torch.manual_seed(c + hw + pool)
+    ref, tri = ZoomSE(c, pool, impl="plain"), ZoomSE(c, pool, impl="triton")
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(3, c, hw, hw)
+    x[:, : c // 2] = x[:, : c // 2].clamp(min=0)
+    x[:, -1, hw // 2 - 1, hw // 2 - 1] = 10.0  # the maximum of every window that holds it
+    x, dy = _layout(x, layout), _layout(torch.randn_like(x), layout)
+    (yr, gr, pr), (yt, gt, pt) = _fwd_bwd(ref, x, dy), _fwd_bwd(tri, x, dy)
+    torch.testing.assert_close(yt, yr)
+    torch.testing.assert_close(gt, gr)
+    for name, grad in pr.items():
+        torch.testing.assert_close(pt[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+    if layout == "channels_last":
+        assert yt.is_contiguous(memory_format=torch.channels_last) and gt.is_contiguous(
+            memory_format=torch.channels_last)
+
+
+def test_block_under_bf16_autocast_is_close_to_float64():
+    torch.manual_seed(3)
+    ref, tri = ZoomSE(32, 4, impl="plain"), ZoomSE(32, 4, impl="triton")
+    tri.load_state_dict(ref.state_dict())
+    x = _layout(torch.randn(2, 32, 7, 7).clamp(min=0).bfloat16(), "channels_last")
+    dy = _layout(torch.randn(2, 32, 7, 7).bfloat16(), "channels_last")
+    yb, gb, pb = _fwd_bwd(tri, x, dy, autocast=True)
+    y64, g64, p64 = _fwd_bwd(copy.deepcopy(ref).double(), x.double(), dy.double())
+    assert yb.dtype == gb.dtype == torch.bfloat16
+    for name, got, want in (("output", yb, y64), ("input grad", gb, g64)):
+        torch.testing.assert_close(got.double(), want, rtol=0.02, atol=0.02 * float(want.abs().max()), msg=name)
+    for name, want in p64.items():
+        scale = max(float(g.abs().max()) for n, g in p64.items() if n.startswith(name.split(".")[0] + "."))
+        torch.testing.assert_close(pb[name].double(), want, rtol=0.02, atol=0.05 * scale, msg=name)
+
+
+def test_zoome_with_triton_blocks_equals_the_fused_model():
+    """A whole ZooME (resnet18 backbone, 32 px: maps 8² to 1²) through ``zoom_se_impl`` triton and fused."""
+    torch.manual_seed(0)
+    fused = create_model("zoome", backbone="resnet18", pool_size=2)
+    tri = create_model("zoome", backbone="resnet18", pool_size=2, zoom_se_impl="triton")
+    tri.load_state_dict(fused.state_dict())
+    assert {m.impl for m in tri.modules() if isinstance(m, ZoomSE)} == {"triton"}
+    image = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    meta = torch.randn(2, 12)
+    grads = []
+    for m in (fused, tri):
+        out = m(image, meta)
+        out.sum().backward()
+        grads.append((out.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
+    for name, g in grads[0][1].items():  # float32 sums in another order, over gradients of up to ~10²
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-3, atol=1e-5 * max(1.0, float(g.abs().max())),
+                                   msg=name)
+
+
+def test_triton_impl_needs_cuda_or_the_interpreter(monkeypatch):
+    from zoome_dist.config import load_config, parse_set, validate
+
+    cfg = load_config(None, parse_set(["model.zoom_se_impl=triton"]))
+    validate(cfg)  # under the interpreter (this module's): CPU tensors are fine
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="model.zoom_se_impl triton needs a CUDA GPU; this runs on cpu"):
+        validate(cfg)
+
+
+def test_the_triton_block_issues_fewer_host_operations_than_the_fused_one():
+    """Host operations (ATen calls + Triton launches) of one block's forward and backward: the regression figure
+    of ``launchers/benchmark.py ops`` (BENCHMARKS.md), for the launch-bound small-batch step on GPUs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
+    from benchmarks.ops import block_ops
+
+    ops = {impl: block_ops(impl) for impl in ("plain", "fused", "triton")}
+    assert ops["triton"] < ops["fused"], ops
