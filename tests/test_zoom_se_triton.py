@@ -19,11 +19,11 @@ from zoome_dist.models import ZoomSE, create_model
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton's interpreter is off (a GPU host: the GPU check compares the kernels)")
+pytest.importorskip("triton")  # it comes with torch's CUDA build (the tested stack)
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    pytest.importorskip("triton")
     return importlib.import_module("zoome_dist.models.zoom_se_triton")
 
 
