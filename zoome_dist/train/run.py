@@ -39,9 +39,9 @@ from zoome_dist.eval.report import plot_curves
 from zoome_dist.eval.subgroups import SUBGROUP_COLUMNS, auc_by_source, subgroup_metrics
 from zoome_dist.pipeline import Augment, make_loader, resolve_loader
 from zoome_dist.train.amp import OverflowFlag, grad_scaler, restore_scaler, scaler_state
-from zoome_dist.train.ema import WeightEMA
 from zoome_dist.train.checkpoints import (TAG, UnsafeCheckpointError, checksum_damage, install, latest_tag, step_tag,
                                           write_checksums)
+from zoome_dist.train.ema import WeightEMA
 from zoome_dist.train.engine import (BatchPlan, DistInfo, accelerator, batch_plan, build_model, build_optimizer,
                                      build_scheduler, deepspeed_config, setup_distributed)
 from zoome_dist.train.loop import average_buffers, evaluate, train_one_epoch
@@ -425,10 +425,8 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
 
     engine, overflow = _build_engine(cfg, info, plan, ds_cfg, steps_per_epoch)
     state: dict[str, Any] = {"epoch": 0, "micro_step": 0, "best": None}
-    ema = WeightEMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     if resuming:
         state.update(restore(engine, run))
-        _restore_ema(ema, state.pop("ema", None), run)
         log.info(f"resumed from {run.checkpoints} at epoch {state['epoch']}, micro-step {state['micro_step']} "
              f"(optimizer step {engine.global_steps})")
     folds_table = None
@@ -438,6 +436,7 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
                                          "steps_per_epoch": steps_per_epoch, "global_batch": plan.global_batch,
                                          "lr": plan.lr}, state["epoch"])
         folds_table = pd.read_csv(shards / "folds.csv")
+    ema = _make_ema(cfg, engine.module, state.pop("ema", None), run, resuming)
     log.info(f"fold {fold}: train folds {train_folds}, {info.world_size} rank(s), {steps_per_epoch} optimizer "
          f"steps/epoch (global batch {plan.global_batch} = {micro} × {gas} accumulation × {info.world_size}, "
          f"lr {plan.lr:.3g}), model {cfg.model.name}, {cfg.train.precision}, loader {loader}")
@@ -447,13 +446,18 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
                      progress)
 
 
-def _restore_ema(ema: WeightEMA | None, saved: dict | None, run: RunDir) -> None:
-    """The checkpoint's EMA of the weights into ``ema``; one saved without it starts it from the resumed weights."""
-    if ema is not None and saved is not None:
+def _make_ema(cfg: Config, model: torch.nn.Module, saved: dict | None, run: RunDir, resuming: bool) -> WeightEMA | None:
+    """``train.ema_decay``'s EMA of the weights: the checkpoint's when resuming; else (or where a checkpoint holds
+    none) started from the model's current weights."""
+    if not cfg.train.ema_decay:
+        return None
+    ema = WeightEMA(model, cfg.train.ema_decay)
+    if saved is not None:
         ema.load_state_dict(saved)
-    elif ema is not None:
+    elif resuming:
         warn0(f"the checkpoint in {run.checkpoints} holds no EMA of the weights: the EMA starts from the resumed "
               "weights")
+    return ema
 
 
 def _build_engine(cfg: Config, info: DistInfo, plan: BatchPlan, ds_cfg: dict, steps_per_epoch: int):
