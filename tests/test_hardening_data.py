@@ -54,15 +54,17 @@ def test_second_build_into_the_same_folder_fails_at_once(synth_data, tmp_path):
 
 
 def build_under_way(tmp_path: Path, **popen) -> tuple[subprocess.Popen, list[str]]:
-    """A 2-worker build of 240 images, returned once it has written two shards (and its command)."""
+    """A 2-worker build of 480 images, returned once it has written its first shard (and its command): early
+    enough that a signal sent then finds it at work even on a loaded machine (a CI run that waited for two
+    shards of 240 images once signalled a build that had finished)."""
     data = tmp_path / "data"
-    synthesize(data, 240, seed=1, size=128, progress=False)
+    synthesize(data, 480, seed=1, size=128, progress=False)
     cmd = [sys.executable, "-m", "zoome_dist.cli.shards", "build", "--csv", str(data / "train.csv"), "--images",
            str(data / "jpeg" / "train"), "--out", str(tmp_path / "out"), "--num-folds", "2", "--max-side", "0",
            "--samples-per-shard", "4", "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, **popen)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "out" / ".build").glob("fold-*.json"))) < 2:
+    while time.time() < deadline and not list((tmp_path / "out" / ".build").glob("fold-*.json")):
         time.sleep(0.05)
     return proc, cmd
 

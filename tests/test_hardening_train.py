@@ -76,6 +76,15 @@ def test_planted_pickle_in_checkpoint_never_runs(base_run, shards_dir, tmp_path)
     assert not marker.exists(), "the planted payload ran"
 
 
+def test_resume_onto_rebuilt_shards_is_refused(base_run, shards_dir, tmp_path):
+    """Shards rebuilt at the same path (another manifest.json) under a run: continuing it would mix two datasets."""
+    run = copy_run(base_run, tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "manifest_sha256": "0" * 64}))
+    r = train(base_run[0], shards_dir, run, "--resume", "--set", "train.epochs=2", "--allow-config-change")
+    assert r.returncode == 2 and "manifest.json changed" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_a_diverged_epoch_names_the_checkpoint_known_good(base_run, shards_dir, tmp_path):
     """Epoch 1 of a run continued from its epoch-0 checkpoint diverges (the checkpoint's schedule raised to lr

@@ -291,10 +291,14 @@ def test_batch_policy_micro_scales_global_batch_and_lr():
         with pytest.raises(ValueError, match=re.escape(message)):  # refused where the value is parsed
             load_config(overrides={key: value})
 
-    for key, value, message in (("model.sync_bn", True, "model.sync_bn needs CUDA"),
-                                ("monitor.flops_profile_step", -1, "monitor.flops_profile_step must be 0")):
+    for overrides, message in (({"model.sync_bn": True}, "model.sync_bn needs CUDA"),
+                               ({"train.cuda_graphs": True}, "train.cuda_graphs needs a CUDA GPU (CUDA graphs replay "
+                                                             "GPU kernels); this runs on cpu"),
+                               ({"train.cuda_graphs": True, "train.zero_stage": 1},
+                                "train.cuda_graphs needs train.zero_stage 0"),
+                               ({"monitor.flops_profile_step": -1}, "monitor.flops_profile_step must be 0")):
         with pytest.raises(ValueError) as e:
-            validate(load_config(overrides={key: value}))
+            validate(load_config(overrides=overrides))
         assert message in str(e.value)
 
 

@@ -95,13 +95,17 @@ def test_block_under_bf16_autocast_is_close_to_float64():
 
 
 def test_zoome_with_triton_blocks_equals_the_fused_model():
-    """A whole ZooME (resnet18 backbone, 32 px: maps 8² to 1²) through ``zoom_se_impl`` triton and fused."""
+    """A whole ZooME (resnet18 backbone, 48 px: maps 12² to 2²) through ``zoom_se_impl`` triton and fused: the
+    same logits, and gradients equal to 1e-3 of the largest one. Not each to its own scale: the two paths round
+    the gate differently in the last bit, and a ReLU whose input lies within that of 0 passes a gradient in
+    one model and not in the other (seen: a BatchNorm bias gradient 2% apart on one input, 1e-9 on another).
+    Eval mode: training-mode BatchNorm over 2 samples × 2² cells would amplify the same rounding."""
     torch.manual_seed(0)
-    fused = create_model("zoome", backbone="resnet18", pool_size=2)
-    tri = create_model("zoome", backbone="resnet18", pool_size=2, zoom_se_impl="triton")
+    fused = create_model("zoome", backbone="resnet18", pool_size=2).eval()
+    tri = create_model("zoome", backbone="resnet18", pool_size=2, zoom_se_impl="triton").eval()
     tri.load_state_dict(fused.state_dict())
     assert {m.impl for m in tri.modules() if isinstance(m, ZoomSE)} == {"triton"}
-    image = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    image = torch.randn(2, 3, 48, 48).contiguous(memory_format=torch.channels_last)
     meta = torch.randn(2, 12)
     grads = []
     for m in (fused, tri):
@@ -109,9 +113,9 @@ def test_zoome_with_triton_blocks_equals_the_fused_model():
         out.sum().backward()
         grads.append((out.detach(), {n: p.grad for n, p in m.named_parameters()}))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
-    for name, g in grads[0][1].items():  # float32 sums in another order, over gradients of up to ~10²
-        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-3, atol=1e-5 * max(1.0, float(g.abs().max())),
-                                   msg=name)
+    scale = max(float(g.abs().max()) for g in grads[0][1].values())
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=0, atol=1e-3 * scale, msg=name)
 
 
 def test_triton_impl_needs_cuda_or_the_interpreter(monkeypatch):
@@ -124,11 +128,22 @@ def test_triton_impl_needs_cuda_or_the_interpreter(monkeypatch):
         validate(cfg)
 
 
-def test_the_triton_block_issues_fewer_host_operations_than_the_fused_one():
+def test_the_triton_block_issues_at_most_ten_host_operations():
     """Host operations (ATen calls + Triton launches) of one block's forward and backward: the regression figure
     of ``launchers/benchmark.py ops`` (BENCHMARKS.md), for the launch-bound small-batch step on GPUs."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
     from benchmarks.ops import block_ops
 
     ops = {impl: block_ops(impl) for impl in ("plain", "fused", "triton")}
-    assert ops["triton"] < ops["fused"], ops
+    assert ops["triton"] <= 10 < ops["fused"], ops  # the goal of issue 28: at most 10 per block
+
+
+def test_a_triton_model_off_cuda_runs_the_fused_path(monkeypatch):
+    """A model trained with ``zoom_se_impl: triton`` and used where its tensors are not on CUDA (``zoome predict``
+    on a CPU machine, interpreter off) runs the fused function: the same numbers, no Triton launch."""
+    torch.manual_seed(1)
+    fused, tri = ZoomSE(16, 4, impl="fused"), ZoomSE(16, 4, impl="triton")
+    tri.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 16, 7, 7)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert torch.equal(tri(x), fused(x))

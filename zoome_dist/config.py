@@ -96,6 +96,7 @@ class TrainConfig:
     zero_stage: int = choice(0, (0, 1, 2))
     seed: int = 0
     checkpoint_every_steps: int = 0     # optimizer steps between mid-epoch checkpoints; 0: epochs only
+    cuda_graphs: bool = False           # CUDA graphs for the step (torch.compile reduce-overhead): small micro batches
     keep_checkpoints: int = 2           # newest checkpoints kept (the best epoch's is always kept)
     log_every: int = 10
 
@@ -341,29 +342,36 @@ def _accelerator() -> str:
     return accelerator()
 
 
+def _cuda_reasons(cfg: Config) -> list[str]:
+    """The keys of ``cfg`` that need a CUDA GPU, each as its error (``{device}``: what this node runs on)."""
+    triton = cfg.model.zoom_se_impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1"  # interpreter: CPU too
+    reasons = [
+        (triton, "model.zoom_se_impl triton needs a CUDA GPU; this runs on {device}: use auto (or TRITON_INTERPRET=1, "
+                 "Triton's slow interpreter, to check the kernels on CPU)"),
+        (cfg.train.cuda_graphs, "train.cuda_graphs needs a CUDA GPU (CUDA graphs replay GPU kernels); this runs on "
+                                "{device}: set train.cuda_graphs false"),
+        (cfg.model.sync_bn, "model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs on "
+                            "{device}: set model.sync_bn false"),
+        (cfg.train.precision == "fp16", "train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32"),
+        (cfg.data.device == "gpu", "data.device gpu needs DeepSpeed's cuda accelerator; it runs on {device} "
+                                   "(DS_ACCELERATOR): use data.device auto or cpu")]
+    return [why for needed, why in reasons if needed]
+
+
 def _check_machine(cfg: Config) -> None:
     """What this node must have: the accelerator (DeepSpeed's, ``DS_ACCELERATOR``: asked only where a key
     needs CUDA, since asking starts DeepSpeed's accelerator), files, packages."""
     if cfg.train.precision == "fp16" and cfg.train.zero_stage != 0:
         raise ValueError("train.precision fp16 (autocast + GradScaler) needs train.zero_stage 0; use bf16")
-    triton = cfg.model.zoom_se_impl == "triton"
-    if triton and importlib.util.find_spec("triton") is None:
+    if cfg.train.cuda_graphs and cfg.train.zero_stage != 0:
+        raise ValueError("train.cuda_graphs needs train.zero_stage 0: ZeRO 1/2 reduce and partition gradients "
+                         "inside the step, where a captured graph cannot follow; use zero_stage 0")
+    if cfg.model.zoom_se_impl == "triton" and importlib.util.find_spec("triton") is None:
         raise ValueError("model.zoom_se_impl triton needs the triton package (it comes with torch's CUDA build); "
                          "use auto")
-    interpreted = triton and os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: CPU tensors too
-    needs_cuda = cfg.model.sync_bn or cfg.train.precision == "fp16" or cfg.data.device == "gpu" or (
-        triton and not interpreted)
-    if needs_cuda and (device := _accelerator()) != "cuda":
-        if triton and not interpreted:
-            raise ValueError(f"model.zoom_se_impl triton needs a CUDA GPU; this runs on {device}: use auto (or "
-                             "TRITON_INTERPRET=1, Triton's slow interpreter, to check the kernels on CPU)")
-        if cfg.model.sync_bn:
-            raise ValueError(f"model.sync_bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only); this runs "
-                             f"on {device}: set model.sync_bn false")
-        if cfg.train.precision == "fp16":
-            raise ValueError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
-        raise ValueError(f"data.device gpu needs DeepSpeed's cuda accelerator; it runs on {device} "
-                         "(DS_ACCELERATOR): use data.device auto or cpu")
+    reasons = _cuda_reasons(cfg)
+    if reasons and (device := _accelerator()) != "cuda":
+        raise ValueError(reasons[0].format(device=device))
     if cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_file():
         raise ValueError(f"model.pretrained {cfg.model.pretrained!r}: no such file (seen from this node, as every rank "
                          f"will look). It is a torchvision ImageNet state dict you provide, e.g. for "

@@ -188,23 +188,25 @@ def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int 
 
 def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: int = 2, budget_s: float = 300,
                    out: dict | None = None, save: Callable[[], None] = lambda: None, device: str = "cuda",
-                   backend: str = "inductor") -> dict:
+                   backend: str = "inductor", mode: str | None = None,
+                   names: tuple[str, ...] = ("zoome_fused", "resnext50", "zoome_plain_autograd")) -> dict:
     """``torch.compile`` (inductor, as ``model.compile`` through DeepSpeed) at bf16, ``micro``: ZooME as
     ``model.compile`` runs it (fused Zoom-SE: dynamo traces its autograd function, so inductor compiles
     its forward and backward too), ResNeXt50, then ZooME with the plain-autograd Zoom-SE; each one's
     compile time and img/s, measured right after its compile and ``save``d, so a run cut short keeps
     what it measured. A model whose turn comes after ``budget_s`` is skipped (compiles take minutes on
-    a cold cache). The eager figures are in ``models``. (``device="cpu", backend="eager"``: a smoke run.)"""
+    a cold cache). The eager figures are in ``models``. (``device="cpu", backend="eager"``: a smoke run.)
+    ``mode="reduce-overhead"``: CUDA graphs, as ``train.cuda_graphs`` (part ``graphs``: micro 8, launch-bound)."""
     torch.backends.cudnn.benchmark = True
     out = {} if out is None else out
-    out.update(precision="bf16", micro=micro)
+    out.update(precision="bf16", micro=micro, mode=mode or "default")
     start = time.perf_counter()
     try:  # seconds, not minutes: a host without a working inductor (triton) says so at once
         torch.compile(lambda a: (a * 2).relu(), backend=backend)(torch.ones(8, device=device))
     except Exception as e:  # noqa: BLE001
         out["error"] = f"torch.compile({backend}) does not work here: {type(e).__name__}: {str(e)[:300]}"
         return out
-    for name in ("zoome_fused", "resnext50", "zoome_plain_autograd"):
+    for name in names:
         if time.perf_counter() - start > budget_s:
             out[name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
             continue
@@ -213,7 +215,7 @@ def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: in
         m.to(device).train().to(memory_format=torch.channels_last)
         t = time.perf_counter()
         try:
-            c = torch.compile(m, backend=backend)
+            c = torch.compile(m, backend=backend, mode=mode)
             _train_rate(c, micro, size, torch.bfloat16, 1, device)  # the compile happens here
             compile_s = time.perf_counter() - t
             rate = max(_train_rate(c, micro, size, torch.bfloat16, iters, device) for _ in range(rounds))
@@ -226,7 +228,7 @@ def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: in
             torch.cuda.empty_cache()
         rates = {k: v.get("img_s") for k, v in out.items() if isinstance(v, dict)}
         if rates.get("resnext50"):
-            for k in ("zoome_fused", "zoome_plain_autograd"):
+            for k in ("zoome_fused", "zoome_plain_autograd", "zoome_triton"):
                 if rates.get(k):
                     out[f"{k}_vs_resnext50"] = round(rates[k] / rates["resnext50"], 3)
         save()
@@ -396,7 +398,8 @@ def _markdown(res: dict) -> str:
         for k, v in res.get(section, {}).items():
             if section == "models" and isinstance(v, dict):
                 ref = f"; plain-autograd Zoom-SE {v['zoome_reference_img_s']}" if "zoome_reference_img_s" in v else ""
-                tri = f"; triton Zoom-SE {v['zoome_triton_img_s']} (ratio {v['triton_ratio']})" if "triton_ratio" in v else ""
+                tri = (f"; triton Zoom-SE {v['zoome_triton_img_s']} (ratio {v['triton_ratio']})"
+                       if "triton_ratio" in v else "")
                 v = (f"zoome {v['zoome_img_s']} / resnext50 {v['resnext50_img_s']} img/s (ratio {v['ratio']})"
                      f"{tri}{ref}")
             if k != "tail":
@@ -404,7 +407,8 @@ def _markdown(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-PARTS = ("tests", "triton", "models", "zoom_se_kernels", "ops", "pipeline", "data_wait", "train", "predict", "compiled")
+PARTS = ("tests", "triton", "models", "zoom_se_kernels", "ops", "pipeline", "data_wait", "train", "predict", "graphs",
+         "compiled")
 
 
 def _earlier(path: Path) -> dict:
@@ -413,6 +417,22 @@ def _earlier(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _data_parts(step: Callable[[str, Callable[[], dict]], None], n: int, source_size: int) -> None:
+    """The parts that read shards (pipeline, data_wait, train), on ``n`` synthetic images built here."""
+    from benchmarks.shards import reused_dataset
+    from zoome_dist.data.writer import BuildOptions, build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        imgs = reused_dataset(root / "src", n, source_size, os.cpu_count() or 2)
+        build(root / "src" / "train.csv", imgs, root / "shards", BuildOptions(
+            folds=3, max_side=0, samples_per_shard=128, dedup=False), workers=min(8, os.cpu_count() or 2),
+            progress=False)
+        step("pipeline", lambda: bench_pipeline_gpu(root / "shards"))
+        step("data_wait", lambda: bench_data_wait(root / "shards"))
+        step("train", lambda: bench_train_gpu(root / "shards", root))
 
 
 def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts: tuple[str, ...] = PARTS) -> dict:
@@ -427,8 +447,6 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
         raise RuntimeError("no CUDA GPU visible (torch.cuda.is_available() is False): the GPU check needs one")
     from benchmarks.ops import bench_ops
     from benchmarks.predict import bench_predict
-    from benchmarks.shards import reused_dataset
-    from zoome_dist.data.writer import BuildOptions, build
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -459,17 +477,13 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
     step("zoom_se_kernels", bench_zoom_se_kernels)
     step("ops", lambda: bench_ops(device="cuda"))
     if {"pipeline", "data_wait", "train"} & set(parts):
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            imgs = reused_dataset(root / "src", n, source_size, os.cpu_count() or 2)
-            build(root / "src" / "train.csv", imgs, root / "shards", BuildOptions(
-                folds=3, max_side=0, samples_per_shard=128, dedup=False), workers=min(8, os.cpu_count() or 2),
-                progress=False)
-            step("pipeline", lambda: bench_pipeline_gpu(root / "shards"))
-            step("data_wait", lambda: bench_data_wait(root / "shards"))
-            step("train", lambda: bench_train_gpu(root / "shards", root))
+        _data_parts(step, n, source_size)
     step("predict", lambda: bench_predict("zoome", 224, 256, batch_size=64, ttas=(1, 8), loader="torch"))
     # last: its compile time (minutes on a cold cache) risks no other figure; saved as each model is measured
+    graphs: dict = {}
+    step("graphs", lambda: bench_compiled(micro=8, mode="reduce-overhead", budget_s=150, out=graphs,
+                                          names=("zoome_fused", "resnext50", "zoome_triton"),
+                                          save=lambda: (res.__setitem__("graphs", graphs), save())))
     partial: dict = {}
     step("compiled", lambda: bench_compiled(out=partial, save=lambda: (res.__setitem__("compiled", partial), save())))
     res["seconds"] = round(time.perf_counter() - t0, 1)

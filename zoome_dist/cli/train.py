@@ -42,12 +42,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved, validated config (file + --set) as YAML, and the DeepSpeed config "
                         "derived from it for WORLD_SIZE ranks (default 1); train nothing")
-    p.add_argument("--resume", action="store_true", help="continue a finished run in --out (with --allow-config-change and a higher train.epochs); an "
-                        "unfinished one is resumed without it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a finished run in --out (with --allow-config-change and a higher train.epochs); "
+                        "an unfinished one is resumed without it")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume: accept a changed train.epochs, train.patience, train.log_every, "
+                   help="when resuming: accept a changed train.epochs, train.patience, train.log_every, "
                         "train.keep_checkpoints, train.checkpoint_every_steps, train.eval_batch_size, "
-                        "data.num_threads or monitor.* key")
+                        "train.cuda_graphs, data.num_threads, model.zoom_se_impl or monitor.* key")
     p.add_argument("--keep", choices=("all", "models"), default="all",
                    help="what the run folder keeps once training has finished: all (DeepSpeed checkpoints too: "
                         "the run can be continued with --resume) or models (model files, predictions, logs: a "
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             p.error(f"the following arguments are required: {', '.join(missing)}")
     from zoome_dist.launch.slurm import slurm_env
+    from zoome_dist.train.engine import default_accelerator
+
+    # this rank's DeepSpeed accelerator, as DeepSpeed would choose it, without its "unable to detect" warning
+    os.environ.setdefault("DS_ACCELERATOR", default_accelerator())
     from zoome_dist.train.run import run  # imports DeepSpeed, which sets its logger up: configure after it
 
     try:  # an srun task: its rank first, so that logging and every error know it

@@ -46,13 +46,18 @@ def log_tail(path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in tail)
 
 
+SHELLS = ("bash", "sh", "dash", "zsh", "ksh")
+
+
 def end_with_launcher(poll_s: float = 1.0) -> bool:
     """A rank started by DeepSpeed's launcher (``deepspeed`` runner → ``launch.py`` → ranks) ends the whole job
     when the runner goes away. On one node the runner forwards no signal: a SIGTERM (``kill``, ``timeout``)
     or SIGHUP (a closed terminal or ssh session) ends the runner alone, and launch.py and the ranks would train
     on. A daemon thread checks every ``poll_s`` that launch.py and its parent are still there; when either is
-    gone it sends SIGTERM to launch.py (which ends every rank of the node) and to this rank. Returns whether
-    it watches (False outside DeepSpeed's launcher)."""
+    gone it sends SIGTERM to launch.py (which ends every rank of the node) and to this rank. Watched only where
+    that parent is the ``deepspeed`` runner, or the remote shell of a multi-node (pdsh/ssh) launch, whose end
+    means the runner's connection is gone; a launch.py started by a script that then exits is left alone.
+    Returns whether it watches."""
     import signal
     import threading
     import time
@@ -63,6 +68,14 @@ def end_with_launcher(poll_s: float = 1.0) -> bool:
         launcher = psutil.Process(os.getppid())
         runner = launcher.ppid()
         if runner <= 1 or not any("deepspeed.launcher.launch" in part for part in launcher.cmdline()):
+            return False
+        parent = psutil.Process(runner)
+        is_runner = any(os.path.basename(part) == "deepspeed" or "deepspeed.launcher.runner" in part
+                        for part in parent.cmdline()[:3])
+        above = parent.parent()
+        remote = parent.name().startswith("sshd") or (  # pdsh/ssh: launch.py under sshd, or under its shell
+            parent.name() in SHELLS and above is not None and above.name().startswith("sshd"))
+        if not (is_runner or remote):
             return False
     except psutil.Error:
         return False

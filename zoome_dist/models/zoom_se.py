@@ -7,20 +7,37 @@ The forward (``impl``, config ``model.zoom_se_impl``) is one of:
 - ``fused`` (``auto`` today): one autograd function whose backward scatters the max-pool gradient straight
   into ``dy * gate`` instead of building a dense zero tensor and adding it, which saves several full passes
   over the feature map per block;
-- ``triton``: the same function with Triton kernels for the pool, the gate multiply and a one-pass backward
-  (``zoom_se_triton.py``; CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` for tests);
+- ``triton``: the same function with Triton kernels for the pool, the gate MLP, the gate multiply and a one-pass
+  backward (``zoom_se_triton.py``; CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` for tests). On other
+  tensors (a model trained so, predicting on a CPU machine) the block runs ``fused``: the same numbers;
 - ``plain``: plain autograd, the reference.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoome_dist.models.zoom_gate import gate_mlp, gate_mlp_backward
-
 
 IMPLS = ("auto", "triton", "fused", "plain")
+
+
+def _gate_mlp(s: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
+    """The gate from the squeezed channels ``s`` (B, C), in float32: ``(h, g)``, the hidden layer and the gate."""
+    h = F.relu(F.linear(s, w1.float(), b1.float()))
+    return h, torch.sigmoid(F.linear(h, w2.float(), b2.float()))
+
+
+def _gate_mlp_backward(dq: torch.Tensor, s: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
+    """From the gradient ``dq`` (B, C) of the gate's pre-activation (``dg · g · (1 − g)``): the gradient of the
+    squeeze ``s`` (the sum over the pooled cells; divide by P² for one cell's share) and of the MLP's weights,
+    as ``(ds, dw1, db1, dw2, db2)``, the weights' in their dtype."""
+    dw2, db2 = dq.t() @ h, dq.sum(0)
+    dpre = (dq @ w2.float()) * (h > 0)
+    dw1, db1 = dpre.t() @ s, dpre.sum(0)
+    return dpre @ w1.float(), dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
 
 
 class _ZoomGate(torch.autograd.Function):
@@ -37,7 +54,7 @@ class _ZoomGate(torch.autograd.Function):
         else:
             z, idx = F.adaptive_max_pool2d(u, pool_size, return_indices=True)
         s = z.float().mean((2, 3))
-        h, g = gate_mlp(s, w1, b1, w2, b2)
+        h, g = _gate_mlp(s, w1, b1, w2, b2)
         ctx.save_for_backward(u, idx, s, h, g, w1, w2)
         ctx.cells = z.shape[2] * z.shape[3]
         return u * g.to(u.dtype)[:, :, None, None]
@@ -46,7 +63,7 @@ class _ZoomGate(torch.autograd.Function):
     def backward(ctx, dy):
         u, idx, s, h, g, w1, w2 = ctx.saved_tensors
         dg = (dy * u).sum((2, 3), dtype=torch.float32)
-        ds, *dweights = gate_mlp_backward(dg * g * (1 - g), s, h, w1, w2)
+        ds, *dweights = _gate_mlp_backward(dg * g * (1 - g), s, h, w1, w2)
         ds = ds / ctx.cells
         dx = dy * g.to(dy.dtype)[:, :, None, None]
         b, c = ds.shape
@@ -115,7 +132,7 @@ class ZoomSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl != "plain":
-            if self.impl == "triton":
+            if self.impl == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
                 from zoome_dist.models.zoom_se_triton import TritonZoomGate as gate
             else:
                 gate = _ZoomGate

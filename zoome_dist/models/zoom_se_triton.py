@@ -1,38 +1,47 @@
-"""Zoom-SE in Triton (``model.zoom_se_impl: triton``): the fused autograd function's contract, in four kernels.
+"""Zoom-SE in Triton (``model.zoom_se_impl: triton``): the fused autograd function's contract in six kernels,
+with nothing but allocations between them on the host.
 
+Forward:
 - ``_pool_mean``: the P×P adaptive max pool with PyTorch's window bounds (``floor(i·H/P)`` to
   ``ceil((i+1)·H/P)``, any map size) and tie-breaking (the first maximum in row-major order wins; a NaN
   wins, the last one), read straight from either memory layout; it writes the argmax of each cell and the
-  mean of the P² maxima per channel (the squeeze), never the pooled map.
+  mean of the P² maxima per channel (the squeeze ``s``), never the pooled map.
+- ``_mlp_forward``: the gate MLP per sample, ``h = relu(W1 s + b1)``, ``g = sigmoid(W2 h + b2)`` (fp32).
 - ``_gate``: ``y = u · g`` (g rounded to u's dtype first, as ``u * g.to(u.dtype)``).
+
+Backward:
 - ``_backward``: one read of ``dy`` and ``u`` gives ``dx = dy · g`` and, per channel, the gradient of the
-  gate's pre-activation ``Σ(dy·u) · g · (1 − g)`` (fp32).
-- ``_scatter``: the pooled gradient (``ds / P²``) added at the argmax cells (one program per channel block
-  walks its cells in order, so cells that share an argmax add up, as ``scatter_add_``).
+  gate's pre-activation ``dq = Σ(dy·u) · g · (1 − g)`` (fp32).
+- ``_mlp_backward_rows``: per sample, ``dpre = (W2ᵀ dq) ⊙ (h > 0)`` and ``ds = W1ᵀ dpre``, whose share
+  ``ds / P²`` it adds to ``dx`` at each channel's argmax cells, in cell order (cells that share an argmax add
+  up, as ``scatter_add_``).
+- ``_mlp_backward_weights``: the weight and bias gradients, each tile summed over the batch in order
+  (deterministic: no atomics).
 
-The gate MLP between them is a handful of (B, C) matrix products in torch (``zoom_gate.gate_mlp``). A map is
-read in its own layout (NCHW or channels_last; others are made NCHW-contiguous first): every kernel takes the
-strides, and ``h·W + w`` addresses a cell in both (``stride(H) == W·stride(W)``).
+A map is read in its own layout (NCHW or channels_last; others are made NCHW-contiguous first): every kernel
+takes the strides, and ``h·W + w`` addresses a cell in both (``stride(H) == W·stride(W)``).
 
-On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module
-is imported): that is how the tests check them against ATen; speed is measured on a GPU (``launchers/gpu_check.sh``).
+On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is
+imported): that is how the tests check them against ATen and plain autograd; speed is measured on a GPU
+(``launchers/gpu_check.sh``).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
-from zoome_dist.models.zoom_gate import gate_mlp, gate_mlp_backward
-
-BLOCK_C = 32      # channels per program (pool, backward, scatter)
+BLOCK_C = 32      # channels per program or step
 BLOCK_HW = 32     # cells per step of the backward's walk over the map
+BLOCK_R = 32      # hidden units per step of the gate MLP
 BLOCK = 1024      # elements per program of the gate multiply
 
 
 @triton.jit
-def _pool_mean(u_ptr, s_ptr, idx_ptr, C, H, W, s_b, s_c, s_h, s_w, P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0)
+def _pool_mean(u_ptr, s_ptr, idx_ptr, C, H, W, ld, s_b, s_c, s_h, s_w, P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ elements
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cs < C
     base = u_ptr + b * s_b + cs * s_c
@@ -52,13 +61,13 @@ def _pool_mean(u_ptr, s_ptr, idx_ptr, C, H, W, s_b, s_c, s_h, s_w, P: tl.constex
                     best = tl.where(take, v, best)
                     arg = tl.where(take, r * W + c, arg)
             acc += best
-            tl.store(idx_ptr + (b * C + cs) * (P * P) + (i * P + j), arg, mask=cm)
-    tl.store(s_ptr + b * C + cs, acc / (P * P), mask=cm)
+            tl.store(idx_ptr + b * ld + cs * (P * P) + (i * P + j), arg.to(tl.float32, bitcast=True), mask=cm)
+    tl.store(s_ptr + b * ld + cs, acc / (P * P), mask=cm)
 
 
 @triton.jit
-def _gate(u_ptr, g_ptr, y_ptr, N, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _gate(u_ptr, g_ptr, y_ptr, N, C, HW, ld, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     if CHANNELS_LAST:
         c = offs % C
@@ -67,17 +76,17 @@ def _gate(u_ptr, g_ptr, y_ptr, N, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK: tl.
         c = (offs // HW) % C
         b = offs // (C * HW)
     u = tl.load(u_ptr + offs, mask=m, other=0.0)
-    g = tl.load(g_ptr + b * C + c, mask=m, other=0.0).to(u.dtype).to(tl.float32)
+    g = tl.load(g_ptr + b * ld + c, mask=m, other=0.0).to(u.dtype).to(tl.float32)
     tl.store(y_ptr + offs, (u.to(tl.float32) * g).to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _backward(dy_ptr, u_ptr, g_ptr, dx_ptr, dq_ptr, C, HW, s_b, s_c, s_hw, BLOCK_C: tl.constexpr,
+def _backward(dy_ptr, u_ptr, g_ptr, dx_ptr, dq_ptr, C, HW, ld, s_b, s_c, s_hw, BLOCK_C: tl.constexpr,
               BLOCK_HW: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ elements
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cs < C
-    g32 = tl.load(g_ptr + b * C + cs, mask=cm, other=0.0)
+    g32 = tl.load(g_ptr + b * ld + cs, mask=cm, other=0.0)
     g = g32.to(dx_ptr.dtype.element_ty).to(tl.float32)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
@@ -88,24 +97,113 @@ def _backward(dy_ptr, u_ptr, g_ptr, dx_ptr, dq_ptr, C, HW, s_b, s_c, s_hw, BLOCK
         u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(dy * u, axis=1)
         tl.store(dx_ptr + off, (dy * g[:, None]).to(dx_ptr.dtype.element_ty), mask=m)
-    tl.store(dq_ptr + b * C + cs, acc * g32 * (1.0 - g32), mask=cm)
+    tl.store(dq_ptr + b * ld + cs, acc * g32 * (1.0 - g32), mask=cm)
 
 
 @triton.jit
-def _scatter(dx_ptr, idx_ptr, ds_ptr, C, s_b, s_c, s_hw, CELLS: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cs < C
-    ds = tl.load(ds_ptr + b * C + cs, mask=cm, other=0.0) / CELLS
-    ds = ds.to(dx_ptr.dtype.element_ty).to(tl.float32)
-    for k in range(CELLS):
-        at = tl.load(idx_ptr + (b * C + cs) * CELLS + k, mask=cm, other=0)
-        ptr = dx_ptr + b * s_b + cs * s_c + at * s_hw
-        cur = tl.load(ptr, mask=cm, other=0.0).to(tl.float32)
-        tl.store(ptr, (cur + ds).to(dx_ptr.dtype.element_ty), mask=cm)
+def _mlp_forward(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, R, ld, w1_r, w1_c, w2_c, w2_r,
+                 BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One row b: h = relu(W1 s + b1), g = sigmoid(W2 h + b2), in fp32 (rows of a (B, ld) workspace).
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ elements
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        rm = rs < R
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cm = cs < C
+            x = tl.load(s_ptr + b * ld + cs, mask=cm, other=0.0)
+            w = tl.load(w1_ptr + rs[:, None] * w1_r + cs[None, :] * w1_c, mask=rm[:, None] & cm[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        bias = tl.load(b1_ptr + rs, mask=rm, other=0.0).to(tl.float32)
+        tl.store(h_ptr + b * ld + rs, tl.maximum(acc + bias, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=rm)
+    tl.debug_barrier()  # the whole of h is written before any of it is read
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cm = cs < C
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            rm = rs < R
+            hid = tl.load(h_ptr + b * ld + rs, mask=rm, other=0.0)
+            w = tl.load(w2_ptr + cs[:, None] * w2_c + rs[None, :] * w2_r, mask=cm[:, None] & rm[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * hid[None, :], axis=1)
+        bias = tl.load(b2_ptr + cs, mask=cm, other=0.0).to(tl.float32)
+        tl.store(g_ptr + b * ld + cs, tl.sigmoid(acc + bias), mask=cm)
 
 
-KERNELS = (_pool_mean, _gate, _backward, _scatter)  # the launches of one block's step (counted by the benchmarks)
+@triton.jit
+def _mlp_backward_rows(dq_ptr, h_ptr, w1_ptr, w2_ptr, dpre_ptr, dx_ptr, idx_ptr, C, R, ld, w1_r, w1_c,
+                       w2_c, w2_r, s_b, s_c, s_hw, CELLS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One row b: dpre = (W2ᵀ dq) ⊙ (h > 0); ds = W1ᵀ dpre, added (÷ P²) to dx at each channel's argmax cells
+    # in cell order (so cells sharing an argmax add up, as ``scatter_add_``).
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ elements
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        rm = rs < R
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cm = cs < C
+            dq = tl.load(dq_ptr + b * ld + cs, mask=cm, other=0.0)
+            w = tl.load(w2_ptr + cs[:, None] * w2_c + rs[None, :] * w2_r, mask=cm[:, None] & rm[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * dq[:, None], axis=0)
+        hid = tl.load(h_ptr + b * ld + rs, mask=rm, other=0.0)
+        tl.store(dpre_ptr + b * ld + rs, tl.where(hid > 0, acc, 0.0), mask=rm)
+    tl.debug_barrier()
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cm = cs < C
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            rm = rs < R
+            dpre = tl.load(dpre_ptr + b * ld + rs, mask=rm, other=0.0)
+            w = tl.load(w1_ptr + rs[:, None] * w1_r + cs[None, :] * w1_c, mask=rm[:, None] & cm[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * dpre[:, None], axis=0)
+        ds = (acc / CELLS).to(dx_ptr.dtype.element_ty).to(tl.float32)
+        for k in range(CELLS):
+            at = tl.load(idx_ptr + b * ld + cs * CELLS + k, mask=cm, other=0.0).to(tl.int32, bitcast=True)
+            ptr = dx_ptr + b * s_b + cs * s_c + at * s_hw
+            cur = tl.load(ptr, mask=cm, other=0.0).to(tl.float32)
+            tl.store(ptr, (cur + ds).to(dx_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _mlp_backward_weights(dq_ptr, dpre_ptr, s_ptr, h_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, B, C, R, ld,
+                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One (channel block, hidden block) tile of the weight gradients, summed over the batch in order:
+    # dW2 = Σ dq ⊗ h, dW1 = Σ dpre ⊗ s; the biases by the tiles of the first column / row.
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cm, rm = cs < C, rs < R
+    dw2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    db2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for b in range(B):
+        dq = tl.load(dq_ptr + b * ld + cs, mask=cm, other=0.0)
+        dpre = tl.load(dpre_ptr + b * ld + rs, mask=rm, other=0.0)
+        hid = tl.load(h_ptr + b * ld + rs, mask=rm, other=0.0)
+        x = tl.load(s_ptr + b * ld + cs, mask=cm, other=0.0)
+        dw2 += dq[:, None] * hid[None, :]
+        dw1 += dpre[:, None] * x[None, :]
+        db2 += dq
+        db1 += dpre
+    tl.store(dw2_ptr + cs[:, None] * R + rs[None, :], dw2.to(dw2_ptr.dtype.element_ty), mask=cm[:, None] & rm[None, :])
+    tl.store(dw1_ptr + rs[:, None] * C + cs[None, :], dw1.to(dw1_ptr.dtype.element_ty), mask=rm[:, None] & cm[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(db2_ptr + cs, db2.to(db2_ptr.dtype.element_ty), mask=cm)
+    if tl.program_id(0) == 0:
+        tl.store(db1_ptr + rs, db1.to(db1_ptr.dtype.element_ty), mask=rm)
+
+
+# the launches of one block's step (counted by the benchmarks)
+KERNELS = (_pool_mean, _mlp_forward, _gate, _backward, _mlp_backward_rows, _mlp_backward_weights)
+
+
+def _device_of(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
 
 
 def _dense(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -117,42 +215,93 @@ def _dense(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x.contiguous(), False
 
 
+def _sizes(c: int, r: int, pool_size: int) -> dict[str, int]:
+    return {"s": c, "g": c, "h": r, "dq": c, "dpre": r, "idx": c * pool_size ** 2}
+
+
+def _workspace_regions(ws: torch.Tensor, c: int, r: int, pool_size: int) -> dict[str, torch.Tensor]:
+    """The regions (views) of a workspace row: ``s | g | h | dq | dpre | idx`` (the squeeze, the gate, the
+    hidden layer, their gradients, and the argmax cells as int32 bits)."""
+    regions, at = {}, 0
+    for name, size in _sizes(c, r, pool_size).items():
+        regions[name], at = ws[:, at:at + size], at + size
+    return regions
+
+
+def _workspace(u: torch.Tensor, pool_size: int, r: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One fp32 workspace row per sample, and its regions."""
+    b, c = u.shape[:2]
+    ws = torch.empty(b, sum(_sizes(c, r, pool_size).values()), device=u.device, dtype=torch.float32)
+    return ws, _workspace_regions(ws, c, r, pool_size)
+
+
+def _pool(u: torch.Tensor, pool_size: int, ws: torch.Tensor, regions: dict[str, torch.Tensor]) -> None:
+    """Launch the pool: the squeeze and the argmax cells into their regions of the workspace ``ws``."""
+    b, c, h, w = u.shape
+    _pool_mean[(b, triton.cdiv(c, BLOCK_C))](u, regions["s"], regions["idx"], c, h, w, ws.shape[1], *u.stride(),
+                                             P=pool_size, BLOCK_C=BLOCK_C)
+
+
 def pool_mean(u: torch.Tensor, pool_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, idx)``: the mean over the P×P adaptive max pool per channel (B, C; fp32) and each cell's argmax
     as ``h·W + w`` (B, C, P, P; int32), equal to ``F.adaptive_max_pool2d(u, P, return_indices=True)``'s."""
     u, _ = _dense(u)
-    b, c, h, w = u.shape
-    s = torch.empty(b, c, device=u.device, dtype=torch.float32)
-    idx = torch.empty(b, c, pool_size, pool_size, device=u.device, dtype=torch.int32)
-    _pool_mean[(b, triton.cdiv(c, BLOCK_C))](u, s, idx, c, h, w, *u.stride(), P=pool_size, BLOCK_C=BLOCK_C)
-    return s, idx
+    ws, regions = _workspace(u, pool_size, 0)
+    _pool(u, pool_size, ws, regions)
+    return regions["s"], regions["idx"].view(torch.int32).view(*u.shape[:2], pool_size, pool_size)
 
 
 class TritonZoomGate(torch.autograd.Function):
-    """``_ZoomGate``'s contract (y = u ⊙ gate(mean(maxpool_P(u)))) with Triton kernels; called with autocast off."""
+    """``_ZoomGate``'s contract (y = u ⊙ gate(mean(maxpool_P(u)))) in six kernels; called with autocast off.
+
+    Host work per block: 2 allocations and 3 launches forward, 2 and 3 backward. The fp32 workspace
+    (``_workspace``) made in the forward also holds the backward's per-sample gradients; the four weight
+    gradients are views of one buffer."""
 
     @staticmethod
     def forward(ctx, u, pool_size: int, w1, b1, w2, b2):  # noqa: D401 - autograd signature
-        u, channels_last = _dense(u)
-        s, idx = pool_mean(u, pool_size)
-        h, g = gate_mlp(s, w1, b1, w2, b2)
-        y = torch.empty_like(u)
-        _gate[(triton.cdiv(u.numel(), BLOCK),)](u, g, y, u.numel(), u.shape[1], u.shape[2] * u.shape[3],
-                                                CHANNELS_LAST=channels_last, BLOCK=BLOCK)
-        ctx.save_for_backward(u, idx, s, h, g, w1, w2)
-        ctx.cells = pool_size * pool_size
-        return y
+        with _device_of(u):  # Triton launches on the current CUDA device: the input's
+            return TritonZoomGate._run_forward(ctx, u, pool_size, w1, b1, w2, b2)
 
     @staticmethod
     def backward(ctx, dy):
-        u, idx, s, h, g, w1, w2 = ctx.saved_tensors
+        with _device_of(dy):
+            return TritonZoomGate._run_backward(ctx, dy)
+
+    @staticmethod
+    def _run_forward(ctx, u, pool_size: int, w1, b1, w2, b2):
+        u, channels_last = _dense(u)
+        b, c, h, w = u.shape
+        r = w1.shape[0]
+        ws, at = _workspace(u, pool_size, r)
+        ld = ws.shape[1]
+        _pool(u, pool_size, ws, at)
+        _mlp_forward[(b,)](at["s"], w1, b1, w2, b2, at["h"], at["g"], c, r, ld, *w1.stride(), *w2.stride(),
+                           BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+        y = torch.empty_like(u)
+        _gate[(triton.cdiv(u.numel(), BLOCK),)](u, at["g"], y, u.numel(), c, h * w, ld,
+                                                CHANNELS_LAST=channels_last, BLOCK=BLOCK)
+        ctx.save_for_backward(u, ws, w1, w2)
+        ctx.pool_size = pool_size
+        return y
+
+    @staticmethod
+    def _run_backward(ctx, dy):
+        u, ws, w1, w2 = ctx.saved_tensors
         b, c = u.shape[:2]
+        r, ld = w1.shape[0], ws.shape[1]
+        at = _workspace_regions(ws, c, r, ctx.pool_size)
         dy = dy.contiguous(memory_format=torch.channels_last if _dense(u)[1] else torch.contiguous_format)
-        dx, dq = torch.empty_like(u), torch.empty(b, c, device=u.device, dtype=torch.float32)
-        grid = (b, triton.cdiv(c, BLOCK_C))
+        dx = torch.empty_like(u)
         s_b, s_c, _, s_w = u.stride()
-        _backward[grid](dy, u, g, dx, dq, c, u.shape[2] * u.shape[3], s_b, s_c, s_w, BLOCK_C=BLOCK_C,
-                        BLOCK_HW=BLOCK_HW)
-        ds, *dweights = gate_mlp_backward(dq, s, h, w1, w2)
-        _scatter[grid](dx, idx, ds.contiguous(), c, s_b, s_c, s_w, CELLS=ctx.cells, BLOCK_C=BLOCK_C)
-        return dx, None, *dweights
+        _backward[(b, triton.cdiv(c, BLOCK_C))](dy, u, at["g"], dx, at["dq"], c, u.shape[2] * u.shape[3], ld,
+                                                s_b, s_c, s_w, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW)
+        _mlp_backward_rows[(b,)](at["dq"], at["h"], w1, w2, at["dpre"], dx, at["idx"], c, r, ld, *w1.stride(),
+                                 *w2.stride(), s_b, s_c, s_w, CELLS=ctx.pool_size ** 2, BLOCK_C=BLOCK_C,
+                                 BLOCK_R=BLOCK_R)
+        grads = torch.empty(2 * r * c + r + c, device=u.device, dtype=w1.dtype)
+        dw1, dw2 = grads[:r * c].view(r, c), grads[r * c:2 * r * c].view(c, r)
+        db1, db2 = grads[2 * r * c:2 * r * c + r], grads[2 * r * c + r:]
+        _mlp_backward_weights[(triton.cdiv(c, BLOCK_C), triton.cdiv(r, BLOCK_R))](
+            at["dq"], at["dpre"], at["s"], at["h"], dw1, db1, dw2, db2, b, c, r, ld, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+        return dx, None, dw1, db1, dw2, db2

@@ -88,10 +88,19 @@ def socket_interface(master_addr: str, configured: str = "") -> str | None:
 
 def accelerator() -> str:
     """``cuda`` or ``cpu``: DeepSpeed's accelerator (``DS_ACCELERATOR``), which every device decision
-    follows, not ``torch.cuda.is_available()``."""
+    follows, not ``torch.cuda.is_available()``. Where ``DS_ACCELERATOR`` is unset, DeepSpeed's own choice
+    between the two (a GPU torch sees, else cpu), made without loading DeepSpeed, whose choice would warn that
+    it "was unable to detect" a GPU on a CPU machine."""
+    if not os.environ.get("DS_ACCELERATOR"):
+        return default_accelerator()
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().device_name()
+
+
+def default_accelerator() -> str:
+    """What DeepSpeed picks, of cuda and cpu, where ``DS_ACCELERATOR`` is unset."""
+    return "cuda" if torch.cuda.device_count() > 0 and torch.cuda.is_available() else "cpu"
 
 
 def setup_distributed(dist_cfg: DistConfig | None = None) -> DistInfo:

@@ -87,7 +87,7 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
         _monitor_step(engine, loss, i + 1, log_every)
         loss_sum += loss.detach() * len(label)
         n_images += len(label)
-        probs.append(logits.detach().float())
+        probs.append(logits.detach().float().clone())  # a CUDA-graph output is overwritten by the next replay
         labels.append(label)
         ids.append(sid)
         if on_step is not None:

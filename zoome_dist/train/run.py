@@ -31,7 +31,7 @@ from zoome_dist.core.files import atomic_path, write_csv_atomic, write_text_atom
 from zoome_dist.core.folder_lock import FolderLock
 from zoome_dist.core.logs import get_logger
 from zoome_dist.core.rundir import RunDir
-from zoome_dist.core.storage import check_ranks
+from zoome_dist.core.storage import check_ranks, manifest_digest
 from zoome_dist.data.manifest import load_manifest
 from zoome_dist.eval.calibration import plot_reliability
 from zoome_dist.eval.metrics import binary_metrics, youden_threshold
@@ -68,7 +68,8 @@ KEEP = ("all", "models")  # what a finished run keeps: everything, or the model 
 # Keys a resumed run may change with ``allow_changes`` (they do not alter what the run computes).
 RESUMABLE_KEYS = ("train.epochs", "train.patience", "train.log_every", "train.keep_checkpoints",
                   "train.checkpoint_every_steps", "train.eval_batch_size", "data.num_threads", "monitor.csv",
-                  "monitor.wandb_project", "monitor.comet_project", "monitor.flops_profile_step")
+                  "monitor.wandb_project", "monitor.comet_project", "monitor.flops_profile_step",
+                  "model.zoom_se_impl", "train.cuda_graphs")
 
 
 def _check_run_folder(run: RunDir, resume: bool) -> bool:
@@ -109,6 +110,10 @@ def check_resume_config(out: Path, cfg: Config, world_size: int, allow_changes: 
         raise ValueError(f"{out} was trained with {run_json['world_size']} rank(s); resuming with {world_size} "
                          "would change every batch. Resume with the same number of ranks")
     for key, value in (job or {}).items():  # never changeable: another fold, dataset or batch order
+        if key == "manifest_sha256" and key in run_json and run_json[key] != value:
+            raise ValueError(f"{out} was trained on other shards than those now at {run_json.get('shards')} (their "
+                             "manifest.json changed: rebuilt or replaced since); continuing it would mix two datasets. "
+                             "Train into a new --out")
         if key in run_json and run_json[key] != value:
             raise ValueError(f"{out} is a run of {key} {run_json[key]!r}; resuming it with {key} {value!r} would "
                              "train something else. Use the same --fold/--shards/data.loader, or a new --out")
@@ -194,7 +199,8 @@ def restore(engine, run: RunDir) -> dict:
                                         "(it holds more than tensors and plain data)")
         failures.append(f"{tag}: {why or 'unreadable on another rank'}")
         warn0(f"checkpoint {ckpt_dir / tag} cannot be loaded ({failures[-1]}); trying the previous one")
-    raise ValueError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(failures)}")
+    raise ValueError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(failures)}. Delete {run.path} or train into "
+                     "a new --out to start afresh")
 
 
 def fold_sample_ids(shards: Path, manifest: dict, fold: int) -> np.ndarray:
@@ -282,8 +288,8 @@ def run(cfg: Config, shards: str | Path, fold: int, out: str | Path, resume: boo
         _hold_on_rank0(lock)
         resuming = _check_run_folder(RunDir(out), resume)  # again: a run that held the folder may have ended
         if resuming:
-            job = {"fold": fold, "shards": str(shards.resolve()),
-                   "loader": resolve_loader(cfg.data.loader)}
+            job = {"fold": fold, "shards": str(shards.resolve()), "loader": resolve_loader(cfg.data.loader),
+                   "manifest_sha256": manifest_digest(shards)}
             changed = check_resume_config(out, cfg, info.world_size, allow_changes, job)
             if changed:
                 log.info(f"resuming with changed {changed} (--allow-config-change)")
@@ -431,7 +437,8 @@ def _setup(cfg: Config, shards: Path, fold: int, run: RunDir, manifest: dict, tr
              f"(optimizer step {engine.global_steps})")
     folds_table = None
     if info.rank == 0:
-        _describe_run(run, cfg, ds_cfg, {"shards": str(shards.resolve()), "fold": fold, "train_folds": train_folds,
+        _describe_run(run, cfg, ds_cfg, {"shards": str(shards.resolve()), "manifest_sha256": manifest_digest(shards),
+                                         "fold": fold, "train_folds": train_folds,
                                          "world_size": info.world_size, "loader": loader,
                                          "steps_per_epoch": steps_per_epoch, "global_batch": plan.global_batch,
                                          "lr": plan.lr}, state["epoch"])
@@ -477,7 +484,9 @@ def _build_engine(cfg: Config, info: DistInfo, plan: BatchPlan, ds_cfg: dict, st
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest kernels once
     overflow = OverflowFlag(optimizer) if grad_scaler(engine) is not None else None
-    if cfg.model.compile:
+    if cfg.train.cuda_graphs:  # inductor with CUDA graphs; the gradient all-reduce stays outside, in engine.step
+        engine.compile(compile_kwargs={"mode": "reduce-overhead"})
+    elif cfg.model.compile:
         engine.compile()
     return engine, overflow
 
