@@ -40,6 +40,7 @@ def test_a_default_is_shown_where_there_is_one():
     assert "--no-progress" in text and "no progress bar (default" not in text  # a flag: no default shown
 
 
+@pytest.mark.slow
 def test_no_accelerator_warning_where_ds_accelerator_is_unset():
     """Without DS_ACCELERATOR, `zoome train` settles it as DeepSpeed would (here: no GPU, cpu) before DeepSpeed
     loads, so DeepSpeed does not warn that it 'was unable to detect' a GPU."""

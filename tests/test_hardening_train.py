@@ -76,6 +76,7 @@ def test_planted_pickle_in_checkpoint_never_runs(base_run, shards_dir, tmp_path)
     assert not marker.exists(), "the planted payload ran"
 
 
+@pytest.mark.slow
 def test_resume_onto_rebuilt_shards_is_refused(base_run, shards_dir, tmp_path):
     """Shards rebuilt at the same path (another manifest.json) under a run: continuing it would mix two datasets."""
     run = copy_run(base_run, tmp_path)

@@ -35,7 +35,7 @@ SHAPES = [(2, 40, 7, 7, 4),   # channels past one block of 32, a map P does not 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])  # any other layout is made contiguous first
 @pytest.mark.parametrize("b,c,h,w,p", SHAPES)
 def test_pool_values_indices_and_ties_equal_aten(kernels, dtype, layout, b, c, h, w, p):
     torch.manual_seed(b * 1000 + c * 10 + h)
@@ -94,6 +94,7 @@ def test_block_under_bf16_autocast_is_close_to_float64():
         torch.testing.assert_close(pb[name].double(), want, rtol=0.02, atol=0.05 * scale, msg=name)
 
 
+@pytest.mark.slow
 def test_zoome_with_triton_blocks_equals_the_fused_model():
     """A whole ZooME (resnet18 backbone, 48 px: maps 12² to 2²) through ``zoom_se_impl`` triton and fused: the
     same logits, and gradients equal to 1e-3 of the largest one. Not each to its own scale: the two paths round
