@@ -101,6 +101,19 @@ def _backward(dy_ptr, u_ptr, g_ptr, dx_ptr, dq_ptr, C, HW, ld, s_b, s_c, s_hw, B
 
 
 @triton.jit
+def _matvec(w_ptr, w_row, w_k, x_ptr, rows, row_mask, K, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # fp32 Σ_k W[row, k] · x[k] for a block of rows (W by its strides: pass them swapped for Wᵀ)
+    acc = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        km = ks < K
+        x = tl.load(x_ptr + ks, mask=km, other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * w_row + ks[None, :] * w_k, mask=row_mask[:, None] & km[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _mlp_forward(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, R, ld, w1_r, w1_c, w2_c, w2_r,
                  BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     # One row b: h = relu(W1 s + b1), g = sigmoid(W2 h + b2), in fp32 (rows of a (B, ld) workspace).
@@ -108,26 +121,14 @@ def _mlp_forward(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, R, ld, 
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         rm = rs < R
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            cm = cs < C
-            x = tl.load(s_ptr + b * ld + cs, mask=cm, other=0.0)
-            w = tl.load(w1_ptr + rs[:, None] * w1_r + cs[None, :] * w1_c, mask=rm[:, None] & cm[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        acc = _matvec(w1_ptr, w1_r, w1_c, s_ptr + b * ld, rs, rm, C, BLOCK_R, BLOCK_C)
         bias = tl.load(b1_ptr + rs, mask=rm, other=0.0).to(tl.float32)
         tl.store(h_ptr + b * ld + rs, tl.maximum(acc + bias, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=rm)
     tl.debug_barrier()  # the whole of h is written before any of it is read
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            rm = rs < R
-            hid = tl.load(h_ptr + b * ld + rs, mask=rm, other=0.0)
-            w = tl.load(w2_ptr + cs[:, None] * w2_c + rs[None, :] * w2_r, mask=cm[:, None] & rm[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * hid[None, :], axis=1)
+        acc = _matvec(w2_ptr, w2_c, w2_r, h_ptr + b * ld, cs, cm, R, BLOCK_C, BLOCK_R)
         bias = tl.load(b2_ptr + cs, mask=cm, other=0.0).to(tl.float32)
         tl.store(g_ptr + b * ld + cs, tl.sigmoid(acc + bias), mask=cm)
 
@@ -141,26 +142,14 @@ def _mlp_backward_rows(dq_ptr, h_ptr, w1_ptr, w2_ptr, dpre_ptr, dx_ptr, idx_ptr,
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         rm = rs < R
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            cm = cs < C
-            dq = tl.load(dq_ptr + b * ld + cs, mask=cm, other=0.0)
-            w = tl.load(w2_ptr + cs[:, None] * w2_c + rs[None, :] * w2_r, mask=cm[:, None] & rm[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * dq[:, None], axis=0)
+        acc = _matvec(w2_ptr, w2_r, w2_c, dq_ptr + b * ld, rs, rm, C, BLOCK_R, BLOCK_C)
         hid = tl.load(h_ptr + b * ld + rs, mask=rm, other=0.0)
         tl.store(dpre_ptr + b * ld + rs, tl.where(hid > 0, acc, 0.0), mask=rm)
     tl.debug_barrier()
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            rm = rs < R
-            dpre = tl.load(dpre_ptr + b * ld + rs, mask=rm, other=0.0)
-            w = tl.load(w1_ptr + rs[:, None] * w1_r + cs[None, :] * w1_c, mask=rm[:, None] & cm[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * dpre[:, None], axis=0)
+        acc = _matvec(w1_ptr, w1_c, w1_r, dpre_ptr + b * ld, cs, cm, R, BLOCK_C, BLOCK_R)
         ds = (acc / CELLS).to(dx_ptr.dtype.element_ty).to(tl.float32)
         for k in range(CELLS):
             at = tl.load(idx_ptr + b * ld + cs * CELLS + k, mask=cm, other=0.0).to(tl.int32, bitcast=True)
