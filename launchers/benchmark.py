@@ -7,6 +7,7 @@
     python launchers/benchmark.py predict  [--json]   # zoome predict img/s, TTA 1 vs 8
     python launchers/benchmark.py cv       [--json]   # CV jobs sequential vs concurrent + ISIC-2020 projection
     python launchers/benchmark.py ops      [--json]   # host operations per step, per zoom_se_impl (counted)
+    python launchers/benchmark.py dp       [--json]   # 8-rank data parallel at global batch 64, projected
     python launchers/benchmark.py gpu --out DIR [--only PARTS] [--no-compile]  # the one-GPU check (gpu_check.sh)
 
 Record the figures, with the machine line this prints, in BENCHMARKS.md.
@@ -88,13 +89,19 @@ def _study_parsers(sub) -> list:
     o = sub.add_parser("ops", help="host operations (ATen calls + Triton launches) per training step: zoome_no_meta "
                                    "per zoom_se_impl vs resnext50 (on CPU: Triton under TRITON_INTERPRET=1)")
     o.add_argument("--impls", default="plain,fused,triton")
+    dp = sub.add_parser("dp", help="8-rank data-parallel img/s at global batch 64, projected from a measured micro-8 "
+                                   "step and a measured all-reduce of the gradients (gloo on CPU, NCCL on GPUs)")
+    dp.add_argument("--step-ms", type=float, help="one rank's training step (default: measure ZooME's, eager bf16)")
+    dp.add_argument("--image-size", type=int, default=224, help="image side of the measured step")
+    dp.add_argument("--world", type=int, default=8, help="ranks of the projection")
+    dp.add_argument("--ranks", type=int, help="local ranks of the measured all-reduce (default: GPUs here, or 2)")
     g = sub.add_parser("gpu", help="the one-GPU check: gpu tests + every GPU figure, JSON + markdown")
     g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
     g.add_argument("--n", type=int, default=1536, help="synthetic 1024 px images")
     g.add_argument("--only", help="comma-separated parts to run (default: all): " + ",".join(GPU_PARTS))
     g.add_argument("--no-tests", action="store_true", help="skip the gpu-marked tests")
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile part (the last)")
-    return [c, me, o, g]
+    return [c, me, o, dp, g]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -124,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.ops import bench_ops
 
         r = bench_ops(tuple(a.impls.split(",")), "cuda" if _cuda() else "cpu")
+    elif a.what == "dp":
+        from benchmarks.dp import bench_dp, measure_step_s
+
+        dev = "cuda" if _cuda() else "cpu"
+        step = a.step_ms / 1e3 if a.step_ms else measure_step_s(8, a.image_size, dev, 20 if dev == "cuda" else 2)
+        r = bench_dp(step, 8, a.world, dev, a.ranks)
     elif a.what == "meta":
         from benchmarks.meta import bench_meta
 

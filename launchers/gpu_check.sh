@@ -3,10 +3,11 @@
 # this GPU (logits, gradients: the evidence `model.zoom_se_impl: auto` waits for), then side by side in
 # one run ZooME (fused and Triton Zoom-SE) vs ResNeXt50 training img/s, host operations per step, CUDA
 # graphs (train.cuda_graphs) at micro 8, the nvJPEG (and DALI, where it imports) input pipeline vs decode only,
-# a 3-epoch 1-GPU DeepSpeed training on 1024 px synthetic data, `zoome predict` TTA 1 vs 8, and last
-# torch.compile'd ZooME vs ResNeXt50. Writes gpu_check.json and gpu_check.md into OUT_DIR (after every
-# part). 2.5 minutes on an H200 before the torch.compile part (up to three compiles, 300 s budget) was added; the
-# aim is under 8 minutes.
+# a 3-epoch 1-GPU DeepSpeed training on 1024 px synthetic data, `zoome predict` TTA 1 vs 8, 8-GPU data
+# parallelism at global batch 64 projected from the micro-8 step and an all-reduce of the gradients (measured
+# over the local GPUs where there are several), and last torch.compile'd ZooME (fused, Triton) vs ResNeXt50.
+# Writes gpu_check.json and gpu_check.md into OUT_DIR (after every part). 2.5 minutes on an H200 before the
+# torch.compile part (up to four compiles, 300 s budget) was added; the aim is under 8 minutes.
 #
 #   bash launchers/gpu_check.sh [OUT_DIR [--only PART,...] [--no-compile] [--no-tests]]   (default OUT_DIR: runs/gpu_check)
 #

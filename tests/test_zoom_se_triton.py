@@ -148,3 +148,60 @@ def test_a_triton_model_off_cuda_runs_the_fused_path(monkeypatch):
     x = torch.randn(2, 16, 7, 7)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert torch.equal(tri(x), fused(x))
+
+
+def _compiled_block_vs_reference(backend, layout: str = "channels_last"):
+    """A Triton block through ``torch.compile(backend, fullgraph=True)`` (no graph break) against plain eager
+    autograd: output, input gradient and the gate MLP's gradients."""
+    torch.manual_seed(5)
+    ref, tri = ZoomSE(40, 4, impl="plain"), ZoomSE(40, 4, impl="triton")
+    tri.load_state_dict(ref.state_dict())
+    x = _layout(torch.randn(2, 40, 7, 7), layout)
+    dy = _layout(torch.randn(2, 40, 7, 7), layout)
+    compiled = torch.compile(tri, backend=backend, fullgraph=True)
+    (yr, gr, pr), (yt, gt, _) = _fwd_bwd(ref, x, dy), _fwd_bwd(compiled, x, dy)
+    torch.testing.assert_close(yt, yr)
+    torch.testing.assert_close(gt, gr)
+    for name, p in tri.named_parameters():
+        torch.testing.assert_close(p.grad, pr[name], rtol=1e-3, atol=1e-4, msg=name)
+    assert yt.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+def test_a_compiled_triton_block_runs_the_kernels_as_ops():
+    """Under ``torch.compile`` the Triton path is the ``zoome::zoom_gate`` op pair: the forward and backward
+    graphs (as AOTAutograd hands them to inductor) hold one op each and no ATen pool, whose max-pool lowering
+    inductor would otherwise run as ATen fallbacks (windows over 25 cells, every adaptive pool's backward)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, _):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return make_boxed_func(gm)
+
+    _compiled_block_vs_reference(aot_autograd(fw_compiler=record, bw_compiler=record))
+    forward, backward = graphs
+    assert forward.count("zoome.zoom_gate.default") == 1 and backward.count("zoome.zoom_gate_backward.default") == 1
+    assert not [t for t in forward + backward if "pool" in t], graphs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_an_inductor_compiled_triton_block_equals_the_reference(layout):
+    _compiled_block_vs_reference("inductor", layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_zoom_gate_ops_pass_torch_opcheck(kernels, layout):
+    """``torch.library.opcheck``: schema, fake (meta) outputs' shapes and strides, the autograd registration and
+    the op under AOT dispatch with dynamic shapes, for the forward and the backward op."""
+    torch.manual_seed(6)
+    block = ZoomSE(40, 4, impl="triton")
+    x = _layout(torch.randn(2, 40, 7, 7), layout).requires_grad_()
+    w = (block.fc1.weight.flatten(1), block.fc1.bias, block.fc2.weight.flatten(1), block.fc2.bias)
+    torch.library.opcheck(torch.ops.zoome.zoom_gate.default, (x, 4, *w))
+    y, ws = kernels.zoom_gate(x.detach(), 4, *(t.detach() for t in w))
+    torch.library.opcheck(torch.ops.zoome.zoom_gate_backward.default,
+                          (torch.randn_like(y), x.detach(), ws, 4, w[0].detach(), w[2].detach()))

@@ -1,10 +1,13 @@
 """The one-GPU check (``launchers/gpu_check.sh`` → ``benchmark.py gpu``): side by side in one run,
 
-1. training img/s (fwd + bwd + Adam step, channels_last model and inputs): ZooME vs its plain
-   ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64 (and, at bf16 micro 64, ZooME
-   with the plain-autograd Zoom-SE reference), plus the Zoom-SE pooling kernel per stage map;
-   at the end, ``torch.compile`` (inductor) at bf16 micro 64: ZooME (as ``model.compile`` runs it),
-   ResNeXt50, and ZooME with the plain-autograd Zoom-SE;
+1. training img/s (fwd + bwd + Adam step, channels_last model and inputs): ZooME (fused and Triton Zoom-SE)
+   vs its plain ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64 (and, at bf16 micro 64,
+   ZooME with the plain-autograd Zoom-SE reference), plus the Zoom-SE pooling kernel per stage map, the Triton
+   path's values against the fused one's, and host operations per step; CUDA graphs at micro 8; 8-rank data
+   parallelism at global batch 64 projected from the fastest micro-8 step and an all-reduce of the gradients
+   (``benchmarks/dp.py``: measured where there are several GPUs); at the end, ``torch.compile`` (inductor)
+   at bf16 micro 64: ZooME (fused, as ``model.compile`` runs it), ResNeXt50, ZooME with the Triton and with
+   the plain-autograd Zoom-SE;
 2. the input pipeline at 1024 px sources: the nvJPEG torch path (full training augmentation on the
    GPU) against nvJPEG decode alone, DALI ``mixed`` against its decode alone where DALI imports;
    and the data wait of a ZooME training loop fed by the nvJPEG loader, with the decode-ahead thread
@@ -72,7 +75,7 @@ def _train_step(model: torch.nn.Module, dtype: torch.dtype,
     return step
 
 
-def _train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, iters: int,
+def train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, iters: int,
                 device: str = "cuda") -> float:
     """img/s of ``_train_step`` on one synthetic batch, synchronised at the end only (``device``: cuda;
     cpu for a smoke run of the code)."""
@@ -124,7 +127,7 @@ def bench_zoom_se_kernels(device: str = "cuda", batch: int = 64, dtype: torch.dt
     return out
 
 
-def _contender(name: str) -> torch.nn.Module:
+def contender(name: str) -> torch.nn.Module:
     """``zoome`` (fused Zoom-SE), ``zoome_triton`` (the Triton kernels), ``zoome_plain_autograd`` (Zoom-SE
     through plain autograd instead of the fused function) or ``resnext50`` (the plain backbone)."""
     from benchmarks.model import zoom_se_impl
@@ -141,8 +144,8 @@ def check_triton(size: int = 224, batch: int = 8) -> dict:
     path on this GPU, same weights and batch, bf16 autocast, channels_last: the largest differences of the
     logits and of the gradients (relative to each tensor's largest magnitude). Speed: ``models``."""
     torch.manual_seed(0)
-    fused = _contender("zoome").cuda().train().to(memory_format=torch.channels_last)
-    tri = _contender("zoome_triton").cuda().train().to(memory_format=torch.channels_last)
+    fused = contender("zoome").cuda().train().to(memory_format=torch.channels_last)
+    tri = contender("zoome_triton").cuda().train().to(memory_format=torch.channels_last)
     tri.load_state_dict(fused.state_dict())
     image = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
     meta = torch.randn(batch, 12, device="cuda")
@@ -163,9 +166,9 @@ def check_triton(size: int = 224, batch: int = 8) -> dict:
 def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int = 30, rounds: int = 2) -> dict:
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    reference = _contender("zoome_plain_autograd")
-    models = {"zoome": _contender("zoome"), "resnext50": _contender("resnext50"), "zoome_reference": reference,
-              "zoome_triton": _contender("zoome_triton")}
+    reference = contender("zoome_plain_autograd")
+    models = {"zoome": contender("zoome"), "resnext50": contender("resnext50"), "zoome_reference": reference,
+              "zoome_triton": contender("zoome_triton")}
     for m in models.values():
         m.cuda().train().to(memory_format=torch.channels_last)
     out: dict = {}
@@ -175,7 +178,7 @@ def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int 
             best = {k: 0.0 for k in names}
             for _ in range(rounds):  # alternate the contenders; keep each one's best
                 for name in names:
-                    best[name] = max(best[name], _train_rate(models[name], micro, size, dtype, iters))
+                    best[name] = max(best[name], train_rate(models[name], micro, size, dtype, iters))
             out[f"{prec}_micro{micro}"] = {"zoome_img_s": round(best["zoome"], 1),
                                            "resnext50_img_s": round(best["resnext50"], 1),
                                            "ratio": round(best["zoome"] / best["resnext50"], 3)}
@@ -189,10 +192,12 @@ def bench_models(size: int = 224, micros: tuple[int, ...] = (8, 64), iters: int 
 def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: int = 2, budget_s: float = 300,
                    out: dict | None = None, save: Callable[[], None] = lambda: None, device: str = "cuda",
                    backend: str = "inductor", mode: str | None = None,
-                   names: tuple[str, ...] = ("zoome_fused", "resnext50", "zoome_plain_autograd")) -> dict:
+                   names: tuple[str, ...] = ("zoome_fused", "resnext50", "zoome_triton",
+                                             "zoome_plain_autograd")) -> dict:
     """``torch.compile`` (inductor, as ``model.compile`` through DeepSpeed) at bf16, ``micro``: ZooME as
     ``model.compile`` runs it (fused Zoom-SE: dynamo traces its autograd function, so inductor compiles
-    its forward and backward too), ResNeXt50, then ZooME with the plain-autograd Zoom-SE; each one's
+    its forward and backward too, its max pools as ATen fallbacks), ResNeXt50, ZooME with the Triton Zoom-SE
+    (the ``zoome::zoom_gate`` ops: inductor keeps the kernels), then with the plain-autograd Zoom-SE; each one's
     compile time and img/s, measured right after its compile and ``save``d, so a run cut short keeps
     what it measured. A model whose turn comes after ``budget_s`` is skipped (compiles take minutes on
     a cold cache). The eager figures are in ``models``. (``device="cpu", backend="eager"``: a smoke run.)
@@ -211,14 +216,14 @@ def bench_compiled(size: int = 224, micro: int = 64, iters: int = 30, rounds: in
             out[name] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
             continue
         torch.manual_seed(0)
-        m = _contender("zoome" if name == "zoome_fused" else name)
+        m = contender("zoome" if name == "zoome_fused" else name)
         m.to(device).train().to(memory_format=torch.channels_last)
         t = time.perf_counter()
         try:
             c = torch.compile(m, backend=backend, mode=mode)
-            _train_rate(c, micro, size, torch.bfloat16, 1, device)  # the compile happens here
+            train_rate(c, micro, size, torch.bfloat16, 1, device)  # the compile happens here
             compile_s = time.perf_counter() - t
-            rate = max(_train_rate(c, micro, size, torch.bfloat16, iters, device) for _ in range(rounds))
+            rate = max(train_rate(c, micro, size, torch.bfloat16, iters, device) for _ in range(rounds))
         except Exception as e:  # noqa: BLE001 - e.g. no triton on this host: say so, measure the rest
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         else:
@@ -408,7 +413,26 @@ def _markdown(res: dict) -> str:
 
 
 PARTS = ("tests", "triton", "models", "zoom_se_kernels", "ops", "pipeline", "data_wait", "train", "predict", "graphs",
-         "compiled")
+         "dp", "compiled")
+
+
+def bench_dp_gpu(res: dict, micro: int = 8) -> dict:
+    """8-rank data parallelism at global batch 64 (``benchmarks/dp.py``), from this run's fastest ZooME micro-8
+    step (bf16: eager fused or Triton, or CUDA graphs), or, where those parts did not run, a step measured here."""
+    from benchmarks.dp import bench_dp, measure_step_s
+
+    eager = res.get("models", {}).get(f"bf16_micro{micro}", {})
+    graphs = res.get("graphs", {}) if res.get("graphs", {}).get("micro") == micro else {}
+    rates = {f"eager {k}": eager.get(f"{k}_img_s") for k in ("zoome", "zoome_triton")}
+    rates.update({f"graphs {k}": (graphs.get(k) or {}).get("img_s") for k in ("zoome_fused", "zoome_triton")})
+    rates = {k: v for k, v in rates.items() if isinstance(v, (int, float)) and v > 0}
+    if rates:
+        best = max(rates, key=rates.get)
+        out = bench_dp(micro / rates[best], micro)
+    else:
+        best = "eager zoome, measured for this part"
+        out = bench_dp(measure_step_s(micro), micro)
+    return {"step_from": best, **out}
 
 
 def _earlier(path: Path) -> dict:
@@ -484,6 +508,7 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
     step("graphs", lambda: bench_compiled(micro=8, mode="reduce-overhead", budget_s=150, out=graphs,
                                           names=("zoome_fused", "resnext50", "zoome_triton"),
                                           save=lambda: (res.__setitem__("graphs", graphs), save())))
+    step("dp", lambda: bench_dp_gpu(res))
     partial: dict = {}
     step("compiled", lambda: bench_compiled(out=partial, save=lambda: (res.__setitem__("compiled", partial), save())))
     res["seconds"] = round(time.perf_counter() - t0, 1)

@@ -40,6 +40,27 @@ def _gate_mlp_backward(dq: torch.Tensor, s: torch.Tensor, h: torch.Tensor, w1: t
     return dpre @ w1.float(), dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype)
 
 
+_KERNELS: dict = {}
+
+
+def _triton_kernels():
+    """The Triton module, imported once (it imports triton: only where the Triton path runs)."""
+    if not _KERNELS:
+        from zoome_dist.models import zoom_se_triton
+
+        _KERNELS["module"] = zoom_se_triton
+    return _KERNELS["module"]
+
+
+def _triton_gate():
+    """The Triton path: its autograd function eagerly; under ``torch.compile`` the ``zoome::zoom_gate`` op (the
+    same kernels, opaque to dynamo and inductor)."""
+    kernels = _triton_kernels()
+    if torch.compiler.is_compiling():
+        return lambda *args: kernels.zoom_gate(*args)[0]
+    return kernels.TritonZoomGate.apply
+
+
 class _ZoomGate(torch.autograd.Function):
     """y = u ⊙ sigmoid(W2 relu(W1 mean(maxpool_P(u)) + b1) + b2), with a hand-written backward."""
 
@@ -132,16 +153,14 @@ class ZoomSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl != "plain":
-            if self.impl == "triton" and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-                from zoome_dist.models.zoom_se_triton import TritonZoomGate as gate
-            else:
-                gate = _ZoomGate
+            gate = _triton_gate() if self.impl == "triton" and (
+                x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") else _ZoomGate.apply
             # autocast off around the function, not inside its forward: torch.compile (dynamo) does not
             # restore autocast after an autograd function's forward that turns it off, so every later
             # op of the model ran without it (bf16 activations met float32 weights: compile failed)
             with torch.autocast(x.device.type, enabled=False):
-                return gate.apply(x, self.pool_size, self.fc1.weight.flatten(1), self.fc1.bias,
-                                       self.fc2.weight.flatten(1), self.fc2.bias)
+                return gate(x, self.pool_size, self.fc1.weight.flatten(1), self.fc1.bias,
+                            self.fc2.weight.flatten(1), self.fc2.bias)
         q = self.fc2(self.act(self.fc1(self.squeeze(x))))
         return x * self.gate(q)
 

@@ -217,10 +217,12 @@ def _workspace_regions(ws: torch.Tensor, c: int, r: int, pool_size: int) -> dict
     return regions
 
 
-def _workspace(u: torch.Tensor, pool_size: int, r: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One fp32 workspace row per sample, and its regions."""
+def _workspace(u: torch.Tensor, pool_size: int, r: int,
+               make=torch.empty) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One fp32 workspace row per sample (``make``: ``torch.empty``, or ``torch.zeros`` where the regions the
+    forward does not write must not be garbage), and its regions."""
     b, c = u.shape[:2]
-    ws = torch.empty(b, sum(_sizes(c, r, pool_size).values()), device=u.device, dtype=torch.float32)
+    ws = make(b, sum(_sizes(c, r, pool_size).values()), device=u.device, dtype=torch.float32)
     return ws, _workspace_regions(ws, c, r, pool_size)
 
 
@@ -240,57 +242,123 @@ def pool_mean(u: torch.Tensor, pool_size: int) -> tuple[torch.Tensor, torch.Tens
     return regions["s"], regions["idx"].view(torch.int32).view(*u.shape[:2], pool_size, pool_size)
 
 
-class TritonZoomGate(torch.autograd.Function):
-    """``_ZoomGate``'s contract (y = u ⊙ gate(mean(maxpool_P(u)))) in six kernels; called with autocast off.
-
-    Host work per block: 2 allocations and 3 launches forward, 2 and 3 backward. The fp32 workspace
-    (``_workspace``) made in the forward also holds the backward's per-sample gradients; the four weight
-    gradients are views of one buffer."""
-
-    @staticmethod
-    def forward(ctx, u, pool_size: int, w1, b1, w2, b2):  # noqa: D401 - autograd signature
-        with _device_of(u):  # Triton launches on the current CUDA device: the input's
-            return TritonZoomGate._run_forward(ctx, u, pool_size, w1, b1, w2, b2)
-
-    @staticmethod
-    def backward(ctx, dy):
-        with _device_of(dy):
-            return TritonZoomGate._run_backward(ctx, dy)
-
-    @staticmethod
-    def _run_forward(ctx, u, pool_size: int, w1, b1, w2, b2):
-        u, channels_last = _dense(u)
-        b, c, h, w = u.shape
-        r = w1.shape[0]
-        ws, at = _workspace(u, pool_size, r)
-        ld = ws.shape[1]
+def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                   b2: torch.Tensor, make=torch.empty) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's kernels on a dense ``u`` (``_dense``): ``(y, ws)``, the output and the fp32 workspace the
+    backward reads (squeeze, gate, hidden layer, argmax cells), made by ``make`` (``_workspace``)."""
+    channels_last = not u.is_contiguous()
+    b, c, h, w = u.shape
+    r = w1.shape[0]
+    ws, at = _workspace(u, pool_size, r, make)
+    ld = ws.shape[1]
+    with _device_of(u):  # Triton launches on the current CUDA device: the input's
         _pool(u, pool_size, ws, at)
         _mlp_forward[(b,)](at["s"], w1, b1, w2, b2, at["h"], at["g"], c, r, ld, *w1.stride(), *w2.stride(),
                            BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
         y = torch.empty_like(u)
         _gate[(triton.cdiv(u.numel(), BLOCK),)](u, at["g"], y, u.numel(), c, h * w, ld,
                                                 CHANNELS_LAST=channels_last, BLOCK=BLOCK)
+    return y, ws
+
+
+def launch_backward(dy: torch.Tensor, u: torch.Tensor, ws: torch.Tensor, grad_ws: torch.Tensor, pool_size: int,
+                    w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's kernels: ``(dx, grads)``, the input gradient and the MLP's weight gradients as one flat
+    buffer (``split_grads``). ``dy`` is in ``u``'s layout (``like``); the per-sample gradients (``dq``,
+    ``dpre``) go into ``grad_ws``'s regions, which may be ``ws`` itself."""
+    b, c = u.shape[:2]
+    r, ld = w1.shape[0], ws.shape[1]
+    at, grad_at = _workspace_regions(ws, c, r, pool_size), _workspace_regions(grad_ws, c, r, pool_size)
+    dx = torch.empty_like(u)
+    s_b, s_c, _, s_w = u.stride()
+    grads = torch.empty(2 * r * c + r + c, device=u.device, dtype=w1.dtype)
+    dw1, db1, dw2, db2 = split_grads(grads, r, c)
+    with _device_of(u):
+        _backward[(b, triton.cdiv(c, BLOCK_C))](dy, u, at["g"], dx, grad_at["dq"], c, u.shape[2] * u.shape[3], ld,
+                                                s_b, s_c, s_w, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW)
+        _mlp_backward_rows[(b,)](grad_at["dq"], at["h"], w1, w2, grad_at["dpre"], dx, at["idx"], c, r, ld,
+                                 *w1.stride(), *w2.stride(), s_b, s_c, s_w, CELLS=pool_size ** 2, BLOCK_C=BLOCK_C,
+                                 BLOCK_R=BLOCK_R)
+        _mlp_backward_weights[(triton.cdiv(c, BLOCK_C), triton.cdiv(r, BLOCK_R))](
+            grad_at["dq"], grad_at["dpre"], at["s"], at["h"], dw1, db1, dw2, db2, b, c, r, ld, BLOCK_C=BLOCK_C,
+            BLOCK_R=BLOCK_R)
+    return dx, grads
+
+
+def split_grads(grads: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, ...]:
+    """``(dw1, db1, dw2, db2)``: views of the flat weight-gradient buffer of ``launch_backward``."""
+    return (grads[:r * c].view(r, c), grads[2 * r * c:2 * r * c + r], grads[r * c:2 * r * c].view(c, r),
+            grads[2 * r * c + r:])
+
+
+def like(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``dy`` dense in ``u``'s layout (the backward kernels read both with ``u``'s strides)."""
+    return dy.contiguous(memory_format=torch.contiguous_format if u.is_contiguous() else torch.channels_last)
+
+
+class TritonZoomGate(torch.autograd.Function):
+    """``_ZoomGate``'s contract (y = u ⊙ gate(mean(maxpool_P(u)))) in six kernels; called with autocast off.
+
+    Host work per block: 2 allocations and 3 launches forward, 2 and 3 backward. The fp32 workspace
+    (``_workspace``) made in the forward also holds the backward's per-sample gradients; the four weight
+    gradients are views of one buffer. (Compiled models run the same kernels as the ``zoome::zoom_gate`` ops.)"""
+
+    @staticmethod
+    def forward(ctx, u, pool_size: int, w1, b1, w2, b2):  # noqa: D401 - autograd signature
+        u = _dense(u)[0]
+        y, ws = launch_forward(u, pool_size, w1, b1, w2, b2)
         ctx.save_for_backward(u, ws, w1, w2)
         ctx.pool_size = pool_size
         return y
 
     @staticmethod
-    def _run_backward(ctx, dy):
+    def backward(ctx, dy):
         u, ws, w1, w2 = ctx.saved_tensors
-        b, c = u.shape[:2]
-        r, ld = w1.shape[0], ws.shape[1]
-        at = _workspace_regions(ws, c, r, ctx.pool_size)
-        dy = dy.contiguous(memory_format=torch.channels_last if _dense(u)[1] else torch.contiguous_format)
-        dx = torch.empty_like(u)
-        s_b, s_c, _, s_w = u.stride()
-        _backward[(b, triton.cdiv(c, BLOCK_C))](dy, u, at["g"], dx, at["dq"], c, u.shape[2] * u.shape[3], ld,
-                                                s_b, s_c, s_w, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW)
-        _mlp_backward_rows[(b,)](at["dq"], at["h"], w1, w2, at["dpre"], dx, at["idx"], c, r, ld, *w1.stride(),
-                                 *w2.stride(), s_b, s_c, s_w, CELLS=ctx.pool_size ** 2, BLOCK_C=BLOCK_C,
-                                 BLOCK_R=BLOCK_R)
-        grads = torch.empty(2 * r * c + r + c, device=u.device, dtype=w1.dtype)
-        dw1, dw2 = grads[:r * c].view(r, c), grads[r * c:2 * r * c].view(c, r)
-        db1, db2 = grads[2 * r * c:2 * r * c + r], grads[2 * r * c + r:]
-        _mlp_backward_weights[(triton.cdiv(c, BLOCK_C), triton.cdiv(r, BLOCK_R))](
-            at["dq"], at["dpre"], at["s"], at["h"], dw1, db1, dw2, db2, b, c, r, ld, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
-        return dx, None, dw1, db1, dw2, db2
+        dx, grads = launch_backward(like(dy, u), u, ws, ws, ctx.pool_size, w1, w2)
+        return dx, None, *split_grads(grads, *w1.shape)
+
+
+# The same kernels as opaque operators for torch.compile: dynamo and inductor see one op per pass (no graph break,
+# no trace into the launches), and inductor keeps them rather than falling back to ATen's adaptive max pool.
+@torch.library.custom_op("zoome::zoom_gate", mutates_args=())
+def zoom_gate(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+              b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ws)`` of ``launch_forward``, the workspace's gradient regions zeroed (an op's outputs are defined)."""
+    return launch_forward(_dense(u)[0], pool_size, w1, b1, w2, b2, torch.zeros)
+
+
+@zoom_gate.register_fake
+def _zoom_gate_fake(u, pool_size, w1, b1, w2, b2):
+    u = _dense(u)[0]
+    return torch.empty_like(u), u.new_empty(u.shape[0], sum(_sizes(u.shape[1], w1.shape[0], pool_size).values()),
+                                            dtype=torch.float32)
+
+
+@torch.library.custom_op("zoome::zoom_gate_backward", mutates_args=())
+def zoom_gate_backward(dy: torch.Tensor, u: torch.Tensor, ws: torch.Tensor, pool_size: int, w1: torch.Tensor,
+                       w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, grads)`` of ``launch_backward``, its per-sample gradients in a workspace of its own (an op does not
+    write its inputs)."""
+    return launch_backward(like(dy, u), u, ws, torch.empty_like(ws), pool_size, w1, w2)
+
+
+@zoom_gate_backward.register_fake
+def _zoom_gate_backward_fake(dy, u, ws, pool_size, w1, w2):
+    r, c = w1.shape
+    return torch.empty_like(u), w1.new_empty(2 * r * c + r + c)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, pool_size, w1, _, w2, _ = inputs
+    ctx.save_for_backward(_dense(u)[0], output[1], w1, w2)
+    ctx.pool_size = pool_size
+    ctx.mark_non_differentiable(output[1])
+
+
+def _zoom_gate_grad(ctx, dy, _):
+    u, ws, w1, w2 = ctx.saved_tensors
+    dx, grads = zoom_gate_backward(dy, u, ws, ctx.pool_size, w1, w2)
+    return dx, None, *split_grads(grads, *w1.shape)
+
+
+zoom_gate.register_autograd(_zoom_gate_grad, setup_context=_setup_context)

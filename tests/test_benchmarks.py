@@ -1,0 +1,43 @@
+"""The GPU check's data-parallel projection (``launchers/benchmarks/dp.py``): its arithmetic, the step it picks
+from the check's own figures, and the all-reduce it measures (2 real gloo processes on this machine)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
+from benchmarks import dp  # noqa: E402
+from benchmarks.gpu import bench_dp_gpu  # noqa: E402
+
+
+def test_the_projection_charges_a_ring_all_reduce_per_step():
+    nbytes, world, bw = 100 * 10**6, 8, 350e9
+    got = dp.project(0.008, 8, nbytes, bw, world)
+    reduce_s = nbytes * 2 * 7 / 8 / bw
+    assert got["global_batch"] == 64 and got["allreduce_ms"] == pytest.approx(reduce_s * 1e3, abs=1e-3)
+    assert got["img_s"] == pytest.approx(64 / (0.008 + reduce_s), abs=0.1)
+    # the bus bandwidth of a measured all-reduce gives that all-reduce's time back at the same world size
+    assert dp.project(1.0, 8, nbytes, dp.busbw(nbytes, 0.05, 2), 2)["allreduce_ms"] == pytest.approx(50.0)
+
+
+def test_the_gpu_check_projects_from_its_fastest_micro8_step():
+    """Without several GPUs (this machine: none) nothing is measured and both assumed links are projected."""
+    res = {"models": {"bf16_micro8": {"zoome_img_s": 179.0, "zoome_triton_img_s": 400.0}},
+           "graphs": {"micro": 8, "zoome_fused": {"img_s": 900.0}, "zoome_triton": {"error": "no triton"}}}
+    got = bench_dp_gpu(res)
+    assert got["step_from"] == "graphs zoome_fused" and got["step_ms"] == pytest.approx(8 / 900 * 1e3, abs=0.01)
+    assert isinstance(got["measured"], str) and "modelled" in got["measured"]
+    nbytes = dp.grad_bytes()
+    assert got["grad_mb"] == round(nbytes / 2**20, 1) and 90 < got["grad_mb"] < 110  # ZooME: ~26 M parameters
+    for name, gbs in dp.ASSUMED_BUSBW_GBS.items():
+        assert got[f"projection_{name}"] == {"assumed_busbw_gb_s": gbs, **dp.project(8 / 900, 8, nbytes, gbs * 1e9)}
+
+
+@pytest.mark.slow
+def test_the_all_reduce_is_measured_across_real_processes():
+    t = dp.allreduce_s(4 * 2**20, 2, "gloo", iters=3, timeout=120)
+    assert 0 < t < 10
+    with pytest.raises(ValueError, match="at least 2 ranks, got world=1"):
+        dp.allreduce_s(1024, 1, "gloo")
