@@ -271,7 +271,8 @@ def test_training_loss_is_the_mean_over_images_not_over_batches(world_of_one):
 
 def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
     """Two real gloo ranks: float buffers (running mean/var) become the mean over ranks, integer ones
-    (batches tracked) rank 0's, so every rank evaluates and saves one model."""
+    (batches tracked) rank 0's, so every rank evaluates and saves one model; the weight EMA's averaged buffers
+    too (its weights, equal on every rank, are left alone)."""
     import subprocess
     import sys
 
@@ -282,6 +283,10 @@ def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
             "m = torch.nn.BatchNorm1d(2)\n"
             "m.running_mean.fill_(2 * rank + 1.0); m.running_var.fill_(4.0 if rank else 2.0)\n"
             "m.num_batches_tracked.fill_(10 + rank)\n"
+            "from zoome_dist.train.ema import WeightEMA\n"
+            "ema = WeightEMA(m, 0.9); ema.shadow['weight'].fill_(5.0 + rank)\n"
+            "ema.average_over_ranks()\n"
+            "print(ema.shadow['running_mean'].tolist(), ema.shadow['weight'].tolist())\n"
             "average_buffers(m)\n"
             "print(m.running_mean.tolist(), m.running_var.tolist(), int(m.num_batches_tracked))\n"
             "dist.destroy_process_group()\n")
@@ -289,8 +294,8 @@ def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
                               text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
-    for out, _ in outs:  # mean (1, 3) → 2; var (2, 4) → 3; batches tracked: rank 0's 10
-        assert out.strip().splitlines()[-1] == "[2.0, 2.0] [3.0, 3.0] 10"
+    for rank, (out, _) in enumerate(outs):  # mean (1, 3) → 2; var (2, 4) → 3; batches tracked: rank 0's 10
+        assert out.strip().splitlines()[-2:] == [f"[2.0, 2.0] [{5.0 + rank}, {5.0 + rank}]", "[2.0, 2.0] [3.0, 3.0] 10"]
 
 
 def test_early_stopping_rule():

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from zoome_dist.train.loop import average_over_ranks
+
 
 class WeightEMA:
     """The EMA of ``model``'s state (parameters and buffers), in fp32."""
@@ -48,12 +50,8 @@ class WeightEMA:
     def average_over_ranks(self) -> None:
         """Floating-point buffers are per rank (no SyncBN): their averages are averaged over the ranks (the
         parameters are equal on every rank), so every rank evaluates, saves and resumes the same EMA."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return
-        for k, v in self.shadow.items():
-            if k in self.buffers and v.is_floating_point():
-                dist.all_reduce(v, op=dist.ReduceOp.SUM)
-                v.div_(dist.get_world_size())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            average_over_ranks(v for k, v in self.shadow.items() if k in self.buffers)
 
     @contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[None]:

@@ -111,17 +111,23 @@ def train_one_epoch(engine, loader: Iterable, loss_fn: Callable, *, epoch: int, 
             "data_wait": wait / elapsed if elapsed else 0.0, "train_probs": p, "train_labels": y, "train_ids": s}
 
 
+def average_over_ranks(tensors: Iterable[torch.Tensor]) -> None:
+    """Floating-point tensors averaged over the ranks, in place; the others (integer counters, equal on every
+    rank) from rank 0."""
+    world = dist.get_world_size()
+    for t in tensors:
+        if t.is_floating_point():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(world)
+        else:
+            dist.broadcast(t, src=0)
+
+
 def average_buffers(module: torch.nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running mean/var) over the ranks, in place; integer
-    buffers (``num_batches_tracked``, equal on every rank) come from rank 0. As timm's
-    ``distribute_bn(reduce=True)``: every rank then evaluates and saves the same model."""
-    world = dist.get_world_size()
-    for buf in module.buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf.data, op=dist.ReduceOp.SUM)
-            buf.data.div_(world)
-        else:
-            dist.broadcast(buf.data, src=0)
+    buffers (``num_batches_tracked``) come from rank 0. As timm's ``distribute_bn(reduce=True)``: every
+    rank then evaluates and saves the same model."""
+    average_over_ranks(buf.data for buf in module.buffers())
 
 
 @torch.no_grad()
