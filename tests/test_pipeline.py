@@ -199,6 +199,24 @@ def test_torch_training_batches_are_a_function_of_seed_epoch_rank(shards_dir):
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
+def test_a_torch_loader_left_mid_epoch_ends_its_workers_when_dropped(shards_dir):
+    """No reference cycle between the loader and its pass: dropping both frees the loader at once, and its
+    workers end then (in a cycle, the cyclic collector could close the worker queues before the DataLoader's
+    shutdown wrote to them, and each worker waited out a 5 s join timeout)."""
+    import multiprocessing
+    import weakref
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    it, _ = make_loader(shards_dir, [0, 1], train=True, batch_size=4, image_size=16, loader="torch", num_threads=1)
+    batches = iter(it)
+    next(batches)
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    gone = weakref.ref(it)
+    del it, batches
+    assert gone() is None, "the loader outlived its last reference (a reference cycle)"
+    assert workers and not workers & {p.pid for p in multiprocessing.active_children()}
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 def test_one_training_loader_serves_every_epoch_as_a_fresh_one_would(shards_dir, loader):
     """Training builds its loader once and calls set_epoch each epoch (the torch loader's workers stay);

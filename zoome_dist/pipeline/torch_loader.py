@@ -17,6 +17,7 @@ the same batches and sharding as the CPU path.
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Iterator
@@ -157,11 +158,16 @@ class TorchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """One pass at a time: a pass left unfinished is closed first (its decode thread waits for its
         batch in flight), so two passes never share the decoder's draws or the workers."""
-        if self._active is not None:
-            self._active.close()
-        self._active = self._pass(self.epoch, self.start)
+        active = self._active() if self._active is not None else None
+        if active is not None:
+            active.close()
+        current = self._pass(self.epoch, self.start)
+        # a weak reference: the pass refers to the loader, and a cycle would leave the loader (and its workers) to
+        # the cyclic collector, which may close the worker queues before the DataLoader's shutdown writes to them
+        # (each worker then waited out its 5 s join timeout)
+        self._active = weakref.ref(current)
         self.epoch, self.start = self.epoch + 1, 0  # taken by this pass, even one closed before its first batch
-        return self._active
+        return current
 
     def _pass(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
         sampler = self.loader.sampler
