@@ -57,10 +57,11 @@ def _sync(device: torch.device) -> Callable[[], None]:
 
 def _train_step(model: torch.nn.Module, dtype: torch.dtype,
                 device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
-    """One training step of ``model`` on a batch: fwd under autocast, bwd, Adam step (GradScaler for fp16)."""
+    """One training step of ``model`` on a batch: fwd under autocast, bwd, Adam step (GradScaler for fp16); on
+    CUDA torch's fused Adam, as training there uses (``build_optimizer``)."""
     from zoome_dist.train.losses import make_loss
 
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     loss_fn = make_loss("focal")
 

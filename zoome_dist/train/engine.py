@@ -264,8 +264,13 @@ def build_model(cfg: Config) -> nn.Module:
 META_BRANCH = ("meta", "meta_features")  # top-level module names of the metadata branch
 
 
-def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
-    """``cfg.optim``'s optimizer at ``lr`` (default ``optim.lr``; ``batch_plan`` gives the scaled one)."""
+def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """``cfg.optim``'s optimizer at ``lr`` (default ``optim.lr``; ``batch_plan`` gives the scaled one). ``fused``
+    (training on CUDA): torch's fused implementation, one kernel per step for all parameters instead of torch's
+    default multi-tensor (foreach) kernels per group and operation: fewer launches for the launch-bound small-batch
+    step."""
+    fused_opt = {"fused": True} if fused else {}
     o = cfg.optim
     lr = o.lr if lr is None else lr
     params: list | object = model.parameters()
@@ -274,9 +279,9 @@ def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None) -> t
         rest = [p for n, p in model.named_parameters() if n.split(".")[0] not in META_BRANCH]
         params = [{"params": rest}, {"params": meta, "lr": lr * o.meta_lr_mult}]
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused_opt)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fused_opt)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int

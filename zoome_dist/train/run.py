@@ -475,7 +475,7 @@ def _build_engine(cfg: Config, info: DistInfo, plan: BatchPlan, ds_cfg: dict, st
     model = build_model(cfg)
     if cfg.model.sync_bn and info.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(cfg, model, plan.lr)
+    optimizer = build_optimizer(cfg, model, plan.lr, fused=accelerator() == "cuda")
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_cfg)
