@@ -205,3 +205,27 @@ def test_the_zoom_gate_ops_pass_torch_opcheck(kernels, layout):
     y, ws = kernels.zoom_gate(x.detach(), 4, *(t.detach() for t in w))
     torch.library.opcheck(torch.ops.zoome.zoom_gate_backward.default,
                           (torch.randn_like(y), x.detach(), ws, 4, w[0].detach(), w[2].detach()))
+
+
+@pytest.mark.slow
+def test_a_compiled_zoome_with_triton_blocks_equals_the_eager_one_under_bf16_autocast():
+    """A whole ZooME (resnet18, 48 px) with Triton blocks through ``torch.compile(fullgraph=True)`` (AOTAutograd):
+    no graph break anywhere in the model, autocast intact after each block (bf16 activations reach the next
+    convolution), and logits and gradients equal to the eager model's."""
+    torch.manual_seed(0)
+    eager = create_model("zoome", backbone="resnet18", pool_size=2, zoom_se_impl="triton").eval()
+    model = create_model("zoome", backbone="resnet18", pool_size=2, zoom_se_impl="triton").eval()
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    image = torch.randn(2, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    meta = torch.randn(2, 12)
+    got = []
+    for run, params in ((eager, eager), (compiled, model)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(image, meta)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        got.append((out.detach(), {n: p.grad for n, p in params.named_parameters()}))
+    torch.testing.assert_close(got[1][0], got[0][0])
+    for name, g in got[0][1].items():
+        torch.testing.assert_close(got[1][1][name], g, msg=name)
