@@ -1,5 +1,6 @@
 """The GPU check's data-parallel projection (``launchers/benchmarks/dp.py``): its arithmetic, the step it picks
-from the check's own figures, and the all-reduce it measures (2 real gloo processes on this machine)."""
+from the check's own figures, and the all-reduce it measures (2 real gloo processes on this machine); its verdict
+on the Triton Zoom-SE."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
 from benchmarks import dp  # noqa: E402
-from benchmarks.gpu import bench_dp_gpu  # noqa: E402
+from benchmarks.gpu import bench_dp_gpu, triton_verdict  # noqa: E402
 
 
 def test_the_projection_charges_a_ring_all_reduce_per_step():
@@ -41,3 +42,17 @@ def test_the_all_reduce_is_measured_across_real_processes():
     assert 0 < t < 10
     with pytest.raises(ValueError, match="at least 2 ranks, got world=1"):
         dp.allreduce_s(1024, 1, "gloo")
+
+
+def test_the_triton_verdict_needs_equal_values_and_more_speed_at_every_micro_batch():
+    models = {"bf16_micro8": {"zoome_img_s": 179.0, "zoome_triton_img_s": 400.0},
+              "bf16_micro64": {"zoome_img_s": 1378.0, "zoome_triton_img_s": 1500.0},
+              "fp16_micro8": {"zoome_img_s": 224.0, "zoome_triton_img_s": 100.0}}  # bf16 is what training runs
+    yes = triton_verdict({"triton": {"equal": True}, "models": models})
+    assert yes["triton_for_auto"] is True and yes["triton_over_fused"] == {"bf16_micro8": 2.235, "bf16_micro64": 1.089}
+    assert triton_verdict({"triton": {"equal": False}, "models": models})["why"] == "not equal to the fused path"
+    slower = {**models, "bf16_micro64": {"zoome_img_s": 1378.0, "zoome_triton_img_s": 1300.0}}
+    no = triton_verdict({"triton": {"equal": True}, "models": slower})
+    assert no["triton_for_auto"] is False and no["why"] == "slower at bf16_micro64"
+    assert triton_verdict({"models": models})["triton_for_auto"] is None  # no evidence of equality: no verdict
+    assert triton_verdict({"triton": {"error": "RuntimeError: ..."}, "models": models})["triton_for_auto"] is None

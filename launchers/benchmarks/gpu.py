@@ -400,7 +400,7 @@ def _markdown(res: dict) -> str:
     g = res["gpu_info"]
     rows = ["| what | figure |", "|---|---|",
             f"| GPU | {g.get('gpu')} (driver {g.get('driver')}, CUDA {g.get('cuda')}, torch {g.get('torch')}) |"]
-    for section in PARTS:
+    for section in (*PARTS, "verdict"):
         for k, v in res.get(section, {}).items():
             if section == "models" and isinstance(v, dict):
                 ref = f"; plain-autograd Zoom-SE {v['zoome_reference_img_s']}" if "zoome_reference_img_s" in v else ""
@@ -415,6 +415,23 @@ def _markdown(res: dict) -> str:
 
 PARTS = ("tests", "triton", "models", "zoom_se_kernels", "ops", "pipeline", "data_wait", "train", "predict", "graphs",
          "dp", "compiled")
+
+
+def triton_verdict(res: dict) -> dict:
+    """Whether this run is the evidence ``model.zoom_se_impl: auto`` waits for (issue 28): the Triton path equal to
+    the fused one on this GPU (part ``triton``) and faster at every measured bf16 micro-batch (part ``models``).
+    A default changes by hand, in ``ZoomSE``, after reading it; never on a run that lacks either part."""
+    equal = res.get("triton", {}).get("equal")
+    speed = {k: (v.get("zoome_triton_img_s"), v.get("zoome_img_s")) for k, v in res.get("models", {}).items()
+             if k.startswith("bf16_") and isinstance(v, dict)}
+    faster = {k: round(t / f, 3) for k, (t, f) in speed.items() if t and f}
+    if equal is None or not faster:
+        return {"triton_for_auto": None, "why": "the triton and models parts did not both run"}
+    ok = bool(equal) and all(r > 1.0 for r in faster.values())
+    why = ("equal to the fused path and faster at " + ", ".join(faster) if ok else
+           "not equal to the fused path" if not equal else
+           "slower at " + ", ".join(k for k, r in faster.items() if r <= 1.0))
+    return {"triton_for_auto": ok, "triton_over_fused": faster, "why": why}
 
 
 def bench_dp_gpu(res: dict, micro: int = 8) -> dict:
@@ -482,6 +499,7 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
     t0 = time.perf_counter()
 
     def save() -> None:
+        res["verdict"] = triton_verdict(res)  # current after every part: a run cut short still says it
         (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1))
         (out_dir / "gpu_check.md").write_text(_markdown(res))  # a run cut short keeps both files
 
