@@ -24,10 +24,10 @@ def test_the_projection_charges_a_ring_all_reduce_per_step():
 
 
 def test_the_gpu_check_projects_from_its_fastest_micro8_step():
-    """Without several GPUs (this machine: none) nothing is measured and both assumed links are projected."""
+    """With fewer than 2 local ranks nothing is measured and both assumed links are projected."""
     res = {"models": {"bf16_micro8": {"zoome_img_s": 179.0, "zoome_triton_img_s": 400.0}},
            "graphs": {"micro": 8, "zoome_fused": {"img_s": 900.0}, "zoome_triton": {"error": "no triton"}}}
-    got = bench_dp_gpu(res)
+    got = bench_dp_gpu(res, measure_ranks=1)
     assert got["step_from"] == "graphs zoome_fused" and got["step_ms"] == pytest.approx(8 / 900 * 1e3, abs=0.01)
     assert isinstance(got["measured"], str) and "modelled" in got["measured"]
     nbytes = dp.grad_bytes()
@@ -42,17 +42,21 @@ def test_the_all_reduce_is_measured_across_real_processes():
     assert 0 < t < 10
     with pytest.raises(ValueError, match="at least 2 ranks, got world=1"):
         dp.allreduce_s(1024, 1, "gloo")
+    with pytest.raises(RuntimeError, match="all-reduce over 2 local ranks failed"):  # NCCL without GPUs: ends at once
+        dp.allreduce_s(1024, 2, "nccl", timeout=60)
 
 
 def test_the_triton_verdict_needs_equal_values_and_more_speed_at_every_micro_batch():
     models = {"bf16_micro8": {"zoome_img_s": 179.0, "zoome_triton_img_s": 400.0},
               "bf16_micro64": {"zoome_img_s": 1378.0, "zoome_triton_img_s": 1500.0},
               "fp16_micro8": {"zoome_img_s": 224.0, "zoome_triton_img_s": 100.0}}  # bf16 is what training runs
-    yes = triton_verdict({"triton": {"equal": True}, "models": models})
+    yes = triton_verdict({"triton": {"equal": True}, "models": models, "measured_in": {"triton": "t", "models": "t"}})
     assert yes["triton_for_auto"] is True and yes["triton_over_fused"] == {"bf16_micro8": 2.235, "bf16_micro64": 1.089}
     assert triton_verdict({"triton": {"equal": False}, "models": models})["why"] == "not equal to the fused path"
     slower = {**models, "bf16_micro64": {"zoome_img_s": 1378.0, "zoome_triton_img_s": 1300.0}}
     no = triton_verdict({"triton": {"equal": True}, "models": slower})
     assert no["triton_for_auto"] is False and no["why"] == "slower at bf16_micro64"
     assert triton_verdict({"models": models})["triton_for_auto"] is None  # no evidence of equality: no verdict
+    mixed = {"triton": {"equal": True}, "models": models, "measured_in": {"triton": "t1", "models": "t2"}}
+    assert triton_verdict(mixed)["triton_for_auto"] is None  # parts of two runs (another GPU, another commit)
     assert triton_verdict({"triton": {"error": "RuntimeError: ..."}, "models": models})["triton_for_auto"] is None

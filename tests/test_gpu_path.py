@@ -169,12 +169,15 @@ def test_index_fallback_matches_wds2idx(shards_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_grad_scaler_standin_skips_lr_and_round_trips(tmp_path):
-    """DeepSpeed's fp16 GradScaler path, with a CPU GradScaler standing in for the CUDA one."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_standin_skips_lr_and_round_trips(tmp_path, fused):
+    """DeepSpeed's fp16 GradScaler path, with a CPU GradScaler standing in for the CUDA one; with the fused
+    optimizer of CUDA training too (the scaler steps it always, and the kernel skips the update)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "grad_scaler_standin.py"),
-                        "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+                        "--out", str(tmp_path), *(["--fused"] if fused else [])], env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["skipped_steps"] == 1 and res["lr_after_skip"] == res["lr_before_skip"]

@@ -41,9 +41,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _allreduce_rank(rank: int, world: int, port: int, numel: int, iters: int, backend: str, out) -> None:
+def _allreduce_rank(rank: int, world: int, port: int, numel: int, iters: int, backend: str, out,
+                    timeout: float) -> None:
+    from datetime import timedelta
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     try:
         dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         if backend == "nccl":
@@ -74,19 +77,25 @@ def allreduce_s(nbytes: int, world: int, backend: str, iters: int = 10, timeout:
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_allreduce_rank, args=(r, world, port, nbytes // 4, iters, backend, out), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, world, port, nbytes // 4, iters, backend, out, timeout),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
+    # until all end, one fails (the others would wait for it in a collective), or the time is up
+    while any(p.is_alive() for p in procs) and not any(p.exitcode for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    codes = [p.exitcode for p in procs]
     for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    if alive or any(p.exitcode for p in procs) or out.empty():
-        codes = [p.exitcode for p in procs]
-        raise RuntimeError(f"the {backend} all-reduce over {world} ranks failed or hung (exit codes {codes})")
+        if p.is_alive():
+            p.kill()
+        p.join()
+    if any(c != 0 for c in codes) or out.empty():
+        if any(codes):  # a rank's exit code (None: it was still running, stopped here)
+            raise RuntimeError(f"the {backend} all-reduce over {world} local ranks failed (exit codes {codes}; "
+                               "the failing rank's error is above)")
+        raise RuntimeError(f"the {backend} all-reduce over {world} local ranks did not end in {timeout:.0f} s (port "
+                           f"{port} may have been taken between its choice and rank 0's bind: run it again)")
     return out.get()
 
 
@@ -120,10 +129,11 @@ def bench_dp(step_s: float, micro: int = 8, world: int = 8, device: str = "cuda"
     nbytes = grad_bytes(model)
     out: dict[str, Any] = {"model": model, "grad_mb": round(nbytes / 2**20, 1), "micro": micro,
                            "step_ms": round(step_s * 1e3, 2), "one_rank_img_s": round(micro / step_s, 1)}
-    if device == "cuda":
-        ranks, backend = measure_ranks or min(world, torch.cuda.device_count()), "nccl"
+    backend = "nccl" if device == "cuda" else "gloo"
+    if measure_ranks is not None:
+        ranks = measure_ranks
     else:
-        ranks, backend = measure_ranks or 2, "gloo"
+        ranks = min(world, torch.cuda.device_count()) if device == "cuda" else 2
     if ranks >= 2:
         t = allreduce_s(nbytes, ranks, backend)
         bw = busbw(nbytes, t, ranks)
@@ -131,7 +141,7 @@ def bench_dp(step_s: float, micro: int = 8, world: int = 8, device: str = "cuda"
                            "busbw_gb_s": round(bw / 1e9, 2)}
         out["projection"] = project(step_s, micro, nbytes, bw, world)
     else:
-        out["measured"] = f"nothing: {ranks} {device} device(s) here; the all-reduce time is modelled"
+        out["measured"] = f"nothing: {ranks} local {device} rank(s), too few for an all-reduce; its time is modelled"
         for name, gbs in ASSUMED_BUSBW_GBS.items():
             out[f"projection_{name}"] = {"assumed_busbw_gb_s": gbs, **project(step_s, micro, nbytes, gbs * 1e9, world)}
     return out

@@ -421,6 +421,9 @@ def triton_verdict(res: dict) -> dict:
     """Whether this run is the evidence ``model.zoom_se_impl: auto`` waits for (issue 28): the Triton path equal to
     the fused one on this GPU (part ``triton``) and faster at every measured bf16 micro-batch (part ``models``).
     A default changes by hand, in ``ZoomSE``, after reading it; never on a run that lacks either part."""
+    run_of = res.get("measured_in", {})
+    if run_of.get("triton") != run_of.get("models"):
+        return {"triton_for_auto": None, "why": f"the triton and models parts come from different runs ({run_of})"}
     equal = res.get("triton", {}).get("equal")
     speed = {k: (v.get("zoome_triton_img_s"), v.get("zoome_img_s")) for k, v in res.get("models", {}).items()
              if k.startswith("bf16_") and isinstance(v, dict)}
@@ -434,7 +437,7 @@ def triton_verdict(res: dict) -> dict:
     return {"triton_for_auto": ok, "triton_over_fused": faster, "why": why}
 
 
-def bench_dp_gpu(res: dict, micro: int = 8) -> dict:
+def bench_dp_gpu(res: dict, micro: int = 8, measure_ranks: int | None = None) -> dict:
     """8-rank data parallelism at global batch 64 (``benchmarks/dp.py``), from this run's fastest ZooME micro-8
     step (bf16: eager fused or Triton, or CUDA graphs), or, where those parts did not run, a step measured here."""
     from benchmarks.dp import bench_dp, measure_step_s
@@ -446,10 +449,10 @@ def bench_dp_gpu(res: dict, micro: int = 8) -> dict:
     rates = {k: v for k, v in rates.items() if isinstance(v, (int, float)) and v > 0}
     if rates:
         best = max(rates, key=rates.get)
-        out = bench_dp(micro / rates[best], micro)
+        out = bench_dp(micro / rates[best], micro, measure_ranks=measure_ranks)
     else:
         best = "eager zoome, measured for this part"
-        out = bench_dp(measure_step_s(micro), micro)
+        out = bench_dp(measure_step_s(micro), micro, measure_ranks=measure_ranks)
     return {"step_from": best, **out}
 
 
@@ -511,6 +514,7 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
             res[name] = fn()
         except Exception as e:  # noqa: BLE001 - one failed part must not lose the others' figures
             res[name] = {"error": f"{type(e).__name__}: {e}"}
+        res.setdefault("measured_in", {})[name] = started  # which run each part comes from
         print(f"[gpu_check] {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         save()
 

@@ -22,7 +22,9 @@ from zoome_dist.train.run import restore, save
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
-out = Path(parser.parse_args().out)
+parser.add_argument("--fused", action="store_true", help="the fused optimizer (as on CUDA): the scaler always steps it")
+args = parser.parse_args()
+out = Path(args.out)
 setup_distributed()
 cfg = load_config(overrides={"model.name": "alexnet_meta", "train.precision": "fp32", "optim.clip_grad": 0.0,
                              "train.global_batch_size": 4, "train.micro_batch_size": 4, "optim.warmup_epochs": 0.0,
@@ -32,7 +34,7 @@ cfg = load_config(overrides={"model.name": "alexnet_meta", "train.precision": "f
 def make_engine():
     torch.manual_seed(0)
     model = build_model(cfg)
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model, fused=args.fused)
     engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=build_scheduler(cfg, opt, 10),
                                              config=deepspeed_config(cfg, 1))
     engine.torch_autocast_z0_gradscaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # the stand-in

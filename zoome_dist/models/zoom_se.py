@@ -56,8 +56,8 @@ def _triton_gate():
     """The Triton path: its autograd function eagerly; under ``torch.compile`` the ``zoome::zoom_gate`` op (the
     same kernels, opaque to dynamo and inductor)."""
     kernels = _triton_kernels()
-    if torch.compiler.is_compiling():
-        return lambda *args: kernels.zoom_gate(*args)[0]
+    if torch.compiler.is_compiling():  # u made dense here, once: the op's autograd saves it as it comes
+        return lambda u, *args: kernels.zoom_gate(kernels.dense(u), *args)[0]
     return kernels.TritonZoomGate.apply
 
 

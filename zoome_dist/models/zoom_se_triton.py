@@ -204,26 +204,31 @@ def _dense(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x.contiguous(), False
 
 
-def _sizes(c: int, r: int, pool_size: int) -> dict[str, int]:
-    return {"s": c, "g": c, "h": r, "dq": c, "dpre": r, "idx": c * pool_size ** 2}
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in a layout the kernels read (``_dense``)."""
+    return _dense(x)[0]
 
 
-def _workspace_regions(ws: torch.Tensor, c: int, r: int, pool_size: int) -> dict[str, torch.Tensor]:
+def _sizes(c: int, r: int, pool_size: int, grads: bool = True) -> dict[str, int]:
+    grad = {"dq": c, "dpre": r} if grads else {}
+    return {"s": c, "g": c, "h": r, **grad, "idx": c * pool_size ** 2}
+
+
+def _workspace_regions(ws: torch.Tensor, c: int, r: int, pool_size: int, grads: bool = True) -> dict[str, torch.Tensor]:
     """The regions (views) of a workspace row: ``s | g | h | dq | dpre | idx`` (the squeeze, the gate, the
-    hidden layer, their gradients, and the argmax cells as int32 bits)."""
+    hidden layer, their gradients, and the argmax cells as int32 bits); without ``grads``, no ``dq | dpre``."""
     regions, at = {}, 0
-    for name, size in _sizes(c, r, pool_size).items():
+    for name, size in _sizes(c, r, pool_size, grads).items():
         regions[name], at = ws[:, at:at + size], at + size
     return regions
 
 
 def _workspace(u: torch.Tensor, pool_size: int, r: int,
-               make=torch.empty) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One fp32 workspace row per sample (``make``: ``torch.empty``, or ``torch.zeros`` where the regions the
-    forward does not write must not be garbage), and its regions."""
+               grads: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One fp32 workspace row per sample, and its regions (``_workspace_regions``)."""
     b, c = u.shape[:2]
-    ws = make(b, sum(_sizes(c, r, pool_size).values()), device=u.device, dtype=torch.float32)
-    return ws, _workspace_regions(ws, c, r, pool_size)
+    ws = torch.empty(b, sum(_sizes(c, r, pool_size, grads).values()), device=u.device, dtype=torch.float32)
+    return ws, _workspace_regions(ws, c, r, pool_size, grads)
 
 
 def _pool(u: torch.Tensor, pool_size: int, ws: torch.Tensor, regions: dict[str, torch.Tensor]) -> None:
@@ -243,13 +248,14 @@ def pool_mean(u: torch.Tensor, pool_size: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                   b2: torch.Tensor, make=torch.empty) -> tuple[torch.Tensor, torch.Tensor]:
+                   b2: torch.Tensor, grads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward's kernels on a dense ``u`` (``_dense``): ``(y, ws)``, the output and the fp32 workspace the
-    backward reads (squeeze, gate, hidden layer, argmax cells), made by ``make`` (``_workspace``)."""
+    backward reads (squeeze, gate, hidden layer, argmax cells; with ``grads``, room for the backward's
+    per-sample gradients too, unwritten here)."""
     channels_last = not u.is_contiguous()
     b, c, h, w = u.shape
     r = w1.shape[0]
-    ws, at = _workspace(u, pool_size, r, make)
+    ws, at = _workspace(u, pool_size, r, grads)
     ld = ws.shape[1]
     with _device_of(u):  # Triton launches on the current CUDA device: the input's
         _pool(u, pool_size, ws, at)
@@ -261,14 +267,19 @@ def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.
     return y, ws
 
 
-def launch_backward(dy: torch.Tensor, u: torch.Tensor, ws: torch.Tensor, grad_ws: torch.Tensor, pool_size: int,
-                    w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_backward(dy: torch.Tensor, u: torch.Tensor, ws: torch.Tensor, pool_size: int, w1: torch.Tensor,
+                    w2: torch.Tensor, grads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward's kernels: ``(dx, grads)``, the input gradient and the MLP's weight gradients as one flat
     buffer (``split_grads``). ``dy`` is in ``u``'s layout (``like``); the per-sample gradients (``dq``,
-    ``dpre``) go into ``grad_ws``'s regions, which may be ``ws`` itself."""
+    ``dpre``) go into ``ws``'s regions for them (``grads``), else into a buffer of ``ws``'s width made here."""
     b, c = u.shape[:2]
     r, ld = w1.shape[0], ws.shape[1]
-    at, grad_at = _workspace_regions(ws, c, r, pool_size), _workspace_regions(grad_ws, c, r, pool_size)
+    at = _workspace_regions(ws, c, r, pool_size, grads)
+    if grads:
+        grad_at = at
+    else:  # the kernels address every region with ws's row length
+        extra = torch.empty_like(ws)
+        grad_at = {"dq": extra[:, :c], "dpre": extra[:, c:c + r]}
     dx = torch.empty_like(u)
     s_b, s_c, _, s_w = u.stride()
     grads = torch.empty(2 * r * c + r + c, device=u.device, dtype=w1.dtype)
@@ -314,32 +325,35 @@ class TritonZoomGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         u, ws, w1, w2 = ctx.saved_tensors
-        dx, grads = launch_backward(like(dy, u), u, ws, ws, ctx.pool_size, w1, w2)
+        dx, grads = launch_backward(like(dy, u), u, ws, ctx.pool_size, w1, w2)
         return dx, None, *split_grads(grads, *w1.shape)
 
 
 # The same kernels as opaque operators for torch.compile: dynamo and inductor see one op per pass (no graph break,
 # no trace into the launches), and inductor keeps them rather than falling back to ATen's adaptive max pool.
-@torch.library.custom_op("zoome::zoom_gate", mutates_args=())
+# needs_exact_strides: inductor hands the ops their inputs with the strides of the trace (a padded or restrided u
+# would change the real output's layout, which the fake one decides from the trace's u).
+@torch.library.custom_op("zoome::zoom_gate", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def zoom_gate(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
               b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, ws)`` of ``launch_forward``, the workspace's gradient regions zeroed (an op's outputs are defined)."""
-    return launch_forward(_dense(u)[0], pool_size, w1, b1, w2, b2, torch.zeros)
+    """``(y, ws)`` of ``launch_forward`` on a dense ``u`` (``_dense``; the model makes it so before the call);
+    the workspace without the backward's regions: every value of an op's outputs is written."""
+    return launch_forward(_dense(u)[0], pool_size, w1, b1, w2, b2, grads=False)
 
 
 @zoom_gate.register_fake
 def _zoom_gate_fake(u, pool_size, w1, b1, w2, b2):
     u = _dense(u)[0]
-    return torch.empty_like(u), u.new_empty(u.shape[0], sum(_sizes(u.shape[1], w1.shape[0], pool_size).values()),
-                                            dtype=torch.float32)
+    width = sum(_sizes(u.shape[1], w1.shape[0], pool_size, grads=False).values())
+    return torch.empty_like(u), u.new_empty(u.shape[0], width, dtype=torch.float32)
 
 
-@torch.library.custom_op("zoome::zoom_gate_backward", mutates_args=())
+@torch.library.custom_op("zoome::zoom_gate_backward", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def zoom_gate_backward(dy: torch.Tensor, u: torch.Tensor, ws: torch.Tensor, pool_size: int, w1: torch.Tensor,
                        w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, grads)`` of ``launch_backward``, its per-sample gradients in a workspace of its own (an op does not
+    """``(dx, grads)`` of ``launch_backward`` (its per-sample gradients in a buffer of its own: an op does not
     write its inputs)."""
-    return launch_backward(like(dy, u), u, ws, torch.empty_like(ws), pool_size, w1, w2)
+    return launch_backward(like(dy, u), u, ws, pool_size, w1, w2, grads=False)
 
 
 @zoom_gate_backward.register_fake

@@ -8,7 +8,9 @@ With ``torch_autocast`` fp16 and no ZeRO, DeepSpeed steps the optimizer through 
 - a step the scaler skips (inf/NaN gradients) still advances the LR scheduler, because DeepSpeed
   reads ``optimizer.overflow``, which a plain torch optimizer lacks. ``OverflowFlag`` sets it to
   True before each step and an optimizer post-step hook clears it when the step really ran; DeepSpeed
-  then counts a skipped step (``engine.skipped_steps``) and leaves the scheduler where it was.
+  then counts a skipped step (``engine.skipped_steps``) and leaves the scheduler where it was. A fused
+  optimizer (training on CUDA) is always stepped: the scaler hands it ``found_inf`` and the kernel skips the
+  update, so there the hook reads that flag.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ class OverflowFlag:
         optimizer.register_step_post_hook(self._stepped)
 
     def _stepped(self, *_: Any) -> None:
-        self.optimizer.overflow = False
+        found_inf = getattr(self.optimizer, "found_inf", None)  # set by GradScaler around a fused step only
+        self.optimizer.overflow = bool(found_inf is not None and found_inf.item())
 
     def arm(self) -> None:
         """Call right before ``engine.step()``."""

@@ -269,7 +269,8 @@ def build_optimizer(cfg: Config, model: nn.Module, lr: float | None = None,
     """``cfg.optim``'s optimizer at ``lr`` (default ``optim.lr``; ``batch_plan`` gives the scaled one). ``fused``
     (training on CUDA): torch's fused implementation, one kernel per step for all parameters instead of torch's
     default multi-tensor (foreach) kernels per group and operation: fewer launches for the launch-bound small-batch
-    step."""
+    step. A run resumed from a checkpoint of the other kind keeps the checkpoint's (torch restores the parameter
+    groups whole, ``fused`` included)."""
     fused_opt = {"fused": True} if fused else {}
     o = cfg.optim
     lr = o.lr if lr is None else lr
