@@ -2,11 +2,12 @@
 with nothing but allocations between them on the host.
 
 Forward:
-- ``_pool_mean``: the P×P adaptive max pool with PyTorch's window bounds (``floor(i·H/P)`` to
+- ``_pool_max``: the P×P adaptive max pool with PyTorch's window bounds (``floor(i·H/P)`` to
   ``ceil((i+1)·H/P)``, any map size) and tie-breaking (the first maximum in row-major order wins; a NaN
-  wins, the last one), read straight from either memory layout; it writes the argmax of each cell and the
-  mean of the P² maxima per channel (the squeeze ``s``), never the pooled map.
-- ``_mlp_forward``: the gate MLP per sample, ``h = relu(W1 s + b1)``, ``g = sigmoid(W2 h + b2)`` (fp32).
+  wins, the last one), read straight from either memory layout, one program per (sample, channel block,
+  window), a window row per load; it writes each window's maximum and argmax cell into the workspace.
+- ``_mlp_forward``: per sample, the squeeze ``s`` (the mean of the P² maxima), then the gate MLP,
+  ``h = relu(W1 s + b1)``, ``g = sigmoid(W2 h + b2)`` (fp32).
 - ``_gate``: ``y = u · g`` (g rounded to u's dtype first, as ``u * g.to(u.dtype)``).
 
 Backward:
@@ -40,29 +41,35 @@ BLOCK = 1024      # elements per program of the gate multiply
 
 
 @triton.jit
-def _pool_mean(u_ptr, s_ptr, idx_ptr, C, H, W, ld, s_b, s_c, s_h, s_w, P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pool_max(u_ptr, z_ptr, idx_ptr, H, W, C, ld, s_b, s_c, s_h, s_w, P: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_W: tl.constexpr):
+    # One P×P window (program axis 2) of a block of channels: its maximum and argmax, a row of the window at a time
+    # (a [channels × columns] tile per row: each load reads along the layout's contiguous axis, channels in
+    # channels_last, columns in NCHW).
     b = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ elements
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cs < C
-    base = u_ptr + b * s_b + cs * s_c
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in range(P):
-        r0 = (i * H) // P
-        r1 = ((i + 1) * H + P - 1) // P
-        for j in range(P):
-            c0 = (j * W) // P
-            c1 = ((j + 1) * W + P - 1) // P
-            best = tl.full([BLOCK_C], float("-inf"), tl.float32)
-            arg = tl.zeros([BLOCK_C], dtype=tl.int32) + (r0 * W + c0)
-            for r in range(r0, r1):
-                for c in range(c0, c1):
-                    v = tl.load(base + r * s_h + c * s_w, mask=cm, other=float("-inf")).to(tl.float32)
-                    take = (v > best) | (v != v)
-                    best = tl.where(take, v, best)
-                    arg = tl.where(take, r * W + c, arg)
-            acc += best
-            tl.store(idx_ptr + b * ld + cs * (P * P) + (i * P + j), arg.to(tl.float32, bitcast=True), mask=cm)
-    tl.store(s_ptr + b * ld + cs, acc / (P * P), mask=cm)
+    cell = tl.program_id(2)
+    i, j = cell // P, cell % P
+    r0, r1 = (i * H) // P, ((i + 1) * H + P - 1) // P
+    c0, c1 = (j * W) // P, ((j + 1) * W + P - 1) // P
+    cols = c0 + tl.arange(0, BLOCK_W)
+    cm, wm = cs < C, cols < c1
+    base = u_ptr + b * s_b + cs[:, None] * s_c + cols[None, :] * s_w
+    best = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK_C], dtype=tl.int32) + (r0 * W + c0)
+    for r in range(r0, r1):
+        v = tl.load(base + r * s_h, mask=cm[:, None] & wm[None, :], other=float("-inf")).to(tl.float32)
+        nan = v != v
+        top = tl.max(tl.where(nan, float("-inf"), v), axis=1)
+        first = tl.min(tl.where(v == top[:, None], cols[None, :], W), axis=1)  # ties: the first column
+        last_nan = tl.max(tl.where(nan, cols[None, :], -1), axis=1)  # NaN wins; of NaNs, the last one
+        take_nan = last_nan >= 0
+        take = take_nan | (top > best)  # strict: on a tie the earlier row keeps it
+        best = tl.where(take_nan, float("nan"), tl.where(take, top, best))
+        arg = tl.where(take, r * W + tl.where(take_nan, last_nan, first), arg)
+    at = b * ld + cs * (P * P) + cell
+    tl.store(z_ptr + at, best, mask=cm)
+    tl.store(idx_ptr + at, arg.to(tl.float32, bitcast=True), mask=cm)
 
 
 @triton.jit
@@ -114,10 +121,19 @@ def _matvec(w_ptr, w_row, w_k, x_ptr, rows, row_mask, K, BLOCK_ROWS: tl.constexp
 
 
 @triton.jit
-def _mlp_forward(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, R, ld, w1_r, w1_c, w2_c, w2_r,
-                 BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    # One row b: h = relu(W1 s + b1), g = sigmoid(W2 h + b2), in fp32 (rows of a (B, ld) workspace).
+def _mlp_forward(z_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, R, ld, w1_r, w1_c, w2_c, w2_r,
+                 P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One row b: the squeeze s = mean of the P² window maxima z (summed in window order), then h = relu(W1 s + b1),
+    # g = sigmoid(W2 h + b2), in fp32 (rows of a (B, ld) workspace).
     b = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ elements
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cm = cs < C
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k in range(P * P):
+            acc += tl.load(z_ptr + b * ld + cs * (P * P) + k, mask=cm, other=0.0)
+        tl.store(s_ptr + b * ld + cs, acc / (P * P), mask=cm)
+    tl.debug_barrier()  # the whole of s is written before any of it is read
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         rm = rs < R
@@ -188,7 +204,7 @@ def _mlp_backward_weights(dq_ptr, dpre_ptr, s_ptr, h_ptr, dw1_ptr, db1_ptr, dw2_
 
 
 # the launches of one block's step (counted by the benchmarks)
-KERNELS = (_pool_mean, _mlp_forward, _gate, _backward, _mlp_backward_rows, _mlp_backward_weights)
+KERNELS = (_pool_max, _mlp_forward, _gate, _backward, _mlp_backward_rows, _mlp_backward_weights)
 
 
 def _device_of(x: torch.Tensor):
@@ -211,7 +227,7 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 
 def _sizes(c: int, r: int, pool_size: int, grads: bool = True) -> dict[str, int]:
     grad = {"dq": c, "dpre": r} if grads else {}
-    return {"s": c, "g": c, "h": r, **grad, "idx": c * pool_size ** 2}
+    return {"s": c, "g": c, "h": r, **grad, "z": c * pool_size ** 2, "idx": c * pool_size ** 2}
 
 
 def _workspace_regions(ws: torch.Tensor, c: int, r: int, pool_size: int, grads: bool = True) -> dict[str, torch.Tensor]:
@@ -232,19 +248,27 @@ def _workspace(u: torch.Tensor, pool_size: int, r: int,
 
 
 def _pool(u: torch.Tensor, pool_size: int, ws: torch.Tensor, regions: dict[str, torch.Tensor]) -> None:
-    """Launch the pool: the squeeze and the argmax cells into their regions of the workspace ``ws``."""
+    """Launch the pool: each window's maximum and argmax cell into their regions of the workspace ``ws``."""
     b, c, h, w = u.shape
-    _pool_mean[(b, triton.cdiv(c, BLOCK_C))](u, regions["s"], regions["idx"], c, h, w, ws.shape[1], *u.stride(),
-                                             P=pool_size, BLOCK_C=BLOCK_C)
+    s_b, s_c, s_h, s_w = u.stride()
+    widest = max(-(-(j + 1) * w // pool_size) - (j * w) // pool_size for j in range(pool_size))
+    _pool_max[(b, triton.cdiv(c, BLOCK_C), pool_size ** 2)](
+        u, regions["z"], regions["idx"], h, w, c, ws.shape[1], s_b, s_c, s_h, s_w, P=pool_size, BLOCK_C=BLOCK_C,
+        BLOCK_W=triton.next_power_of_2(widest))
 
 
 def pool_mean(u: torch.Tensor, pool_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, idx)``: the mean over the P×P adaptive max pool per channel (B, C; fp32) and each cell's argmax
-    as ``h·W + w`` (B, C, P, P; int32), equal to ``F.adaptive_max_pool2d(u, P, return_indices=True)``'s."""
+    """``(s, idx)``: the mean over the P×P adaptive max pool per channel (B, C; fp32, as the gate MLP's kernel
+    sums it) and each cell's argmax as ``h·W + w`` (B, C, P, P; int32), equal to
+    ``F.adaptive_max_pool2d(u, P, return_indices=True)``'s."""
     u, _ = _dense(u)
     ws, regions = _workspace(u, pool_size, 0)
     _pool(u, pool_size, ws, regions)
-    return regions["s"], regions["idx"].view(torch.int32).view(*u.shape[:2], pool_size, pool_size)
+    z = regions["z"].view(*u.shape[:2], pool_size ** 2)
+    s = z[..., 0].clone()
+    for k in range(1, pool_size ** 2):  # in window order
+        s += z[..., k]
+    return s / pool_size ** 2, regions["idx"].view(torch.int32).view(*u.shape[:2], pool_size, pool_size)
 
 
 def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -259,8 +283,8 @@ def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.
     ld = ws.shape[1]
     with _device_of(u):  # Triton launches on the current CUDA device: the input's
         _pool(u, pool_size, ws, at)
-        _mlp_forward[(b,)](at["s"], w1, b1, w2, b2, at["h"], at["g"], c, r, ld, *w1.stride(), *w2.stride(),
-                           BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+        _mlp_forward[(b,)](at["z"], at["s"], w1, b1, w2, b2, at["h"], at["g"], c, r, ld, *w1.stride(), *w2.stride(),
+                           P=pool_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
         y = torch.empty_like(u)
         _gate[(triton.cdiv(u.numel(), BLOCK),)](u, at["g"], y, u.numel(), c, h * w, ld,
                                                 CHANNELS_LAST=channels_last, BLOCK=BLOCK)
