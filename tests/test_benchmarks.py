@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
 from benchmarks import dp  # noqa: E402
-from benchmarks.gpu import bench_dp_gpu, triton_verdict  # noqa: E402
+from benchmarks.gpu import bench_dp_gpu, bench_zoom_se_blocks, triton_verdict  # noqa: E402
 
 
 def test_the_projection_charges_a_ring_all_reduce_per_step():
@@ -60,3 +61,12 @@ def test_the_triton_verdict_needs_equal_values_and_more_speed_at_every_micro_bat
     mixed = {"triton": {"equal": True}, "models": models, "measured_in": {"triton": "t1", "models": "t2"}}
     assert triton_verdict(mixed)["triton_for_auto"] is None  # parts of two runs (another GPU, another commit)
     assert triton_verdict({"triton": {"error": "RuntimeError: ..."}, "models": models})["triton_for_auto"] is None
+
+
+@pytest.mark.slow
+def test_the_block_timing_runs_both_paths_per_stage_map():
+    """A smoke run of the GPU check's ``zoom_se_blocks`` part on CPU (Triton under the interpreter)."""
+    got = bench_zoom_se_blocks("cpu", batches=(2,), dtype=torch.float32, shapes=((40, 7),), n=1)
+    row = got["b2_40x7x7"]
+    assert set(row) == {"elementwise_ms", "fused_fwd_ms", "fused_fwd_bwd_ms", "triton_fwd_ms", "triton_fwd_bwd_ms"}
+    assert all(v > 0 for v in row.values())

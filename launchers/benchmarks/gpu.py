@@ -2,8 +2,9 @@
 
 1. training img/s (fwd + bwd + Adam step, channels_last model and inputs): ZooME (fused and Triton Zoom-SE)
    vs its plain ResNeXt50 backbone, bf16 and fp16 autocast, micro-batches 8 and 64 (and, at bf16 micro 64,
-   ZooME with the plain-autograd Zoom-SE reference), plus the Zoom-SE pooling kernel per stage map, the Triton
-   path's values against the fused one's, and host operations per step; CUDA graphs at micro 8; 8-rank data
+   ZooME with the plain-autograd Zoom-SE reference), plus the Zoom-SE pooling kernel and one whole block (fused
+   and Triton, forward and backward, micro 8 and 64) per stage map, the Triton path's values against the fused
+   one's, and host operations per step; CUDA graphs at micro 8; 8-rank data
    parallelism at global batch 64 projected from the fastest micro-8 step and an all-reduce of the gradients
    (``benchmarks/dp.py``: measured where there are several GPUs); at the end, ``torch.compile`` (inductor)
    at bf16 micro 64: ZooME (fused, as ``model.compile`` runs it), ResNeXt50, ZooME with the Triton and with
@@ -95,6 +96,7 @@ def train_rate(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype
 
 
 def _ms(fn, device: torch.device, n: int = 20) -> float:
+    """Milliseconds per call of ``fn`` (3 warm-up calls, then the mean of ``n``)."""
     for _ in range(3):
         fn()
     sync = _sync(device)
@@ -125,6 +127,32 @@ def bench_zoom_se_kernels(device: str = "cuda", batch: int = 64, dtype: torch.dt
             "elementwise_ms": _ms(lambda: cl * 2, dev)}
         if h % pool == 0:  # what the fused Zoom-SE runs on such maps: max_pool2d, same windows and indices
             row["max_pool2d_cl_ms"] = _ms(lambda: F.max_pool2d(cl, h // pool, return_indices=True), dev)
+    return out
+
+
+def bench_zoom_se_blocks(device: str = "cuda", batches: tuple[int, ...] = (8, 64), dtype: torch.dtype = torch.bfloat16,
+                         shapes: tuple[tuple[int, int], ...] = ((256, 56), (512, 28), (1024, 14), (2048, 7)),
+                         pool: int = 4, n: int = 20) -> dict:
+    """One Zoom-SE block alone per ResNeXt50 stage map (C, H=W), channels_last, ``dtype``: forward and
+    forward + backward milliseconds of the fused and the Triton path, beside one elementwise pass over the map
+    (the memory-bound unit: a fused block needs ~6 such passes). Which stage (pool, gate MLP, backward) makes
+    a path slow shows here. (``device="cpu"`` under ``TRITON_INTERPRET=1``: a smoke run of this function.)"""
+    from zoome_dist.models import ZoomSE
+
+    dev = torch.device(device)
+    out: dict = {"dtype": str(dtype).replace("torch.", ""), "pool": pool}
+    for batch in batches:
+        for c, h in shapes:
+            x = torch.randn(batch, c, h, h, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            dy = torch.randn_like(x)
+            row: dict = {"elementwise_ms": _ms(lambda: x * 2, dev, n)}
+            for impl in ("fused", "triton"):
+                block = ZoomSE(c, pool, impl=impl).to(dev)
+                u = x.detach().requires_grad_()
+                with torch.no_grad():
+                    row[f"{impl}_fwd_ms"] = _ms(lambda: block(x), dev, n)
+                row[f"{impl}_fwd_bwd_ms"] = _ms(lambda: block(u).backward(dy), dev, n)
+            out[f"b{batch}_{c}x{h}x{h}"] = row
     return out
 
 
@@ -413,7 +441,7 @@ def _markdown(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-PARTS = ("tests", "triton", "models", "zoom_se_kernels", "ops", "pipeline", "data_wait", "train", "predict", "graphs",
+PARTS = ("tests", "triton", "models", "zoom_se_kernels", "zoom_se_blocks", "ops", "pipeline", "data_wait", "train", "predict", "graphs",
          "dp", "compiled")
 
 
@@ -522,6 +550,7 @@ def bench_gpu(out_dir: str | Path, n: int = 1536, source_size: int = 1024, parts
     step("triton", check_triton)
     step("models", bench_models)
     step("zoom_se_kernels", bench_zoom_se_kernels)
+    step("zoom_se_blocks", bench_zoom_se_blocks)
     step("ops", lambda: bench_ops(device="cuda"))
     if {"pipeline", "data_wait", "train"} & set(parts):
         _data_parts(step, n, source_size)
