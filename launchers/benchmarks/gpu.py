@@ -441,8 +441,8 @@ def _markdown(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-PARTS = ("tests", "triton", "models", "zoom_se_kernels", "zoom_se_blocks", "ops", "pipeline", "data_wait", "train", "predict", "graphs",
-         "dp", "compiled")
+PARTS = ("tests", "triton", "models", "zoom_se_kernels", "zoom_se_blocks", "ops", "pipeline", "data_wait", "train",
+         "predict", "graphs", "dp", "compiled")
 
 
 def triton_verdict(res: dict) -> dict:
