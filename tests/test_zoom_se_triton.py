@@ -78,6 +78,19 @@ def test_block_forward_and_backward_equal_the_reference(layout, c, hw, pool):
             memory_format=torch.channels_last)
 
 
+def test_a_batch_past_one_block_of_samples_equals_the_reference():
+    """The gate MLP's kernels take 16 samples per program: 18 samples are two programs, the second one partial."""
+    torch.manual_seed(7)
+    ref, tri = ZoomSE(40, 3, impl="plain"), ZoomSE(40, 3, impl="triton")
+    tri.load_state_dict(ref.state_dict())
+    x, dy = _layout(torch.randn(18, 40, 5, 5), "channels_last"), _layout(torch.randn(18, 40, 5, 5), "channels_last")
+    (yr, gr, pr), (yt, gt, pt) = _fwd_bwd(ref, x, dy), _fwd_bwd(tri, x, dy)
+    torch.testing.assert_close(yt, yr)
+    torch.testing.assert_close(gt, gr)
+    for name, grad in pr.items():
+        torch.testing.assert_close(pt[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_block_under_bf16_autocast_is_close_to_float64():
     torch.manual_seed(3)
     ref, tri = ZoomSE(32, 4, impl="plain"), ZoomSE(32, 4, impl="triton")

@@ -6,14 +6,14 @@ Forward:
   ``ceil((i+1)·H/P)``, any map size) and tie-breaking (the first maximum in row-major order wins; a NaN
   wins, the last one), read straight from either memory layout, one program per (sample, channel block,
   window), a window row per load; it writes each window's maximum and argmax cell into the workspace.
-- ``_mlp_forward``: per sample, the squeeze ``s`` (the mean of the P² maxima), then the gate MLP,
-  ``h = relu(W1 s + b1)``, ``g = sigmoid(W2 h + b2)`` (fp32).
+- ``_mlp_forward``: per block of 16 samples, the squeeze ``s`` (the mean of the P² maxima), then the gate MLP,
+  ``h = relu(W1 s + b1)``, ``g = sigmoid(W2 h + b2)`` (fp32), as matrix products (``tl.dot``, full fp32).
 - ``_gate``: ``y = u · g`` (g rounded to u's dtype first, as ``u * g.to(u.dtype)``).
 
 Backward:
 - ``_backward``: one read of ``dy`` and ``u`` gives ``dx = dy · g`` and, per channel, the gradient of the
   gate's pre-activation ``dq = Σ(dy·u) · g · (1 − g)`` (fp32).
-- ``_mlp_backward_rows``: per sample, ``dpre = (W2ᵀ dq) ⊙ (h > 0)`` and ``ds = W1ᵀ dpre``, whose share
+- ``_mlp_backward_rows``: per block of samples, ``dpre = (W2ᵀ dq) ⊙ (h > 0)`` and ``ds = W1ᵀ dpre``, whose share
   ``ds / P²`` it adds to ``dx`` at each channel's argmax cells, in cell order (cells that share an argmax add
   up, as ``scatter_add_``).
 - ``_mlp_backward_weights``: the weight and bias gradients, each tile summed over the batch in order
@@ -37,6 +37,7 @@ import triton.language as tl
 BLOCK_C = 32      # channels per program or step
 BLOCK_HW = 32     # cells per step of the backward's walk over the map
 BLOCK_R = 32      # hidden units per step of the gate MLP
+BLOCK_B = 16      # samples per program of the gate MLP (a matrix product's smallest side)
 BLOCK = 1024      # elements per program of the gate multiply
 
 
@@ -108,70 +109,95 @@ def _backward(dy_ptr, u_ptr, g_ptr, dx_ptr, dq_ptr, C, HW, ld, s_b, s_c, s_hw, B
 
 
 @triton.jit
-def _matvec(w_ptr, w_row, w_k, x_ptr, rows, row_mask, K, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    # fp32 Σ_k W[row, k] · x[k] for a block of rows (W by its strides: pass them swapped for Wᵀ)
-    acc = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        km = ks < K
-        x = tl.load(x_ptr + ks, mask=km, other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * w_row + ks[None, :] * w_k, mask=row_mask[:, None] & km[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    return acc
+def _tile(ptr, rows, cols, row_stride, col_stride, mask_rows, mask_cols):
+    # an fp32 [rows × cols] tile of a strided matrix (zeros outside the masks)
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
+                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _mlp_forward(z_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, R, ld, w1_r, w1_c, w2_c, w2_r,
-                 P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    # One row b: the squeeze s = mean of the P² window maxima z (summed in window order), then h = relu(W1 s + b1),
-    # g = sigmoid(W2 h + b2), in fp32 (rows of a (B, ld) workspace).
-    b = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ elements
+def _mlp_forward(z_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, B, C, R, ld, w1_r, w1_c, w2_c, w2_r,
+                 P: tl.constexpr, PP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    # A block of samples (rows of the (B, ld) workspace), in fp32: the squeeze s (the mean of the P² window maxima
+    # z), h = relu(s W1ᵀ + b1), g = sigmoid(h W2ᵀ + b2), as [samples × units] matrix products (the weights are read
+    # once per block of samples, not once per sample).
+    bs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bm = bs < B
+    rows = bs.to(tl.int64) * ld  # offsets past 2³¹ elements
+    ks = tl.arange(0, PP)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        cm = cs < C
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for k in range(P * P):
-            acc += tl.load(z_ptr + b * ld + cs * (P * P) + k, mask=cm, other=0.0)
-        tl.store(s_ptr + b * ld + cs, acc / (P * P), mask=cm)
+        m = bm[:, None] & (cs < C)[None, :]
+        z = tl.load(z_ptr + rows[:, None, None] + cs[None, :, None] * (P * P) + ks[None, None, :],
+                    mask=m[:, :, None] & (ks < P * P)[None, None, :], other=0.0)
+        tl.store(s_ptr + rows[:, None] + cs[None, :], tl.sum(z, axis=2) / (P * P), mask=m)
     tl.debug_barrier()  # the whole of s is written before any of it is read
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         rm = rs < R
-        acc = _matvec(w1_ptr, w1_r, w1_c, s_ptr + b * ld, rs, rm, C, BLOCK_R, BLOCK_C)
+        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cm = cs < C
+            x = _tile(s_ptr, bs, cs, ld, 1, bm, cm)
+            acc += tl.dot(x, _tile(w1_ptr, cs, rs, w1_c, w1_r, cm, rm), input_precision="ieee")
         bias = tl.load(b1_ptr + rs, mask=rm, other=0.0).to(tl.float32)
-        tl.store(h_ptr + b * ld + rs, tl.maximum(acc + bias, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=rm)
+        hid = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(h_ptr + rows[:, None] + rs[None, :], hid, mask=bm[:, None] & rm[None, :])
     tl.debug_barrier()  # the whole of h is written before any of it is read
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
-        acc = _matvec(w2_ptr, w2_c, w2_r, h_ptr + b * ld, cs, cm, R, BLOCK_C, BLOCK_R)
+        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            rm = rs < R
+            acc += tl.dot(_tile(h_ptr, bs, rs, ld, 1, bm, rm), _tile(w2_ptr, rs, cs, w2_r, w2_c, rm, cm),
+                          input_precision="ieee")
         bias = tl.load(b2_ptr + cs, mask=cm, other=0.0).to(tl.float32)
-        tl.store(g_ptr + b * ld + cs, tl.sigmoid(acc + bias), mask=cm)
+        tl.store(g_ptr + rows[:, None] + cs[None, :], tl.sigmoid(acc + bias[None, :]), mask=bm[:, None] & cm[None, :])
 
 
 @triton.jit
-def _mlp_backward_rows(dq_ptr, h_ptr, w1_ptr, w2_ptr, dpre_ptr, dx_ptr, idx_ptr, C, R, ld, w1_r, w1_c,
-                       w2_c, w2_r, s_b, s_c, s_hw, CELLS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    # One row b: dpre = (W2ᵀ dq) ⊙ (h > 0); ds = W1ᵀ dpre, added (÷ P²) to dx at each channel's argmax cells
+def _mlp_backward_rows(dq_ptr, h_ptr, w1_ptr, w2_ptr, dpre_ptr, dx_ptr, idx_ptr, B, C, R, ld, w1_r, w1_c,
+                       w2_c, w2_r, s_b, s_c, s_hw, CELLS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+    # A block of samples: dpre = (dq W2) ⊙ (h > 0); ds = dpre W1, added (÷ P²) to dx at each channel's argmax cells
     # in cell order (so cells sharing an argmax add up, as ``scatter_add_``).
-    b = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ elements
+    bs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bm = bs < B
+    rows = bs.to(tl.int64) * ld  # offsets past 2³¹ elements
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         rm = rs < R
-        acc = _matvec(w2_ptr, w2_r, w2_c, dq_ptr + b * ld, rs, rm, C, BLOCK_R, BLOCK_C)
-        hid = tl.load(h_ptr + b * ld + rs, mask=rm, other=0.0)
-        tl.store(dpre_ptr + b * ld + rs, tl.where(hid > 0, acc, 0.0), mask=rm)
+        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cm = cs < C
+            acc += tl.dot(_tile(dq_ptr, bs, cs, ld, 1, bm, cm), _tile(w2_ptr, cs, rs, w2_c, w2_r, cm, rm),
+                          input_precision="ieee")
+        m = bm[:, None] & rm[None, :]
+        hid = tl.load(h_ptr + rows[:, None] + rs[None, :], mask=m, other=0.0)
+        tl.store(dpre_ptr + rows[:, None] + rs[None, :], tl.where(hid > 0, acc, 0.0), mask=m)
     tl.debug_barrier()
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
-        acc = _matvec(w1_ptr, w1_c, w1_r, dpre_ptr + b * ld, cs, cm, R, BLOCK_C, BLOCK_R)
+        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            rm = rs < R
+            acc += tl.dot(_tile(dpre_ptr, bs, rs, ld, 1, bm, rm), _tile(w1_ptr, rs, cs, w1_r, w1_c, rm, cm),
+                          input_precision="ieee")
         ds = (acc / CELLS).to(dx_ptr.dtype.element_ty).to(tl.float32)
+        m = bm[:, None] & cm[None, :]
         for k in range(CELLS):
-            at = tl.load(idx_ptr + b * ld + cs * CELLS + k, mask=cm, other=0.0).to(tl.int32, bitcast=True)
-            ptr = dx_ptr + b * s_b + cs * s_c + at * s_hw
-            cur = tl.load(ptr, mask=cm, other=0.0).to(tl.float32)
-            tl.store(ptr, (cur + ds).to(dx_ptr.dtype.element_ty), mask=cm)
+            at = tl.load(idx_ptr + rows[:, None] + cs[None, :] * CELLS + k, mask=m, other=0.0)
+            at = at.to(tl.int32, bitcast=True)
+            ptr = dx_ptr + bs.to(tl.int64)[:, None] * s_b + cs[None, :] * s_c + at * s_hw
+            cur = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+            tl.store(ptr, (cur + ds).to(dx_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -258,17 +284,13 @@ def _pool(u: torch.Tensor, pool_size: int, ws: torch.Tensor, regions: dict[str, 
 
 
 def pool_mean(u: torch.Tensor, pool_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, idx)``: the mean over the P×P adaptive max pool per channel (B, C; fp32, as the gate MLP's kernel
-    sums it) and each cell's argmax as ``h·W + w`` (B, C, P, P; int32), equal to
-    ``F.adaptive_max_pool2d(u, P, return_indices=True)``'s."""
+    """``(s, idx)``: the mean over the P×P adaptive max pool per channel (B, C; fp32) and each cell's argmax as
+    ``h·W + w`` (B, C, P, P; int32), equal to ``F.adaptive_max_pool2d(u, P, return_indices=True)``'s."""
     u, _ = _dense(u)
     ws, regions = _workspace(u, pool_size, 0)
     _pool(u, pool_size, ws, regions)
-    z = regions["z"].view(*u.shape[:2], pool_size ** 2)
-    s = z[..., 0].clone()
-    for k in range(1, pool_size ** 2):  # in window order
-        s += z[..., k]
-    return s / pool_size ** 2, regions["idx"].view(torch.int32).view(*u.shape[:2], pool_size, pool_size)
+    s = regions["z"].view(*u.shape[:2], pool_size ** 2).mean(-1)
+    return s, regions["idx"].view(torch.int32).view(*u.shape[:2], pool_size, pool_size)
 
 
 def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -283,8 +305,10 @@ def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.
     ld = ws.shape[1]
     with _device_of(u):  # Triton launches on the current CUDA device: the input's
         _pool(u, pool_size, ws, at)
-        _mlp_forward[(b,)](at["z"], at["s"], w1, b1, w2, b2, at["h"], at["g"], c, r, ld, *w1.stride(), *w2.stride(),
-                           P=pool_size, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+        _mlp_forward[(triton.cdiv(b, BLOCK_B),)](at["z"], at["s"], w1, b1, w2, b2, at["h"], at["g"], b, c, r, ld,
+                                                 *w1.stride(), *w2.stride(), P=pool_size,
+                                                 PP=triton.next_power_of_2(pool_size ** 2), BLOCK_B=BLOCK_B,
+                                                 BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
         y = torch.empty_like(u)
         _gate[(triton.cdiv(u.numel(), BLOCK),)](u, at["g"], y, u.numel(), c, h * w, ld,
                                                 CHANNELS_LAST=channels_last, BLOCK=BLOCK)
@@ -311,9 +335,9 @@ def launch_backward(dy: torch.Tensor, u: torch.Tensor, ws: torch.Tensor, pool_si
     with _device_of(u):
         _backward[(b, triton.cdiv(c, BLOCK_C))](dy, u, at["g"], dx, grad_at["dq"], c, u.shape[2] * u.shape[3], ld,
                                                 s_b, s_c, s_w, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW)
-        _mlp_backward_rows[(b,)](grad_at["dq"], at["h"], w1, w2, grad_at["dpre"], dx, at["idx"], c, r, ld,
-                                 *w1.stride(), *w2.stride(), s_b, s_c, s_w, CELLS=pool_size ** 2, BLOCK_C=BLOCK_C,
-                                 BLOCK_R=BLOCK_R)
+        _mlp_backward_rows[(triton.cdiv(b, BLOCK_B),)](
+            grad_at["dq"], at["h"], w1, w2, grad_at["dpre"], dx, at["idx"], b, c, r, ld, *w1.stride(), *w2.stride(),
+            s_b, s_c, s_w, CELLS=pool_size ** 2, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
         _mlp_backward_weights[(triton.cdiv(c, BLOCK_C), triton.cdiv(r, BLOCK_R))](
             grad_at["dq"], grad_at["dpre"], at["s"], at["h"], dw1, db1, dw2, db2, b, c, r, ld, BLOCK_C=BLOCK_C,
             BLOCK_R=BLOCK_R)
