@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-# A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would every
-# process it starts: the Ctrl-C tests would signal processes that cannot hear it. Python's own handler here
-# makes the children start with the default again.
+# A suite started in the background by a non-interactive shell inherits SIGINT ignored (under nohup, SIGHUP),
+# and so would every process it starts: the Ctrl-C and hang-up tests would signal processes that cannot hear
+# it. The defaults here make the children start with the defaults again.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if os.environ["DS_ACCELERATOR"] == "cpu":  # Triton kernels on CPU tensors (test_zoom_se_triton.py): Triton reads

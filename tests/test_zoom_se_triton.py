@@ -78,17 +78,24 @@ def test_block_forward_and_backward_equal_the_reference(layout, c, hw, pool):
             memory_format=torch.channels_last)
 
 
-def test_a_batch_past_one_block_of_samples_equals_the_reference():
-    """The gate MLP's kernels take 16 samples per program: 18 samples are two programs, the second one partial."""
+def test_a_batch_past_one_block_of_samples_and_gates_equals_the_reference():
+    """The gate MLP's kernels take 16 samples and 64 gates per program: 18 samples of 80 channels are 2 × 2
+    programs, the last ones partial; the hidden layer (5 units) is a tile of 16."""
     torch.manual_seed(7)
-    ref, tri = ZoomSE(40, 3, impl="plain"), ZoomSE(40, 3, impl="triton")
+    ref, tri = ZoomSE(80, 3, impl="plain"), ZoomSE(80, 3, impl="triton")
     tri.load_state_dict(ref.state_dict())
-    x, dy = _layout(torch.randn(18, 40, 5, 5), "channels_last"), _layout(torch.randn(18, 40, 5, 5), "channels_last")
+    x, dy = _layout(torch.randn(18, 80, 5, 5), "channels_last"), _layout(torch.randn(18, 80, 5, 5), "channels_last")
     (yr, gr, pr), (yt, gt, pt) = _fwd_bwd(ref, x, dy), _fwd_bwd(tri, x, dy)
     torch.testing.assert_close(yt, yr)
     torch.testing.assert_close(gt, gr)
     for name, grad in pr.items():
         torch.testing.assert_close(pt[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_hidden_layer_past_one_tile_is_refused_with_the_way_out():
+    block = ZoomSE(16, 2, rd_channels=300, impl="triton")
+    with pytest.raises(ValueError, match="at most 256 units; this block has 300: use zoom_se_impl fused"):
+        block(torch.randn(1, 16, 4, 4))
 
 
 def test_block_under_bf16_autocast_is_close_to_float64():

@@ -6,14 +6,15 @@ Forward:
   ``ceil((i+1)·H/P)``, any map size) and tie-breaking (the first maximum in row-major order wins; a NaN
   wins, the last one), read straight from either memory layout, one program per (sample, channel block,
   window), a window row per load; it writes each window's maximum and argmax cell into the workspace.
-- ``_mlp_forward``: per block of 16 samples, the squeeze ``s`` (the mean of the P² maxima), then the gate MLP,
-  ``h = relu(W1 s + b1)``, ``g = sigmoid(W2 h + b2)`` (fp32), as matrix products (``tl.dot``, full fp32).
+- ``_mlp_forward``: per block of 16 samples and 64 gates, the squeeze ``s`` (the mean of the P² maxima), then
+  the gate MLP, ``h = relu(W1 s + b1)``, ``g = sigmoid(W2 h + b2)`` (fp32 matrix products, ``tl.dot``).
 - ``_gate``: ``y = u · g`` (g rounded to u's dtype first, as ``u * g.to(u.dtype)``).
 
 Backward:
 - ``_backward``: one read of ``dy`` and ``u`` gives ``dx = dy · g`` and, per channel, the gradient of the
   gate's pre-activation ``dq = Σ(dy·u) · g · (1 − g)`` (fp32).
-- ``_mlp_backward_rows``: per block of samples, ``dpre = (W2ᵀ dq) ⊙ (h > 0)`` and ``ds = W1ᵀ dpre``, whose share
+- ``_mlp_backward_rows``: per block of samples and channels, ``dpre = (W2ᵀ dq) ⊙ (h > 0)`` and ``ds = W1ᵀ dpre``,
+  whose share
   ``ds / P²`` it adds to ``dx`` at each channel's argmax cells, in cell order (cells that share an argmax add
   up, as ``scatter_add_``).
 - ``_mlp_backward_weights``: the weight and bias gradients, each tile summed over the batch in order
@@ -36,8 +37,10 @@ import triton.language as tl
 
 BLOCK_C = 32      # channels per program or step
 BLOCK_HW = 32     # cells per step of the backward's walk over the map
-BLOCK_R = 32      # hidden units per step of the gate MLP
+BLOCK_R = 32      # hidden units per tile of the weight gradients
 BLOCK_B = 16      # samples per program of the gate MLP (a matrix product's smallest side)
+BLOCK_G = 64      # gates (channels) per program of the gate MLP
+MAX_HIDDEN = 256  # the gate MLP's hidden layer is one tile of the next power of two ≥ R
 BLOCK = 1024      # elements per program of the gate multiply
 
 
@@ -68,7 +71,7 @@ def _pool_max(u_ptr, z_ptr, idx_ptr, H, W, C, ld, s_b, s_c, s_h, s_w, P: tl.cons
         take = take_nan | (top > best)  # strict: on a tie the earlier row keeps it
         best = tl.where(take_nan, float("nan"), tl.where(take, top, best))
         arg = tl.where(take, r * W + tl.where(take_nan, last_nan, first), arg)
-    at = b * ld + cs * (P * P) + cell
+    at = b * ld + cell * C + cs  # cell-major rows: the stores, and the MLP kernels' loads, are contiguous
     tl.store(z_ptr + at, best, mask=cm)
     tl.store(idx_ptr + at, arg.to(tl.float32, bitcast=True), mask=cm)
 
@@ -111,93 +114,79 @@ def _backward(dy_ptr, u_ptr, g_ptr, dx_ptr, dq_ptr, C, HW, ld, s_b, s_c, s_hw, B
 @triton.jit
 def _tile(ptr, rows, cols, row_stride, col_stride, mask_rows, mask_cols):
     # an fp32 [rows × cols] tile of a strided matrix (zeros outside the masks)
-    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :] * col_stride,
                    mask=mask_rows[:, None] & mask_cols[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _mlp_forward(z_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, B, C, R, ld, w1_r, w1_c, w2_c, w2_r,
-                 P: tl.constexpr, PP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_R: tl.constexpr):
-    # A block of samples (rows of the (B, ld) workspace), in fp32: the squeeze s (the mean of the P² window maxima
-    # z), h = relu(s W1ᵀ + b1), g = sigmoid(h W2ᵀ + b2), as [samples × units] matrix products (the weights are read
-    # once per block of samples, not once per sample).
+                 P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+                 RR: tl.constexpr):
+    # Program (sample block, gate block): the squeeze s of its samples (the mean of the P² window maxima z, in
+    # window order), h = relu(s W1ᵀ + b1) (all RR ≥ R hidden units in one tile), then its BLOCK_G gates,
+    # g = sigmoid(h W2ᵀ + b2); fp32 matrix products. Every gate block recomputes s and h (C·R per sample: cheap)
+    # rather than waiting for another program; the first one stores them for the backward.
     bs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     bm = bs < B
     rows = bs.to(tl.int64) * ld  # offsets past 2³¹ elements
-    ks = tl.arange(0, PP)
-    for c0 in range(0, C, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        m = bm[:, None] & (cs < C)[None, :]
-        z = tl.load(z_ptr + rows[:, None, None] + cs[None, :, None] * (P * P) + ks[None, None, :],
-                    mask=m[:, :, None] & (ks < P * P)[None, None, :], other=0.0)
-        tl.store(s_ptr + rows[:, None] + cs[None, :], tl.sum(z, axis=2) / (P * P), mask=m)
-    tl.debug_barrier()  # the whole of s is written before any of it is read
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        rm = rs < R
-        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            cm = cs < C
-            x = _tile(s_ptr, bs, cs, ld, 1, bm, cm)
-            acc += tl.dot(x, _tile(w1_ptr, cs, rs, w1_c, w1_r, cm, rm), input_precision="ieee")
-        bias = tl.load(b1_ptr + rs, mask=rm, other=0.0).to(tl.float32)
-        hid = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(h_ptr + rows[:, None] + rs[None, :], hid, mask=bm[:, None] & rm[None, :])
-    tl.debug_barrier()  # the whole of h is written before any of it is read
+    first = tl.program_id(1) == 0
+    rs = tl.arange(0, RR)
+    rm = rs < R
+    acc = tl.zeros([BLOCK_B, RR], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
-        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            rm = rs < R
-            acc += tl.dot(_tile(h_ptr, bs, rs, ld, 1, bm, rm), _tile(w2_ptr, rs, cs, w2_r, w2_c, rm, cm),
-                          input_precision="ieee")
-        bias = tl.load(b2_ptr + cs, mask=cm, other=0.0).to(tl.float32)
-        tl.store(g_ptr + rows[:, None] + cs[None, :], tl.sigmoid(acc + bias[None, :]), mask=bm[:, None] & cm[None, :])
+        m = bm[:, None] & cm[None, :]
+        sq = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        for k in tl.static_range(P * P):
+            sq += tl.load(z_ptr + rows[:, None] + k * C + cs[None, :], mask=m, other=0.0)
+        sq = sq / (P * P)
+        if first:
+            tl.store(s_ptr + rows[:, None] + cs[None, :], sq, mask=m)
+        acc += tl.dot(sq, _tile(w1_ptr, cs, rs, w1_c, w1_r, cm, rm), input_precision="ieee")
+    bias = tl.load(b1_ptr + rs, mask=rm, other=0.0).to(tl.float32)
+    hid = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if first:
+        tl.store(h_ptr + rows[:, None] + rs[None, :], hid, mask=bm[:, None] & rm[None, :])
+    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    gm = gs < C
+    q = tl.dot(hid, _tile(w2_ptr, rs, gs, w2_r, w2_c, rm, gm), input_precision="ieee")
+    bias = tl.load(b2_ptr + gs, mask=gm, other=0.0).to(tl.float32)
+    tl.store(g_ptr + rows[:, None] + gs[None, :], tl.sigmoid(q + bias[None, :]), mask=bm[:, None] & gm[None, :])
 
 
 @triton.jit
 def _mlp_backward_rows(dq_ptr, h_ptr, w1_ptr, w2_ptr, dpre_ptr, dx_ptr, idx_ptr, B, C, R, ld, w1_r, w1_c,
                        w2_c, w2_r, s_b, s_c, s_hw, CELLS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_R: tl.constexpr):
-    # A block of samples: dpre = (dq W2) ⊙ (h > 0); ds = dpre W1, added (÷ P²) to dx at each channel's argmax cells
-    # in cell order (so cells sharing an argmax add up, as ``scatter_add_``).
+                       BLOCK_G: tl.constexpr, RR: tl.constexpr):
+    # Program (sample block, channel block): dpre = (dq W2) ⊙ (h > 0) (recomputed by every channel block; the first
+    # stores it), then ds = dpre W1 for its BLOCK_G channels, added (÷ P²) to dx at each channel's argmax cells in
+    # cell order (so cells sharing an argmax add up, as ``scatter_add_``). Each (sample, channel) is one program's.
     bs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     bm = bs < B
     rows = bs.to(tl.int64) * ld  # offsets past 2³¹ elements
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        rm = rs < R
-        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            cm = cs < C
-            acc += tl.dot(_tile(dq_ptr, bs, cs, ld, 1, bm, cm), _tile(w2_ptr, cs, rs, w2_c, w2_r, cm, rm),
-                          input_precision="ieee")
-        m = bm[:, None] & rm[None, :]
-        hid = tl.load(h_ptr + rows[:, None] + rs[None, :], mask=m, other=0.0)
-        tl.store(dpre_ptr + rows[:, None] + rs[None, :], tl.where(hid > 0, acc, 0.0), mask=m)
-    tl.debug_barrier()
+    rs = tl.arange(0, RR)
+    rm = rs < R
+    acc = tl.zeros([BLOCK_B, RR], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < C
-        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            rm = rs < R
-            acc += tl.dot(_tile(dpre_ptr, bs, rs, ld, 1, bm, rm), _tile(w1_ptr, rs, cs, w1_r, w1_c, rm, cm),
-                          input_precision="ieee")
-        ds = (acc / CELLS).to(dx_ptr.dtype.element_ty).to(tl.float32)
-        m = bm[:, None] & cm[None, :]
-        for k in range(CELLS):
-            at = tl.load(idx_ptr + rows[:, None] + cs[None, :] * CELLS + k, mask=m, other=0.0)
-            at = at.to(tl.int32, bitcast=True)
-            ptr = dx_ptr + bs.to(tl.int64)[:, None] * s_b + cs[None, :] * s_c + at * s_hw
-            cur = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-            tl.store(ptr, (cur + ds).to(dx_ptr.dtype.element_ty), mask=m)
+        acc += tl.dot(_tile(dq_ptr, bs, cs, ld, 1, bm, cm), _tile(w2_ptr, cs, rs, w2_c, w2_r, cm, rm),
+                      input_precision="ieee")
+    m = bm[:, None] & rm[None, :]
+    dpre = tl.where(tl.load(h_ptr + rows[:, None] + rs[None, :], mask=m, other=0.0) > 0, acc, 0.0)
+    if tl.program_id(1) == 0:
+        tl.store(dpre_ptr + rows[:, None] + rs[None, :], dpre, mask=m)
+    gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    gm = gs < C
+    ds = tl.dot(dpre, _tile(w1_ptr, rs, gs, w1_r, w1_c, rm, gm), input_precision="ieee")
+    ds = (ds / CELLS).to(dx_ptr.dtype.element_ty).to(tl.float32)
+    m = bm[:, None] & gm[None, :]
+    base = dx_ptr + bs.to(tl.int64)[:, None] * s_b + gs[None, :] * s_c
+    for k in range(CELLS):
+        at = tl.load(idx_ptr + rows[:, None] + k * C + gs[None, :], mask=m, other=0.0).to(tl.int32, bitcast=True)
+        cur = tl.load(base + at * s_hw, mask=m, other=0.0).to(tl.float32)
+        tl.store(base + at * s_hw, (cur + ds).to(dx_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -213,10 +202,11 @@ def _mlp_backward_weights(dq_ptr, dpre_ptr, s_ptr, h_ptr, dw1_ptr, db1_ptr, dw2_
     db2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     db1 = tl.zeros([BLOCK_R], dtype=tl.float32)
     for b in range(B):
-        dq = tl.load(dq_ptr + b * ld + cs, mask=cm, other=0.0)
-        dpre = tl.load(dpre_ptr + b * ld + rs, mask=rm, other=0.0)
-        hid = tl.load(h_ptr + b * ld + rs, mask=rm, other=0.0)
-        x = tl.load(s_ptr + b * ld + cs, mask=cm, other=0.0)
+        row = tl.cast(b, tl.int64) * ld
+        dq = tl.load(dq_ptr + row + cs, mask=cm, other=0.0)
+        dpre = tl.load(dpre_ptr + row + rs, mask=rm, other=0.0)
+        hid = tl.load(h_ptr + row + rs, mask=rm, other=0.0)
+        x = tl.load(s_ptr + row + cs, mask=cm, other=0.0)
         dw2 += dq[:, None] * hid[None, :]
         dw1 += dpre[:, None] * x[None, :]
         db2 += dq
@@ -257,8 +247,9 @@ def _sizes(c: int, r: int, pool_size: int, grads: bool = True) -> dict[str, int]
 
 
 def _workspace_regions(ws: torch.Tensor, c: int, r: int, pool_size: int, grads: bool = True) -> dict[str, torch.Tensor]:
-    """The regions (views) of a workspace row: ``s | g | h | dq | dpre | idx`` (the squeeze, the gate, the
-    hidden layer, their gradients, and the argmax cells as int32 bits); without ``grads``, no ``dq | dpre``."""
+    """The regions (views) of a workspace row: ``s | g | h | dq | dpre | z | idx`` (the squeeze, the gate, the
+    hidden layer, their gradients, each window's maximum, and its argmax cell as int32 bits; the last two
+    cell-major: window k of channel c at ``k·C + c``); without ``grads``, no ``dq | dpre``."""
     regions, at = {}, 0
     for name, size in _sizes(c, r, pool_size, grads).items():
         regions[name], at = ws[:, at:at + size], at + size
@@ -289,8 +280,17 @@ def pool_mean(u: torch.Tensor, pool_size: int) -> tuple[torch.Tensor, torch.Tens
     u, _ = _dense(u)
     ws, regions = _workspace(u, pool_size, 0)
     _pool(u, pool_size, ws, regions)
-    s = regions["z"].view(*u.shape[:2], pool_size ** 2).mean(-1)
-    return s, regions["idx"].view(torch.int32).view(*u.shape[:2], pool_size, pool_size)
+    b, c = u.shape[:2]
+    s = regions["z"].view(b, pool_size ** 2, c).mean(1)
+    return s, regions["idx"].view(torch.int32).view(b, pool_size, pool_size, c).permute(0, 3, 1, 2)
+
+
+def _hidden_tile(r: int) -> int:
+    """The gate MLP's hidden-layer tile: the next power of two ≥ ``r`` (at least 16, a matrix product's side)."""
+    if r > MAX_HIDDEN:
+        raise ValueError(f"model.zoom_se_impl triton holds the gate MLP's hidden layer in one tile of at most "
+                         f"{MAX_HIDDEN} units; this block has {r}: use zoom_se_impl fused")
+    return max(16, triton.next_power_of_2(r))
 
 
 def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -305,10 +305,9 @@ def launch_forward(u: torch.Tensor, pool_size: int, w1: torch.Tensor, b1: torch.
     ld = ws.shape[1]
     with _device_of(u):  # Triton launches on the current CUDA device: the input's
         _pool(u, pool_size, ws, at)
-        _mlp_forward[(triton.cdiv(b, BLOCK_B),)](at["z"], at["s"], w1, b1, w2, b2, at["h"], at["g"], b, c, r, ld,
-                                                 *w1.stride(), *w2.stride(), P=pool_size,
-                                                 PP=triton.next_power_of_2(pool_size ** 2), BLOCK_B=BLOCK_B,
-                                                 BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+        _mlp_forward[(triton.cdiv(b, BLOCK_B), triton.cdiv(c, BLOCK_G))](
+            at["z"], at["s"], w1, b1, w2, b2, at["h"], at["g"], b, c, r, ld, *w1.stride(), *w2.stride(), P=pool_size,
+            BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_G=BLOCK_G, RR=_hidden_tile(r))
         y = torch.empty_like(u)
         _gate[(triton.cdiv(u.numel(), BLOCK),)](u, at["g"], y, u.numel(), c, h * w, ld,
                                                 CHANNELS_LAST=channels_last, BLOCK=BLOCK)
@@ -330,18 +329,18 @@ def launch_backward(dy: torch.Tensor, u: torch.Tensor, ws: torch.Tensor, pool_si
         grad_at = {"dq": extra[:, :c], "dpre": extra[:, c:c + r]}
     dx = torch.empty_like(u)
     s_b, s_c, _, s_w = u.stride()
-    grads = torch.empty(2 * r * c + r + c, device=u.device, dtype=w1.dtype)
-    dw1, db1, dw2, db2 = split_grads(grads, r, c)
+    flat = torch.empty(2 * r * c + r + c, device=u.device, dtype=w1.dtype)
+    dw1, db1, dw2, db2 = split_grads(flat, r, c)
     with _device_of(u):
         _backward[(b, triton.cdiv(c, BLOCK_C))](dy, u, at["g"], dx, grad_at["dq"], c, u.shape[2] * u.shape[3], ld,
                                                 s_b, s_c, s_w, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW)
-        _mlp_backward_rows[(triton.cdiv(b, BLOCK_B),)](
+        _mlp_backward_rows[(triton.cdiv(b, BLOCK_B), triton.cdiv(c, BLOCK_G))](
             grad_at["dq"], at["h"], w1, w2, grad_at["dpre"], dx, at["idx"], b, c, r, ld, *w1.stride(), *w2.stride(),
-            s_b, s_c, s_w, CELLS=pool_size ** 2, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+            s_b, s_c, s_w, CELLS=pool_size ** 2, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_G=BLOCK_G, RR=_hidden_tile(r))
         _mlp_backward_weights[(triton.cdiv(c, BLOCK_C), triton.cdiv(r, BLOCK_R))](
             grad_at["dq"], grad_at["dpre"], at["s"], at["h"], dw1, db1, dw2, db2, b, c, r, ld, BLOCK_C=BLOCK_C,
             BLOCK_R=BLOCK_R)
-    return dx, grads
+    return dx, flat
 
 
 def split_grads(grads: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, ...]:
