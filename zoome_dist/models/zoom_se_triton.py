@@ -119,6 +119,13 @@ def _tile(ptr, rows, cols, row_stride, col_stride, mask_rows, mask_cols):
 
 
 @triton.jit
+def _sample_block(B, ld, BLOCK_B: tl.constexpr):
+    # the gate MLP kernels' samples (program axis 0): their indices, which exist, and their workspace row offsets
+    bs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    return bs, bs < B, bs.to(tl.int64) * ld  # offsets past 2³¹ elements
+
+
+@triton.jit
 def _mlp_forward(z_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, B, C, R, ld, w1_r, w1_c, w2_c, w2_r,
                  P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
                  RR: tl.constexpr):
@@ -126,9 +133,7 @@ def _mlp_forward(z_ptr, s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, B, 
     # window order), h = relu(s W1ᵀ + b1) (all RR ≥ R hidden units in one tile), then its BLOCK_G gates,
     # g = sigmoid(h W2ᵀ + b2); fp32 matrix products. Every gate block recomputes s and h (C·R per sample: cheap)
     # rather than waiting for another program; the first one stores them for the backward.
-    bs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bm = bs < B
-    rows = bs.to(tl.int64) * ld  # offsets past 2³¹ elements
+    bs, bm, rows = _sample_block(B, ld, BLOCK_B)
     first = tl.program_id(1) == 0
     rs = tl.arange(0, RR)
     rm = rs < R
@@ -162,9 +167,7 @@ def _mlp_backward_rows(dq_ptr, h_ptr, w1_ptr, w2_ptr, dpre_ptr, dx_ptr, idx_ptr,
     # Program (sample block, channel block): dpre = (dq W2) ⊙ (h > 0) (recomputed by every channel block; the first
     # stores it), then ds = dpre W1 for its BLOCK_G channels, added (÷ P²) to dx at each channel's argmax cells in
     # cell order (so cells sharing an argmax add up, as ``scatter_add_``). Each (sample, channel) is one program's.
-    bs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bm = bs < B
-    rows = bs.to(tl.int64) * ld  # offsets past 2³¹ elements
+    bs, bm, rows = _sample_block(B, ld, BLOCK_B)
     rs = tl.arange(0, RR)
     rm = rs < R
     acc = tl.zeros([BLOCK_B, RR], dtype=tl.float32)
